@@ -1,0 +1,554 @@
+"""Typed run configuration: frozen dataclasses, TOML loading, presets and environment overrides.
+
+A run is described by one `RunConfig` (model, scenario, training, devices, runtime). The first four define *what*
+is trained and make up the run's digest; `RuntimeConfig` says *where* (broker, state store, directories, torch
+devices) and may differ between the processes of one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("MNIST", "FashionMNIST", "KMNIST", "NotMNIST", "synthetic")
+DISTRIBUTIONS = ("iid", "noniid", "highly_noniid")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+COST_MODELS = ("paper", "corrected")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "cgan28"
+    z_dim: int = 100
+    num_classes: int = 10
+    image_size: int = 28
+    channels: int = 1
+
+    def validate(self) -> None:
+        if self.arch != "cgan28":
+            raise ConfigError(f"model.arch: unknown architecture {self.arch!r} (known: cgan28)")
+        for name in ("z_dim", "num_classes", "image_size", "channels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive")
+        if (self.image_size, self.channels) != (28, 1):
+            raise ConfigError("model: the cgan28 architecture takes 28x28 single-channel images")
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """One data domain and how many clients hold a share of it."""
+
+    dataset: str
+    clients: int
+    # Cap on the samples a client keeps (the reference rule is 60000 // total clients); a reduced-scale knob.
+    samples_per_client: int | None = None
+
+    def validate(self, where: str) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"{where}.dataset: unknown dataset {self.dataset!r} (known: {', '.join(DATASETS)})")
+        if self.clients <= 0:
+            raise ConfigError(f"{where}.clients must be a positive integer")
+        if self.samples_per_client is not None and self.samples_per_client <= 0:
+            raise ConfigError(f"{where}.samples_per_client must be positive")
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    name: str = "custom"
+    domains: tuple[DomainConfig, ...] = ()
+    distribution: str = "iid"
+    partition_seed: int = 42
+    # Size of the full training set the reference divides among all clients (60000 for the MNIST family).
+    reference_train_size: int = 60000
+    # Synthetic dataset: samples per class in its training split (the synthetic data needs no files).
+    synthetic_train_per_class: int = 600
+
+    @property
+    def total_clients(self) -> int:
+        return sum(d.clients for d in self.domains)
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        return tuple(d.dataset for d in self.domains)
+
+    def client_domains(self) -> list[int]:
+        """Domain index of each client, clients numbered domain by domain as in the reference."""
+        out: list[int] = []
+        for i, d in enumerate(self.domains):
+            out.extend([i] * d.clients)
+        return out
+
+    def validate(self) -> None:
+        if not self.domains:
+            raise ConfigError("scenario.domains: at least one domain is required")
+        names = [d.dataset for d in self.domains]
+        if len(set(names)) != len(names):
+            raise ConfigError("scenario.domains: a dataset may appear once")
+        for i, d in enumerate(self.domains):
+            d.validate(f"scenario.domains[{i}]")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ConfigError(
+                f"scenario.distribution: unknown {self.distribution!r} (known: {', '.join(DISTRIBUTIONS)})"
+            )
+        if self.reference_train_size <= 0 or self.synthetic_train_per_class <= 0:
+            raise ConfigError("scenario: sizes must be positive")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rounds: int = 50
+    local_epochs: int = 5
+    batch_size: int = 64
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    seed: int = 0
+    # KLD weighting: weights n_k * exp(-alpha * KLD_k) from round `kld_from_round` on.
+    alpha: float = 1.0
+    kld_from_round: int = 3
+    # Number of clusters: an integer, "domains" (the number of domains in the scenario) or "auto".
+    clusters: int | str = "domains"
+    # Ablation switches (defaults are the paper's method).
+    clustering: bool = True
+    kld_weighting: bool = True
+    # "plan" chooses cut bits with the planner from the device profiles; otherwise a list of 4-bit lists that is
+    # cycled over the clients (client i gets cuts[i % len(cuts)]).
+    cuts: str | tuple[tuple[int, int, int, int], ...] = "plan"
+    cost_model: str = "paper"
+    # Steps per epoch: None = max_k ceil(n_k / batch_size), the paper's rule.
+    steps_per_epoch: int | None = None
+    wire_dtype: str = "float32"
+    # Evaluation sizes (DESIGN section 3).
+    score_samples: int = 5000
+    utility_samples: int = 30000
+    utility_epochs: int = 15
+    eval_every: int = 1
+
+    def n_clusters(self, scenario: ScenarioConfig) -> int | str:
+        if not self.clustering:
+            return 1
+        if self.clusters == "domains":
+            return len(scenario.domains)
+        return self.clusters
+
+    def validate(self) -> None:
+        for name in ("rounds", "local_epochs", "batch_size", "score_samples", "utility_samples", "eval_every"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer")
+        if self.utility_epochs < 0:
+            raise ConfigError("train.utility_epochs must not be negative")
+        if not (self.lr > 0):
+            raise ConfigError("train.lr must be positive")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("train.betas must be two numbers in [0, 1)")
+        if self.alpha < 0:
+            raise ConfigError("train.alpha must not be negative")
+        if self.kld_from_round < 1:
+            raise ConfigError("train.kld_from_round must be at least 1")
+        if isinstance(self.clusters, str):
+            if self.clusters not in ("domains", "auto"):
+                raise ConfigError("train.clusters must be a positive integer, 'domains' or 'auto'")
+        elif self.clusters <= 0:
+            raise ConfigError("train.clusters must be a positive integer, 'domains' or 'auto'")
+        if isinstance(self.cuts, str):
+            if self.cuts != "plan":
+                raise ConfigError("train.cuts must be 'plan' or a list of [g_head, g_tail, d_head, d_tail] lists")
+        else:
+            if not self.cuts:
+                raise ConfigError("train.cuts: the list of cut bits is empty")
+            for c in self.cuts:
+                if len(c) != 4 or any(b not in (0, 1) for b in c):
+                    raise ConfigError(f"train.cuts: {list(c)} is not four bits [g_head, g_tail, d_head, d_tail]")
+        if self.cost_model not in COST_MODELS:
+            raise ConfigError(f"train.cost_model must be one of {', '.join(COST_MODELS)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
+            raise ConfigError("train.steps_per_epoch must be positive")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"train.wire_dtype must be one of {', '.join(WIRE_DTYPES)}")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A client device as the paper's profiles.yaml describes it."""
+
+    cpu_mhz: float
+    flops_per_cycle: float
+    data_rate: float  # bytes per second
+
+    @property
+    def gflops(self) -> float:
+        return self.cpu_mhz * 1e-3 * self.flops_per_cycle
+
+
+@dataclass(frozen=True)
+class ServerProfile:
+    computational_frequency_ghz: float = 42.0
+    cpu_cycles_per_flop: float = 16.0  # used as a multiplier, as the reference does
+    transmission_rate_bps: float = 1e9
+
+
+# The seven device types of the paper's profiles.yaml.
+PAPER_DEVICE_PROFILES: dict[str, DeviceProfile] = {
+    "device1": DeviceProfile(480, 1, 50_000_000),
+    "device2": DeviceProfile(6000, 8, 150_000_000),
+    "device3": DeviceProfile(15600, 8, 1_000_000_000),
+    "device4": DeviceProfile(5720, 8, 300_000_000),
+    "device5": DeviceProfile(4000, 4, 50_000_000),
+    "device6": DeviceProfile(9000, 4, 100_000_000),
+    "device7": DeviceProfile(12000, 10, 800_000_000),
+}
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """Device profiles: `clients` names entries of `profiles`, cycled over the clients."""
+
+    server: ServerProfile = ServerProfile()
+    profiles: tuple[tuple[str, DeviceProfile], ...] = tuple(PAPER_DEVICE_PROFILES.items())
+    clients: tuple[str, ...] = tuple(PAPER_DEVICE_PROFILES)
+
+    def profile_table(self) -> dict[str, DeviceProfile]:
+        return dict(self.profiles)
+
+    def client_profiles(self, n_clients: int) -> list[DeviceProfile]:
+        table = self.profile_table()
+        return [table[self.clients[i % len(self.clients)]] for i in range(n_clients)]
+
+    def client_profile_names(self, n_clients: int) -> list[str]:
+        return [self.clients[i % len(self.clients)] for i in range(n_clients)]
+
+    def validate(self) -> None:
+        table = self.profile_table()
+        if not self.clients:
+            raise ConfigError("devices.clients: at least one profile name is required")
+        for name in self.clients:
+            if name not in table:
+                raise ConfigError(f"devices.clients: unknown profile {name!r} (known: {', '.join(table)})")
+        for name, p in self.profiles:
+            if not (p.cpu_mhz > 0 and p.flops_per_cycle > 0 and p.data_rate > 0):
+                raise ConfigError(f"devices.profiles.{name}: speeds and rates must be positive")
+        s = self.server
+        if not (s.computational_frequency_ghz > 0 and s.cpu_cycles_per_flop > 0 and s.transmission_rate_bps > 0):
+            raise ConfigError("devices.server: speeds and rates must be positive")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where a run executes. Not part of the run digest: processes of one run may differ here."""
+
+    broker_url: str = "memory://"
+    state_url: str = "memory://"
+    data_dir: str = "data"
+    run_dir: str = "runs/latest"
+    run_id: str | None = None
+    device: str = "cpu"  # torch device of clients, aggregators and evaluation
+    server_device: str | None = None  # torch device of the split server (defaults to `device`)
+    # Stragglers (DESIGN section 5): a step window at the server, a deadline and a quorum per round.
+    step_deadline_s: float = 30.0
+    round_deadline_s: float = 600.0
+    quorum: float = 0.5
+    # Emulate the device profiles' compute and link delays (reproducible heterogeneity on one machine).
+    emulate_devices: bool = False
+    emulate_slowdown: tuple[tuple[int, float], ...] = ()  # (client index, factor) pairs
+    torch_threads: int | None = None
+
+    @property
+    def resolved_server_device(self) -> str:
+        return self.server_device or self.device
+
+    def validate(self) -> None:
+        if self.step_deadline_s <= 0 or self.round_deadline_s <= 0:
+            raise ConfigError("runtime: deadlines must be positive")
+        if not (0 < self.quorum <= 1):
+            raise ConfigError("runtime.quorum must be in (0, 1]")
+        for dev in (self.device, self.resolved_server_device):
+            if not (dev == "cpu" or dev == "cuda" or dev.startswith("cuda:") or dev == "mps"):
+                raise ConfigError(f"runtime: unknown torch device {dev!r} (cpu, cuda, cuda:N)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    scenario: ScenarioConfig = ScenarioConfig()
+    train: TrainConfig = TrainConfig()
+    devices: DevicesConfig = DevicesConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def validate(self) -> RunConfig:
+        self.model.validate()
+        self.scenario.validate()
+        self.train.validate()
+        self.devices.validate()
+        self.runtime.validate()
+        k = self.train.n_clusters(self.scenario)
+        if isinstance(k, int) and k > self.scenario.total_clients:
+            raise ConfigError(f"train.clusters: {k} clusters for {self.scenario.total_clients} clients")
+        return self
+
+    def replace(self, **sections: Any) -> RunConfig:
+        return dataclasses.replace(self, **sections)
+
+    def with_overrides(self, section: str, **values: Any) -> RunConfig:
+        """A copy with some fields of one section replaced (None values are ignored)."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
+
+    def to_dict(self, include_runtime: bool = True) -> dict[str, Any]:
+        d = _to_plain(self)
+        if not include_runtime:
+            d.pop("runtime")
+        return d
+
+    def digest(self) -> str:
+        """sha256 of what defines the training (model, scenario, train, devices), not where it runs."""
+        blob = json.dumps(self.to_dict(include_runtime=False), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> RunConfig:
+        return _run_config_from_dict(data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain-data conversion
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [_to_plain(x) for x in obj]
+    return obj
+
+
+def _section(cls: type, data: Any, where: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return dict(data)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    kwargs = _section(cls, data, where)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by _section
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if isinstance(value, bool) and kind is not bool and (kind is int or kind is float or kind == (int, float)):
+        raise ConfigError(f"{where}: expected a number, got a boolean")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}: expected {names}, got {type(value).__name__}")
+    return value
+
+
+def _run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("config: expected a table at the top level")
+    top = _section(RunConfig, data, "config")
+
+    model = _build(ModelConfig, top.get("model"), "model")
+
+    sc = _section(ScenarioConfig, top.get("scenario"), "scenario")
+    domains = []
+    raw_domains = sc.pop("domains", [])
+    if not isinstance(raw_domains, list):
+        raise ConfigError("scenario.domains: expected a list of tables")
+    for i, d in enumerate(raw_domains):
+        dd = _section(DomainConfig, d, f"scenario.domains[{i}]")
+        if "dataset" not in dd or "clients" not in dd:
+            raise ConfigError(f"scenario.domains[{i}]: 'dataset' and 'clients' are required")
+        _typed(dd["clients"], int, f"scenario.domains[{i}].clients")
+        if dd.get("samples_per_client") is not None:
+            _typed(dd["samples_per_client"], int, f"scenario.domains[{i}].samples_per_client")
+        domains.append(DomainConfig(**dd))
+    scenario = ScenarioConfig(domains=tuple(domains), **sc)
+
+    tr = _section(TrainConfig, top.get("train"), "train")
+    for key in ("rounds", "local_epochs", "batch_size", "seed", "kld_from_round", "score_samples",
+                "utility_samples", "utility_epochs", "eval_every"):
+        if key in tr:
+            _typed(tr[key], int, f"train.{key}")
+    for key in ("lr", "alpha"):
+        if key in tr:
+            tr[key] = float(_typed(tr[key], (int, float), f"train.{key}"))
+    if "betas" in tr:
+        if not isinstance(tr["betas"], list | tuple) or len(tr["betas"]) != 2:
+            raise ConfigError("train.betas must be a list of two numbers")
+        tr["betas"] = tuple(float(_typed(b, (int, float), "train.betas")) for b in tr["betas"])
+    if "cuts" in tr and not isinstance(tr["cuts"], str):
+        if not isinstance(tr["cuts"], list | tuple):
+            raise ConfigError("train.cuts must be 'plan' or a list of [g_head, g_tail, d_head, d_tail] lists")
+        cuts = []
+        for c in tr["cuts"]:
+            if not isinstance(c, list | tuple) or len(c) != 4:
+                raise ConfigError(f"train.cuts: {c!r} is not four bits [g_head, g_tail, d_head, d_tail]")
+            cuts.append(tuple(int(b) for b in c))
+        tr["cuts"] = tuple(cuts)
+    for key in ("clustering", "kld_weighting"):
+        if key in tr:
+            _typed(tr[key], bool, f"train.{key}")
+    train = TrainConfig(**tr)
+
+    dv = _section(DevicesConfig, top.get("devices"), "devices")
+    devices_kwargs: dict[str, Any] = {}
+    if "server" in dv:
+        devices_kwargs["server"] = _build(ServerProfile, dv["server"], "devices.server")
+    if "profiles" in dv:
+        raw = dv["profiles"]
+        if not isinstance(raw, dict):
+            raise ConfigError("devices.profiles: expected a table of name = {cpu_mhz, flops_per_cycle, data_rate}")
+        table = dict(PAPER_DEVICE_PROFILES)
+        for name, p in raw.items():
+            pp = _section(DeviceProfile, p, f"devices.profiles.{name}")
+            missing = [k for k in ("cpu_mhz", "flops_per_cycle", "data_rate") if k not in pp]
+            if missing:
+                raise ConfigError(f"devices.profiles.{name}: missing {', '.join(missing)}")
+            for k, v in pp.items():
+                _typed(v, (int, float), f"devices.profiles.{name}.{k}")
+            table[name] = DeviceProfile(**pp)
+        devices_kwargs["profiles"] = tuple(table.items())
+    if "clients" in dv:
+        if not isinstance(dv["clients"], list) or not all(isinstance(x, str) for x in dv["clients"]):
+            raise ConfigError("devices.clients: expected a list of profile names")
+        devices_kwargs["clients"] = tuple(dv["clients"])
+    devices = DevicesConfig(**devices_kwargs)
+
+    rt = _section(RuntimeConfig, top.get("runtime"), "runtime")
+    if "emulate_slowdown" in rt:
+        rt["emulate_slowdown"] = tuple((int(a), float(b)) for a, b in rt["emulate_slowdown"])
+    runtime = RuntimeConfig(**rt)
+
+    return RunConfig(model=model, scenario=scenario, train=train, devices=devices, runtime=runtime)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def preset_names() -> list[str]:
+    files = resources.files("hfgan_core") / "presets"
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".toml"))
+
+
+def load_config(name_or_path: str | os.PathLike[str]) -> RunConfig:
+    """A preset name (see `preset_names()`) or the path of a TOML file; raises ConfigError with one line."""
+    text: str
+    source = str(name_or_path)
+    path = Path(source)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {source}")
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {source}: {exc.strerror}") from None
+    else:
+        preset = resources.files("hfgan_core") / "presets" / f"{source}.toml"
+        if not preset.is_file():
+            raise ConfigError(f"unknown preset {source!r} (known: {', '.join(preset_names())})")
+        text = preset.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"malformed TOML in {source}: {exc}") from None
+    return RunConfig.from_dict(data).validate()
+
+
+ENV_OVERRIDES = {
+    "HFGAN_BROKER_URL": "broker_url",
+    "HFGAN_STATE_URL": "state_url",
+    "HFGAN_DATA_DIR": "data_dir",
+    "HFGAN_RUN_DIR": "run_dir",
+    "HFGAN_RUN_ID": "run_id",
+    "HFGAN_DEVICE": "device",
+    "HFGAN_SERVER_DEVICE": "server_device",
+}
+
+
+def apply_env(cfg: RunConfig, environ: dict[str, str] | None = None) -> RunConfig:
+    """Environment variables override the runtime section (for containers)."""
+    env = os.environ if environ is None else environ
+    values = {field_name: env[var] for var, field_name in ENV_OVERRIDES.items() if env.get(var)}
+    return cfg.with_overrides("runtime", **values) if values else cfg
+
+
+def dump_toml(cfg: RunConfig) -> str:
+    """A TOML rendering of a config that `load_config` reads back to an equal config."""
+    lines: list[str] = []
+    d = cfg.to_dict()
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, float):
+            return repr(v)
+        return str(v)
+
+    def table(name: str, body: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        for k, v in body.items():
+            if v is None or isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict)):
+                continue
+            lines.append(f"{k} = {val(v)}")
+        lines.append("")
+
+    table("model", d["model"])
+    table("scenario", d["scenario"])
+    for dom in d["scenario"]["domains"]:
+        lines.append("[[scenario.domains]]")
+        lines.extend(f"{k} = {val(v)}" for k, v in dom.items() if v is not None)
+        lines.append("")
+    table("train", d["train"])
+    dev = d["devices"]
+    lines.append("[devices]")
+    lines.append(f"clients = {val(dev['clients'])}")
+    lines.append("")
+    table("devices.server", dev["server"])
+    for name, prof in dev["profiles"]:
+        table(f"devices.profiles.{name}", prof)
+    table("runtime", {k: v for k, v in d["runtime"].items()})
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DomainConfig",
+    "ScenarioConfig",
+    "TrainConfig",
+    "DeviceProfile",
+    "ServerProfile",
+    "DevicesConfig",
+    "RuntimeConfig",
+    "RunConfig",
+    "PAPER_DEVICE_PROFILES",
+    "load_config",
+    "preset_names",
+    "apply_env",
+    "dump_toml",
+]

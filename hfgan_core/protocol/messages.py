@@ -1,0 +1,524 @@
+"""Typed, versioned messages exchanged by the roles, and their encode/decode.
+
+Every message is a frozen dataclass with the envelope fields (`run`, `round`, `step`, `sender`, `msg_id`) and its
+payload. Each payload field declares what it may hold (a plain type, a tensor, a map of tensors), so decoding is a
+schema check: unknown kinds, unknown or missing fields, wrong types, dtypes, non-finite values and oversized
+payloads are rejected with a `WireError` that says which field and why. Activations and gradients (the `compress`
+fields) may travel as float16/bfloat16 and come back as float32.
+
+What never appears here, by construction: labels, noise, images, real/fake targets, per-sample losses. The privacy
+test checks every message of a round against that list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .codec import (
+    DEFAULT_LIMITS,
+    TORCH_DTYPES,
+    Limits,
+    WireError,
+    is_finite,
+    pack,
+    tensor_from_wire,
+    tensor_to_wire,
+    unpack,
+)
+
+WIRE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one payload field travels and what a decoder accepts for it."""
+
+    kind: str  # int, float, str, bool, ints, floats, cuts, metrics, strmap, intmap, floatmap, tensor, tensors
+    optional: bool = False
+    finite: bool = True  # tensors and floats: reject NaN / inf
+    compress: bool = False  # tensors: may travel as float16/bfloat16 (activations and gradients)
+    float_only: bool = True  # tensors: only floating dtypes
+
+
+def _f(kind: str, *, default: Any = dataclasses.MISSING, **spec: Any) -> Any:
+    meta = {"spec": Spec(kind, optional=default is not dataclasses.MISSING, **spec)}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
+    if isinstance(default, list | dict):
+        return field(default_factory=type(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def new_msg_id() -> str:
+    return uuid.uuid4().hex
+
+
+REGISTRY: dict[str, type[Message]] = {}
+
+
+def register(cls: type[Message]) -> type[Message]:
+    if cls.KIND in REGISTRY:
+        raise ValueError(f"duplicate message kind {cls.KIND}")
+    REGISTRY[cls.KIND] = cls
+    return cls
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    KIND: ClassVar[str] = ""
+    VERSION: ClassVar[int] = WIRE_VERSION
+
+    run: str
+    round: int
+    sender: str
+    step: int = -1
+    msg_id: str = field(default_factory=new_msg_id)
+
+    # ------------------------------------------------------------------------------------------------ encode
+    def encode(self, wire_dtype: str | torch.dtype | None = None) -> bytes:
+        """msgpack bytes; `wire_dtype` narrows the activation/gradient tensors (float16 or bfloat16)."""
+        wdt = TORCH_DTYPES[wire_dtype] if isinstance(wire_dtype, str) else wire_dtype
+        if wdt == torch.float32:
+            wdt = None
+        out: dict[str, Any] = {
+            "v": self.VERSION,
+            "kind": self.KIND,
+            "run": self.run,
+            "round": self.round,
+            "step": self.step,
+            "sender": self.sender,
+            "msg_id": self.msg_id,
+        }
+        for f in _payload_fields(type(self)):
+            spec: Spec = f.metadata["spec"]
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            narrow = wdt if spec.compress else None
+            if spec.kind == "tensor":
+                out[f.name] = tensor_to_wire(value, narrow)
+            elif spec.kind == "tensors":
+                out[f.name] = {k: tensor_to_wire(v, narrow) for k, v in value.items()}
+            elif spec.kind == "cuts":
+                out[f.name] = [list(map(int, c)) for c in value]
+            elif spec.kind in ("ints", "floats"):
+                out[f.name] = list(value)
+            else:
+                out[f.name] = value
+        return pack(out)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this message carries, by field path (used by the privacy checks and byte counters)."""
+        out: dict[str, torch.Tensor] = {}
+        for f in _payload_fields(type(self)):
+            spec: Spec = f.metadata["spec"]
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if spec.kind == "tensor":
+                out[f.name] = value
+            elif spec.kind == "tensors":
+                out.update({f"{f.name}.{k}": v for k, v in value.items()})
+        return out
+
+
+def _payload_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "spec" in f.metadata]
+
+
+_ENVELOPE = {"v": int, "kind": str, "run": str, "round": int, "step": int, "sender": str, "msg_id": str}
+
+
+def decode(body: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS,
+           kinds: tuple[type[Message], ...] | None = None) -> Message:
+    """Bytes -> message, or WireError. `kinds` restricts which message types the receiving queue accepts."""
+    obj = unpack(body, limits)
+    for key, typ in _ENVELOPE.items():
+        if key not in obj:
+            raise WireError("malformed", f"missing envelope field {key!r}")
+        if not isinstance(obj[key], typ) or isinstance(obj[key], bool):
+            raise WireError("malformed", f"envelope field {key!r} must be {typ.__name__}")
+    kind = obj["kind"]
+    cls = REGISTRY.get(kind)
+    if cls is None:
+        raise WireError("unknown_kind", f"unknown message kind {kind!r}")
+    if kinds is not None and cls not in kinds:
+        raise WireError("unexpected_kind", f"{kind!r} is not accepted here")
+    if obj["v"] != cls.VERSION:
+        raise WireError("bad_version", f"{kind} version {obj['v']} is not supported (this build speaks {cls.VERSION})")
+    if len(obj["run"]) > 200 or len(obj["sender"]) > 200 or len(obj["msg_id"]) > 200:
+        raise WireError("malformed", "envelope strings are limited to 200 characters")
+    fields = _payload_fields(cls)
+    known = set(_ENVELOPE) | {f.name for f in fields}
+    extra = sorted(set(obj) - known)
+    if extra:
+        raise WireError("malformed", f"{kind}: unknown field(s) {', '.join(extra)}")
+    kwargs: dict[str, Any] = {k: obj[k] for k in ("run", "round", "step", "sender", "msg_id")}
+    budget = _Budget(limits)
+    for f in fields:
+        spec: Spec = f.metadata["spec"]
+        if f.name not in obj or obj[f.name] is None:
+            if not spec.optional:
+                raise WireError("malformed", f"{kind}: missing field {f.name!r}")
+            continue
+        kwargs[f.name] = _decode_value(obj[f.name], spec, f"{kind}.{f.name}", limits, budget)
+    return cls(**kwargs)
+
+
+class _Budget:
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.tensors = 0
+        self.elements = 0
+
+    def charge(self, t: torch.Tensor, where: str) -> None:
+        self.tensors += 1
+        self.elements += t.numel()
+        if self.tensors > self.limits.max_tensors:
+            raise WireError("too_large", f"{where}: more than {self.limits.max_tensors} tensors")
+        if self.elements > self.limits.max_total_elements:
+            raise WireError("too_large", f"{where}: more than {self.limits.max_total_elements} elements in all")
+
+
+def _decode_tensor(obj: Any, spec: Spec, where: str, limits: Limits, budget: _Budget) -> torch.Tensor:
+    t = tensor_from_wire(obj, limits, where)
+    budget.charge(t, where)
+    if spec.float_only and not t.is_floating_point():
+        raise WireError("bad_dtype", f"{where}: expected a floating-point tensor, got {t.dtype}")
+    if spec.finite and not is_finite(t):
+        raise WireError("non_finite", f"{where}: contains NaN or infinite values")
+    if spec.compress and t.dtype != torch.float32:
+        t = t.float()
+    return t
+
+
+def _check(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise WireError("malformed", f"{where}: expected {what}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return (isinstance(x, int | float)) and not isinstance(x, bool)
+
+
+def _decode_value(value: Any, spec: Spec, where: str, limits: Limits, budget: _Budget) -> Any:
+    k = spec.kind
+    if k == "tensor":
+        return _decode_tensor(value, spec, where, limits, budget)
+    if k == "tensors":
+        _check(isinstance(value, dict) and all(isinstance(n, str) for n in value), where, "a map of named tensors")
+        return {n: _decode_tensor(v, spec, f"{where}.{n}", limits, budget) for n, v in value.items()}
+    if k == "int":
+        _check(_is_int(value), where, "an integer")
+        return value
+    if k == "float":
+        _check(_is_num(value), where, "a number")
+        if spec.finite and not math.isfinite(value):
+            raise WireError("non_finite", f"{where}: not finite")
+        return float(value)
+    if k == "str":
+        _check(isinstance(value, str) and len(value) <= 4096, where, "a string of at most 4096 characters")
+        return value
+    if k == "bool":
+        _check(isinstance(value, bool), where, "a boolean")
+        return value
+    if k == "ints":
+        _check(isinstance(value, list) and all(_is_int(x) for x in value), where, "a list of integers")
+        return tuple(value)
+    if k == "floats":
+        _check(isinstance(value, list) and all(_is_num(x) for x in value), where, "a list of numbers")
+        if spec.finite and not all(math.isfinite(x) for x in value):
+            raise WireError("non_finite", f"{where}: not finite")
+        return tuple(float(x) for x in value)
+    if k == "cuts":
+        ok = isinstance(value, list) and all(
+            isinstance(c, list) and len(c) == 4 and all(b in (0, 1) and _is_int(b) for b in c) for c in value
+        )
+        _check(ok, where, "a list of four-bit lists")
+        return tuple(tuple(c) for c in value)
+    if k in ("metrics", "floatmap"):
+        _check(isinstance(value, dict) and all(isinstance(n, str) and _is_num(v) for n, v in value.items()),
+               where, "a map of names to numbers")
+        if spec.finite and not all(math.isfinite(v) for v in value.values()):
+            raise WireError("non_finite", f"{where}: not finite")
+        return {n: float(v) for n, v in value.items()}
+    if k == "intmap":
+        _check(isinstance(value, dict) and all(isinstance(n, str) and _is_int(v) for n, v in value.items()),
+               where, "a map of names to integers")
+        return dict(value)
+    if k == "strmap":
+        _check(isinstance(value, dict) and all(isinstance(n, str) and isinstance(v, str) for n, v in value.items()),
+               where, "a map of names to strings")
+        return dict(value)
+    raise AssertionError(f"unknown spec kind {k}")  # pragma: no cover
+
+
+def expect_shape(where: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Receiving roles check shapes against what they expect for this sender (its batch and cut bits)."""
+    if tuple(t.shape) != tuple(shape):
+        raise WireError("bad_shape", f"{where}: shape {list(t.shape)} where {list(shape)} was expected")
+
+
+# ======================================================================================================== split
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class GHeadOut(Message):
+    """Client -> server: output of the client's G head (B1, or B1+E1)."""
+
+    KIND: ClassVar[str] = "g_head_out"
+    client: int = _f("int")
+    act: torch.Tensor = _f("tensor", compress=True)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class GMidOut(Message):
+    """Server -> client: input of the client's G tail."""
+
+    KIND: ClassVar[str] = "g_mid_out"
+    client: int = _f("int")
+    act: torch.Tensor = _f("tensor", compress=True)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class DHeadOut(Message):
+    """Client -> server: D head outputs. phase "d": on the detached fakes and on the reals; phase "g": fakes only."""
+
+    KIND: ClassVar[str] = "d_head_out"
+    client: int = _f("int")
+    phase: str = _f("str")
+    fake: torch.Tensor = _f("tensor", compress=True)
+    real: torch.Tensor | None = _f("tensor", compress=True, default=None)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class DMidOut(Message):
+    KIND: ClassVar[str] = "d_mid_out"
+    client: int = _f("int")
+    phase: str = _f("str")
+    fake: torch.Tensor = _f("tensor", compress=True)
+    real: torch.Tensor | None = _f("tensor", compress=True, default=None)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class DTailGrad(Message):
+    """Client -> server: gradient of the client's loss w.r.t. its D tail inputs."""
+
+    KIND: ClassVar[str] = "d_tail_grad"
+    client: int = _f("int")
+    phase: str = _f("str")
+    fake: torch.Tensor = _f("tensor", compress=True)
+    real: torch.Tensor | None = _f("tensor", compress=True, default=None)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class DMidGrad(Message):
+    KIND: ClassVar[str] = "d_mid_grad"
+    client: int = _f("int")
+    phase: str = _f("str")
+    fake: torch.Tensor = _f("tensor", compress=True)
+    real: torch.Tensor | None = _f("tensor", compress=True, default=None)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class GTailGrad(Message):
+    """Client -> server: gradient of the generator loss w.r.t. the client's G tail input."""
+
+    KIND: ClassVar[str] = "g_tail_grad"
+    client: int = _f("int")
+    grad: torch.Tensor = _f("tensor", compress=True)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class GMidGrad(Message):
+    KIND: ClassVar[str] = "g_mid_grad"
+    client: int = _f("int")
+    grad: torch.Tensor = _f("tensor", compress=True)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class StepDropped(Message):
+    """Server -> client: this step went on without you (late, or the window closed); continue with the next."""
+
+    KIND: ClassVar[str] = "step_dropped"
+    client: int = _f("int")
+    reason: str = _f("str")
+
+
+# ==================================================================================================== lifecycle
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Join(Message):
+    """Client -> coordinator: I am client `client` with this device profile and this many samples."""
+
+    KIND: ClassVar[str] = "join"
+    client: int = _f("int")
+    domain: int = _f("int")
+    n_samples: int = _f("int")
+    profile: dict[str, float] = _f("floatmap")
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class RoundStart(Message):
+    """Coordinator -> clients and server: round `round` begins with these participants and cut bits."""
+
+    KIND: ClassVar[str] = "round_start"
+    participants: tuple[int, ...] = _f("ints")
+    cuts: tuple[tuple[int, int, int, int], ...] = _f("cuts")  # per client index, all clients
+    steps: int = _f("int")
+    deadline: float = _f("float")  # wall-clock (epoch seconds) round deadline
+    steps_from: int = _f("int", default=0)  # first step index (non-zero when a round is resumed)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class RunEnd(Message):
+    KIND: ClassVar[str] = "run_end"
+    reason: str = _f("str")
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class ClientUpdate(Message):
+    """Client -> update log and aggregators: the layers this client holds, after the round's local training."""
+
+    KIND: ClassVar[str] = "client_update"
+    client: int = _f("int")
+    cuts: tuple[tuple[int, int, int, int], ...] = _f("cuts")  # one entry: this client's bits
+    n_samples: int = _f("int")
+    state: dict[str, torch.Tensor] = _f("tensors", float_only=False)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class ServerUpdate(Message):
+    """Server -> update log and aggregators: the server's shared layers after the round."""
+
+    KIND: ClassVar[str] = "server_update"
+    state: dict[str, torch.Tensor] = _f("tensors", float_only=False)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class RoundDone(Message):
+    """Client -> coordinator: my round is over; scalar training metrics only (mean losses, step times)."""
+
+    KIND: ClassVar[str] = "round_done"
+    client: int = _f("int")
+    n_samples: int = _f("int")
+    steps_done: int = _f("int")
+    update_digest: str = _f("str")
+    metrics: dict[str, float] = _f("metrics")
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class ServerRoundDone(Message):
+    """Server -> coordinator: the server's round is over (its update is logged)."""
+
+    KIND: ClassVar[str] = "server_round_done"
+    steps_done: int = _f("int")
+    update_digest: str = _f("str")
+    metrics: dict[str, float] = _f("metrics")
+    late: dict[str, int] = _f("intmap", default={})  # client -> number of steps it missed or was late for
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class ActivationSummaries(Message):
+    """Server -> clustering: per client, the batch mean of server block E2 of D on its real batch (128x7x7)."""
+
+    KIND: ClassVar[str] = "activation_summaries"
+    summaries: dict[str, torch.Tensor] = _f("tensors")
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class ClusterResult(Message):
+    KIND: ClassVar[str] = "cluster_result"
+    assignment: dict[str, int] = _f("intmap")
+    kld_intra: dict[str, float] = _f("floatmap")
+    kld_global: dict[str, float] = _f("floatmap")
+    k: int = _f("int")
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class AggregateJob(Message):
+    """Coordinator -> aggregators: average cluster `cluster` (-1: the global model for the server)."""
+
+    KIND: ClassVar[str] = "aggregate_job"
+    cluster: int = _f("int")
+    members: tuple[int, ...] = _f("ints")
+    weights: tuple[float, ...] = _f("floats")
+    recipients: tuple[int, ...] = _f("ints")  # clients that load this cluster's layers (members and absentees)
+    update_ids: dict[str, str] = _f("strmap")  # client (or "server") -> msg_id of the update to use
+    log_offset: int = _f("int", default=0)  # where this round's updates start in the update log
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class ModelAssignment(Message):
+    """Aggregator -> one client: its cluster's average of exactly the layers this client holds."""
+
+    KIND: ClassVar[str] = "model_assignment"
+    client: int = _f("int")
+    cluster: int = _f("int")
+    state: dict[str, torch.Tensor] = _f("tensors", float_only=False)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class ServerModel(Message):
+    """Aggregator -> server: the global average of the server's layers."""
+
+    KIND: ClassVar[str] = "server_model"
+    state: dict[str, torch.Tensor] = _f("tensors", float_only=False)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class AggregateDone(Message):
+    """Aggregator -> coordinator: a cluster's (or the global) average, with its digest, for evaluation and
+    checkpoints."""
+
+    KIND: ClassVar[str] = "aggregate_done"
+    cluster: int = _f("int")
+    members: tuple[int, ...] = _f("ints")
+    digest: str = _f("str")
+    state: dict[str, torch.Tensor] = _f("tensors", float_only=False)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class RoundEvent(Message):
+    """Coordinator -> topic exchange: round lifecycle events for observers (status, progress bars)."""
+
+    KIND: ClassVar[str] = "round_event"
+    event: str = _f("str")
+    detail: dict[str, str] = _f("strmap", default={})
+
+
+ALL_KINDS = tuple(REGISTRY.values())
