@@ -125,6 +125,8 @@ class TrainConfig:
     # cycled over the clients (client i gets cuts[i % len(cuts)]).
     cuts: str | tuple[tuple[int, int, int, int], ...] = "plan"
     cost_model: str = "paper"
+    # Re-plan the cuts between rounds from the measured per-client step times (devices slower than they claimed).
+    adaptive_cuts: bool = False
     # Steps per epoch: None = max_k ceil(n_k / batch_size), the paper's rule.
     steps_per_epoch: int | None = None
     wire_dtype: str = "float32"
@@ -405,7 +407,7 @@ def _run_config_from_dict(data: dict[str, Any]) -> RunConfig:
                 raise ConfigError(f"train.cuts: {c!r} is not four bits [g_head, g_tail, d_head, d_tail]")
             cuts.append(tuple(int(b) for b in c))
         tr["cuts"] = tuple(cuts)
-    for key in ("clustering", "kld_weighting"):
+    for key in ("clustering", "kld_weighting", "adaptive_cuts"):
         if key in tr:
             _typed(tr[key], bool, f"train.{key}")
     train = TrainConfig(**tr)

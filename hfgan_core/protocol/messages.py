@@ -394,6 +394,15 @@ class RoundStart(Message):
 
 @register
 @dataclass(frozen=True, kw_only=True)
+class RoundClose(Message):
+    """Coordinator -> server and clients: the round's deadline passed; stop and report what you have."""
+
+    KIND: ClassVar[str] = "round_close"
+    reason: str = _f("str")
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
 class RunEnd(Message):
     KIND: ClassVar[str] = "run_end"
     reason: str = _f("str")
@@ -474,6 +483,7 @@ class AggregateJob(Message):
     members: tuple[int, ...] = _f("ints")
     weights: tuple[float, ...] = _f("floats")
     recipients: tuple[int, ...] = _f("ints")  # clients that load this cluster's layers (members and absentees)
+    cuts: tuple[tuple[int, int, int, int], ...] = _f("cuts")  # per recipient: its cut bits for the next round
     update_ids: dict[str, str] = _f("strmap")  # client (or "server") -> msg_id of the update to use
     log_offset: int = _f("int", default=0)  # where this round's updates start in the update log
 

@@ -142,6 +142,13 @@ class RoundStore(abc.ABC):
     def get_metrics(self, run: str, round: int) -> dict[str, dict[str, float]]: ...
 
     @abc.abstractmethod
+    def put_doc(self, run: str, round: int, name: str, doc: str) -> None:
+        """Store a JSON document for a round (e.g. `job.<cluster>`: an aggregation job, for replay)."""
+
+    @abc.abstractmethod
+    def get_docs(self, run: str, round: int) -> dict[str, str]: ...
+
+    @abc.abstractmethod
     def close(self) -> None: ...
 
     def __enter__(self) -> RoundStore:

@@ -26,6 +26,7 @@ class MemoryRoundStore(RoundStore):
         self._offsets: dict[tuple[str, int], int] = {}
         self._checkpoints: dict[str, dict[int, str]] = {}
         self._metrics: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
+        self._docs: dict[tuple[str, int], dict[str, str]] = {}
 
     # ------------------------------------------------------------------------------------------------- run
     def init_run(self, run: str, config_digest: str, config_json: str) -> bool:
@@ -205,6 +206,14 @@ class MemoryRoundStore(RoundStore):
     def get_metrics(self, run: str, round: int) -> dict[str, dict[str, float]]:
         with self._lock:
             return {w: dict(m) for w, m in self._metrics.get((run, round), {}).items()}
+
+    def put_doc(self, run: str, round: int, name: str, doc: str) -> None:
+        with self._lock:
+            self._docs.setdefault((run, round), {})[name] = doc
+
+    def get_docs(self, run: str, round: int) -> dict[str, str]:
+        with self._lock:
+            return dict(self._docs.get((run, round), {}))
 
     def close(self) -> None:
         pass

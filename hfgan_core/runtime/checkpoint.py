@@ -1,0 +1,128 @@
+"""Self-describing per-round checkpoints, loadable with `torch.load(path, weights_only=True)`.
+
+Layout: `<run_dir>/checkpoints/round_<NNNN>/` with one file per role (`client_<k>.pt`, `server.pt`,
+`coordinator.pt`) and `manifest.json` (written by the coordinator: the run config, the round, the files that make
+the round complete). Every file is a plain dict of tensors, numbers, strings, lists and dicts:
+
+    {"format": "hfgan-checkpoint", "version": 1, "role": "client", "round": 3, "config": {...},
+     "state": {canonical name: tensor}, "optimizers": {name: optimizer.state_dict()}, "extra": {...}}
+
+Writes go to a temporary file first and are renamed into place, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+
+FORMAT = "hfgan-checkpoint"
+VERSION = 1
+
+
+def round_dir(run_dir: str | Path, round: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"round_{round:04d}"
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: str | Path, *, role: str, round: int, config: dict[str, Any],
+                    state: dict[str, torch.Tensor], optimizers: dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    blob = {
+        "format": FORMAT,
+        "version": VERSION,
+        "role": role,
+        "round": int(round),
+        "config": config,
+        "state": {k: v.detach().cpu().clone() for k, v in state.items()},
+        "optimizers": optimizers or {},
+        "extra": extra or {},
+    }
+    _atomic(path, lambda tmp: torch.save(blob, tmp))
+    return path
+
+
+def load_checkpoint(path: str | Path, *, role: str | None = None) -> dict[str, Any]:
+    """Load and validate one checkpoint file (never unpickles arbitrary objects: weights_only=True)."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint not found: {path}") from None
+    except Exception as exc:
+        raise ConfigError(f"unreadable checkpoint {path}: {type(exc).__name__}") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not an hfgan checkpoint")
+    if blob.get("version") != VERSION:
+        raise ConfigError(f"{path}: checkpoint version {blob.get('version')} is not supported")
+    if role is not None and blob.get("role") != role:
+        raise ConfigError(f"{path}: a {blob.get('role')} checkpoint where a {role} checkpoint was expected")
+    return blob
+
+
+def write_manifest(run_dir: str | Path, round: int, config: dict[str, Any], files: list[str]) -> Path:
+    path = round_dir(run_dir, round) / "manifest.json"
+    body = json.dumps({"format": FORMAT, "version": VERSION, "round": round, "config": config, "files": files},
+                      indent=2, sort_keys=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    _atomic(path, write)
+    return path
+
+
+def complete_rounds(run_dir: str | Path) -> list[int]:
+    """Rounds whose manifest exists and whose listed files are all present, oldest first."""
+    base = Path(run_dir) / "checkpoints"
+    out = []
+    if not base.is_dir():
+        return out
+    for d in sorted(base.glob("round_*")):
+        m = d / "manifest.json"
+        if not m.is_file():
+            continue
+        try:
+            manifest = json.loads(m.read_text())
+            files = manifest["files"]
+            rnd = int(manifest["round"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if all((d / f).is_file() for f in files):
+            out.append(rnd)
+    return out
+
+
+def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, Any]:
+    """An optimizer's state keyed by canonical parameter names (robust to re-ordering and re-building)."""
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if len(params) != len(names):
+        raise ValueError("one name per optimised parameter")
+    state = {}
+    for idx, name in enumerate(names):
+        if idx in sd["state"]:
+            state[name] = sd["state"][idx]
+    return {"state": state, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]}

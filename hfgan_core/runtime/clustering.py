@@ -1,0 +1,46 @@
+"""The clustering service: activation summaries in, cluster assignment and KLD scores out."""
+
+from __future__ import annotations
+
+from ..federation import cluster_clients
+from ..protocol import ActivationSummaries, ClusterResult, Message, expect_shape
+from ..transport import CLUSTERING, COORDINATOR
+from .host import Reject, Role, RoleContext
+
+
+class ClusteringRole(Role):
+    name = "clustering"
+    accepts = (ActivationSummaries,)
+    no_grad = True
+
+    def __init__(self, ctx: RoleContext, summary_shape: tuple[int, ...] = (128, 7, 7)):
+        super().__init__(ctx)
+        self.summary_shape = summary_shape
+        self.results = 0
+
+    def addresses(self) -> list[str]:
+        return [CLUSTERING]
+
+    def on_message(self, msg: Message) -> None:
+        assert isinstance(msg, ActivationSummaries)
+        if msg.sender != "server":
+            raise Reject(f"bad_sender: summaries come from the server, not {msg.sender!r}")
+        if not msg.summaries:
+            raise Reject("malformed: no summaries")
+        summaries = {}
+        for key, tensor in msg.summaries.items():
+            if not key.isdigit():
+                raise Reject(f"malformed: summary key {key!r} is not a client index")
+            expect_shape(f"activation_summaries.{key}", tensor, self.summary_shape)
+            summaries[int(key)] = tensor.float()
+        cfg = self.ctx.cfg
+        k = cfg.train.n_clusters(cfg.scenario)
+        outcome = cluster_clients(summaries, k, seed=cfg.train.seed)
+        self.results += 1
+        self.send(COORDINATOR, ClusterResult(
+            **self.envelope(msg.round),
+            assignment={str(c): int(v) for c, v in outcome.assignment.items()},
+            kld_intra={str(c): float(v) for c, v in outcome.kld_intra.items()},
+            kld_global={str(c): float(v) for c, v in outcome.kld_global.items()},
+            k=int(outcome.k),
+        ))

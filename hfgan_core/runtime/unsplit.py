@@ -1,0 +1,71 @@
+"""The same conditional GAN trained unsplit in one process: the reference for split equivalence and benchmarks.
+
+One step is exactly the paper's: G forward; D on the detached fakes (target 0), backward; D on the reals
+(target 1), backward; Adam step on D; D (updated) on the same fakes (target 1), backward into G; Adam step on G.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RunConfig
+from ..model import build_networks
+from ..model.split import run_blocks
+
+
+@dataclass
+class StepLosses:
+    d_loss_real: float
+    d_loss_fake: float
+    g_loss: float
+
+
+class UnsplitGAN:
+    def __init__(self, cfg: RunConfig, device: str = "cpu", seed: int | None = None):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        nets = build_networks(cfg.model, cfg.train.seed if seed is None else seed)
+        self.G = {i: b.to(self.device) for i, b in enumerate(nets["G"])}
+        self.D = {i: b.to(self.device) for i, b in enumerate(nets["D"])}
+        tr = cfg.train
+        self.opt_g = torch.optim.Adam([p for b in self.G.values() for p in b.parameters()], lr=tr.lr,
+                                      betas=tuple(tr.betas))
+        self.opt_d = torch.optim.Adam([p for b in self.D.values() for p in b.parameters()], lr=tr.lr,
+                                      betas=tuple(tr.betas))
+        # Optional hook called as hook("D" | "G", modules) right before each optimizer step (tests record grads).
+        self.before_step = None
+
+    def modules(self) -> dict[str, dict[int, nn.Module]]:
+        return {"G": self.G, "D": self.D}
+
+    def generate(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return run_blocks(self.G, range(len(self.G)), z, labels)
+
+    def discriminate(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return run_blocks(self.D, range(len(self.D)), images, labels)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, z: torch.Tensor) -> StepLosses:
+        images, labels, z = images.to(self.device), labels.to(self.device), z.to(self.device)
+        self.opt_d.zero_grad(set_to_none=True)
+        fake = self.generate(z, labels)
+        out_f = self.discriminate(fake.detach(), labels)
+        loss_f = F.binary_cross_entropy(out_f, torch.zeros_like(out_f))
+        loss_f.backward()
+        out_r = self.discriminate(images, labels)
+        loss_r = F.binary_cross_entropy(out_r, torch.ones_like(out_r))
+        loss_r.backward()
+        if self.before_step:
+            self.before_step("D", self.D)
+        self.opt_d.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        out_g = self.discriminate(fake, labels)
+        loss_g = F.binary_cross_entropy(out_g, torch.ones_like(out_g))
+        loss_g.backward()
+        if self.before_step:
+            self.before_step("G", self.G)
+        self.opt_g.step()
+        return StepLosses(float(loss_r), float(loss_f), float(loss_g))
