@@ -156,10 +156,12 @@ class CoordinatorRole(Role):
             self.server_done = msg
             self._maybe_close()
         elif isinstance(msg, ClusterResult):
-            if msg.round != self.round or self.phase not in ("training", "closing"):
+            if msg.round != self.round:
                 raise Reject(f"stale: cluster result for round {msg.round} in round {self.round}")
+            # Rounds that aggregate as one cluster do not wait for it; a result arriving after is simply noted.
             self.cluster_result = msg
-            self._maybe_close()
+            if self.phase in ("training", "closing"):
+                self._maybe_close()
         elif isinstance(msg, AggregateDone):
             self._on_aggregate_done(msg)
 

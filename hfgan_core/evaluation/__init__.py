@@ -1,0 +1,80 @@
+"""Evaluation: generation score, utility metrics, scoring classifiers, and the files a run writes (grids, plots,
+metrics log). Definitions follow the reference implementation (HuSCF-GAN, Metrics/evaluation.py); see metrics.py.
+"""
+
+from .classifiers import (
+    CLASSIFIER_FORMAT,
+    CLASSIFIER_VERSION,
+    classifier_path,
+    classifier_record,
+    data_digest,
+    fit_classifier,
+    fit_classifiers,
+    load_classifier,
+    read_classifier_record,
+    save_classifier,
+)
+from .evaluate import EvalSettings, class_grid_samples, derive_seed, evaluate_generators, save_class_grid
+from .metrics import (
+    GenerateFn,
+    classification_metrics,
+    confusion_matrix,
+    generation_score,
+    sample_generator,
+    score_from_log_probs,
+    score_from_probs,
+    utility_metrics,
+)
+from .models import SCORING_ARCH, UTILITY_ARCH, ScoringClassifier, UtilityCNN, build_model
+from .outputs import (
+    MetricsLog,
+    encode_png_gray,
+    make_grid,
+    plot_scores,
+    save_sample_grid,
+    to_jsonable,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from .training import ImageSource, as_tensors
+
+__all__ = [
+    "CLASSIFIER_FORMAT",
+    "CLASSIFIER_VERSION",
+    "SCORING_ARCH",
+    "UTILITY_ARCH",
+    "EvalSettings",
+    "GenerateFn",
+    "ImageSource",
+    "MetricsLog",
+    "ScoringClassifier",
+    "UtilityCNN",
+    "as_tensors",
+    "build_model",
+    "class_grid_samples",
+    "classification_metrics",
+    "classifier_path",
+    "classifier_record",
+    "confusion_matrix",
+    "data_digest",
+    "derive_seed",
+    "encode_png_gray",
+    "evaluate_generators",
+    "fit_classifier",
+    "fit_classifiers",
+    "generation_score",
+    "load_classifier",
+    "make_grid",
+    "plot_scores",
+    "read_classifier_record",
+    "sample_generator",
+    "save_class_grid",
+    "save_classifier",
+    "save_sample_grid",
+    "score_from_log_probs",
+    "score_from_probs",
+    "to_jsonable",
+    "utility_metrics",
+    "write_bytes_atomic",
+    "write_json_atomic",
+]

@@ -1,0 +1,72 @@
+"""The two small CNNs of the evaluation: the per-domain scoring classifier and the utility classifier.
+
+Both follow the reference implementation (HuSCF-GAN, Metrics/evaluation.py) layer for layer and keep its layer
+names (`conv1`, `conv2`, `fc1`, `fc2`), so a state dict from the reference loads into them unchanged:
+
+- `ScoringClassifier` (the reference's MNISTClassifier, identical for every domain): unpadded 3x3 convolutions,
+  conv(1,32) -> ReLU -> maxpool2 -> conv(32,64) -> ReLU -> maxpool2 -> fc(1600,128) -> ReLU -> fc(128,10). It gives
+  p(y|x) for the generation score and is trained on the domain's real training data (normalised to [-1, 1]).
+- `UtilityCNN` (the reference's `Classifier`): padded 3x3 convolutions, conv(1,32) -> ReLU -> pool ->
+  conv(32,64) -> ReLU -> pool -> fc(3136,128) -> ReLU -> fc(128,10). It is trained only on generated samples and
+  tested on real data. The reference declares a Dropout(0.5) that its forward pass never uses; it is left out.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+SCORING_ARCH = "scoring-cnn-v1"
+UTILITY_ARCH = "utility-cnn-v1"
+
+
+class ScoringClassifier(nn.Module):
+    """p(y|x) for the generation score; input [B, 1, 28, 28] in [-1, 1], output logits [B, num_classes]."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=3)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc1 = nn.Linear(64 * 5 * 5, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+class UtilityCNN(nn.Module):
+    """The downstream classifier trained on generated samples (conv32-pool-conv64-pool-fc128-fc10)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, stride=1, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, stride=1, padding=1)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc1 = nn.Linear(64 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+ARCHITECTURES: MappingProxyType[str, type[nn.Module]] = MappingProxyType(
+    {SCORING_ARCH: ScoringClassifier, UTILITY_ARCH: UtilityCNN}
+)
+
+
+def build_model(arch: str, num_classes: int = 10) -> nn.Module:
+    """A fresh (randomly initialised) model of a named evaluation architecture."""
+    try:
+        cls = ARCHITECTURES[arch]
+    except KeyError:
+        raise ValueError(f"unknown evaluation architecture {arch!r} (known: {', '.join(ARCHITECTURES)})") from None
+    return cls(num_classes)

@@ -1,0 +1,61 @@
+"""`hfgan eval --run-dir R`: evaluate a run's latest complete checkpoint (generation score and utility per domain)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, RunConfig
+from ..evaluation import EvalSettings, evaluate_generators, write_json_atomic
+from ..model import CutBits
+from . import checkpoint as ckpt
+from .recorder import compose_generator, domain_clusters, ensure_classifiers, read_run_marker
+
+
+def latest_models(run_dir: Path) -> tuple[RunConfig, int, dict[int, dict], dict | None, dict[int, int],
+                                          dict[int, CutBits]]:
+    rounds = ckpt.complete_rounds(run_dir)
+    candidates = rounds or sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("round_*")
+                                  if (p / "coordinator.pt").is_file())
+    if not candidates:
+        raise ConfigError(f"no checkpoint in {run_dir}")
+    rnd = candidates[-1]
+    blob = ckpt.load_checkpoint(ckpt.round_dir(run_dir, rnd) / "coordinator.pt", role="coordinator")
+    cfg = RunConfig.from_dict(blob["config"] | {"runtime": {}}).validate()
+    clusters: dict[int, dict] = {}
+    global_model = None
+    for name, t in blob["state"].items():
+        head, key = name.split("/", 1)
+        if head == "global":
+            global_model = global_model or {}
+            global_model[key] = t
+        else:
+            clusters.setdefault(int(head[len("cluster"):]), {})[key] = t
+    extra = blob["extra"]
+    assignment = {int(c): int(k) for c, k in extra["assignment"].items()}
+    cuts = {int(c): CutBits.parse(b) for c, b in extra["cuts"].items()}
+    return cfg, rnd, clusters, global_model, assignment, cuts
+
+
+def evaluate_run(run_dir: Path, *, utility: bool = True, data_dir: str | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    from ..data import load_scenario_data
+
+    if read_run_marker(run_dir) is None:
+        raise ConfigError(f"{run_dir} holds no hfgan run")
+    cfg, rnd, clusters, global_model, assignment, cuts = latest_models(run_dir)
+    if not clusters:
+        raise ConfigError(f"round {rnd} of {run_dir} has no aggregated model")
+    if data_dir:
+        cfg = cfg.with_overrides("runtime", data_dir=data_dir)
+    data = load_scenario_data(cfg, allow_synthetic_fallback=True, log=log)
+    classifiers = ensure_classifiers(cfg, data.train_sets, data.test_sets, data.sources, log=log)
+    gens = {}
+    for dom, (cluster, rep) in domain_clusters(cfg, assignment).items():
+        gens[dom] = compose_generator(cfg, clusters[cluster], global_model, cuts[rep], cfg.runtime.device)
+    results = evaluate_generators(gens, classifiers, data.test_sets, EvalSettings.from_config(cfg, utility=utility),
+                                  log=log)
+    out = {"round": rnd, "domains": results}
+    write_json_atomic(run_dir / "eval.json", out)
+    return out
