@@ -103,14 +103,14 @@ class MemoryTransport(Transport):
     # ------------------------------------------------------------------------------------------------ consume
     def consume(self, address: str, handler: Handler, *, prefetch: int = 1) -> None:
         self._check_open()
+        if not is_valid_address(address):
+            raise TransportError(f"unknown address {address!r}")
         if address.startswith(EVENTS_PREFIX):
             pattern = address[len(EVENTS_PREFIX):]
             name = f"{address}#sub{len(self._event_bindings)}"
             self._event_bindings[pattern] = name
             self._handlers[name] = handler
             return
-        if not is_valid_address(address):
-            raise TransportError(f"unknown address {address!r}")
         if address in self._handlers:
             raise TransportError(f"{address} already has a consumer in this transport")
         self._handlers[address] = handler

@@ -1,0 +1,304 @@
+"""The transport contract against the real RabbitMQ, then what only a broker can show: reconnects, broker-side
+consumer cancellation, redelivery to another connection, chunk reassembly under prefetch 1, publisher checks."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import pika
+import pytest
+
+from hfgan_core.transport import open_transport
+from hfgan_core.transport.amqp import H_ADDRESS, AmqpTransport, Names
+from hfgan_core.transport.base import Delivery, TransportError
+from tests.contract.transport_contract import TransportContract, collect, drain
+from tests.integration.conftest import new_namespace
+
+
+class TestAmqpTransport(TransportContract):
+    @pytest.fixture(autouse=True)
+    def _broker(self, amqp_url: str) -> None:
+        self.url = amqp_url
+
+    def make(self) -> AmqpTransport:
+        return AmqpTransport(self.url, namespace=new_namespace())
+
+    def dispose(self, t: AmqpTransport) -> None:  # type: ignore[override]
+        t.delete_topology(clients=range(20))
+        t.close()
+
+    def after_close(self, t: AmqpTransport) -> None:  # type: ignore[override]
+        with AmqpTransport(self.url, namespace=t.names.namespace) as cleaner:
+            cleaner.delete_topology(clients=range(20))
+
+
+@pytest.fixture
+def ns(amqp_url: str):
+    """A throw-away namespace, deleted after the test (with every client queue the tests may have made)."""
+    name = new_namespace()
+    yield name
+    with AmqpTransport(amqp_url, namespace=name) as t:
+        t.delete_topology(clients=range(8))
+
+
+def raw(amqp_url: str) -> pika.BlockingConnection:
+    return pika.BlockingConnection(pika.URLParameters(amqp_url))
+
+
+def test_open_transport_picks_amqp_by_scheme(amqp_url: str, ns: str) -> None:
+    with open_transport(amqp_url, namespace=ns, max_frame_body=4096) as t:
+        assert isinstance(t, AmqpTransport) and t.max_frame_body == 4096
+        handler, got = collect()
+        t.consume("server", handler)
+        t.publish("server", b"z" * 10_000)  # three chunks of 4 KiB
+        drain(t, got, 1)
+        assert got[0].body == b"z" * 10_000
+
+
+def test_reconnects_after_the_connection_is_cut(amqp_url: str, ns: str, proxy) -> None:
+    t = AmqpTransport(proxy.url(amqp_url), namespace=ns, reconnect_timeout=20)
+    try:
+        handler, got = collect(acks=False)
+        t.consume("server", handler, prefetch=5)  # room for the redelivery and the next message, both unsettled
+        t.publish("server", b"one")
+        drain(t, got, 1)
+        stale = got[0]
+        assert proxy.cut() == 1
+        t.publish("server", b"two")  # publish notices the loss, reconnects, re-declares, re-consumes
+        drain(t, got, 3)
+        stale.ack()  # its channel died with the connection: ignored, not an error
+        fresh = got[1:]
+        assert sorted(d.body for d in fresh) == [b"one", b"two"]
+        assert [d.redelivered for d in fresh if d.body == b"one"] == [True]
+        for d in fresh:
+            d.ack()
+        assert t.reconnects >= 1
+        # process() recovers too: cut while idle, then a message from elsewhere still arrives. Acks sent just
+        # before the cut may not have reached the broker: those messages come back, flagged (at-least-once).
+        proxy.cut()
+        with AmqpTransport(amqp_url, namespace=ns) as other:
+            other.publish("server", b"three")
+        deadline = time.monotonic() + 10
+        while b"three" not in [d.body for d in got[3:]] and time.monotonic() < deadline:
+            t.process(0.2)
+        later = got[3:]
+        assert b"three" in [d.body for d in later] and t.reconnects >= 2
+        assert all(d.redelivered and d.body in (b"one", b"two") for d in later if d.body != b"three")
+        for d in later:
+            d.ack()
+        assert t.process(0.3) == 0  # nothing else is outstanding
+    finally:
+        t.close()
+
+
+def test_consumer_comes_back_when_its_queue_is_deleted(amqp_url: str, ns: str) -> None:
+    with AmqpTransport(amqp_url, namespace=ns) as t:
+        handler, got = collect()
+        t.consume("clustering", handler)
+        conn = raw(amqp_url)
+        conn.channel().queue_delete(Names(ns).queue("clustering"))  # the broker cancels our consumer
+        conn.close()
+        t.process(0.5)  # notices the cancellation: re-declares and re-consumes
+        t.publish("clustering", b"after the deletion")
+        drain(t, got, 1)
+        assert [d.body for d in got] == [b"after the deletion"]
+
+
+def test_unsettled_deliveries_go_to_the_next_consumer_after_close(amqp_url: str, ns: str) -> None:
+    a = AmqpTransport(amqp_url, namespace=ns)
+    handler, got = collect(acks=False)
+    a.consume("coordinator", handler, prefetch=5)
+    for i in range(3):
+        a.publish("coordinator", b"m%d" % i)
+    drain(a, got, 3)
+    a.close()
+    got[0].ack()  # after close: ignored with a log
+    with AmqpTransport(amqp_url, namespace=ns) as b:
+        handler2, got2 = collect()
+        b.consume("coordinator", handler2)
+        drain(b, got2, 3)
+        assert [d.body for d in got2] == [b"m0", b"m1", b"m2"]
+        assert all(d.redelivered for d in got2)
+
+
+def test_single_active_consumer_standby_takes_over(amqp_url: str, ns: str) -> None:
+    active, standby = AmqpTransport(amqp_url, namespace=ns), AmqpTransport(amqp_url, namespace=ns)
+    try:
+        h1, got1 = collect()
+        h2, got2 = collect()
+        active.consume("coordinator", h1)
+        standby.consume("coordinator", h2)
+        active.publish("coordinator", b"for the active one")
+        drain(active, got1, 1)
+        assert standby.process(0.3) == 0
+        active.close()
+        standby.publish("coordinator", b"for the standby")
+        drain(standby, got2, 1)
+        assert [d.body for d in got1] == [b"for the active one"] and [d.body for d in got2] == [b"for the standby"]
+    finally:
+        active.close()
+        standby.close()
+
+
+def test_unroutable_publish_is_an_error(amqp_url: str, ns: str) -> None:
+    with AmqpTransport(amqp_url, namespace=ns) as t:
+        t.declare()
+        conn = raw(amqp_url)
+        conn.channel().queue_delete(Names(ns).queue("aggregate"))
+        conn.close()
+        with pytest.raises(TransportError, match="unroutable"):
+            t.publish("aggregate", b"job")
+        t.publish("server", b"the publisher channel still works")
+
+
+def test_oversized_message_to_competing_consumers_is_refused(amqp_url: str, ns: str) -> None:
+    with AmqpTransport(amqp_url, namespace=ns, max_frame_body=4096) as t:
+        with pytest.raises(TransportError, match="competing consumers"):
+            t.publish("aggregate", b"x" * 5000)
+        t.publish("aggregate", b"x" * 4096)
+
+
+def _frames(t: AmqpTransport, body: bytes, address: str):
+    return t._frames(body, {H_ADDRESS: address})
+
+
+def test_interleaved_chunks_reassemble_with_prefetch_one(amqp_url: str, ns: str) -> None:
+    with AmqpTransport(amqp_url, namespace=ns, max_frame_body=1024) as t:
+        t.declare()
+        a, b = os.urandom(3000), os.urandom(2500)
+        fa, fb = _frames(t, a, "server"), _frames(t, b, "server")
+        assert (len(fa), len(fb)) == (3, 3)
+        # Two publishers' chunks interleaved in the queue, with a small message in between.
+        for frame in (fa[0], fb[0], fa[1], fb[1], fb[2]):
+            t._send(t.names.split, "server", [frame], True, True)
+        t.publish("server", b"small")
+        t._send(t.names.split, "server", [fa[2]], True, True)
+        handler, got = collect()
+        t.consume("server", handler, prefetch=1)
+        drain(t, got, 3)
+        assert [d.body for d in got] == [b, b"small", a]
+        assert t.process(0.3) == 0
+
+
+def test_duplicate_chunks_are_delivered_once(amqp_url: str, ns: str) -> None:
+    with AmqpTransport(amqp_url, namespace=ns, max_frame_body=1024) as t:
+        t.declare()
+        body = os.urandom(2500)
+        frames = _frames(t, body, "client.3")
+        t._ensure_client_queue("client.3")
+        # A publish that failed after its first chunk and was retried whole, then retried once more.
+        for frame in [frames[0], *frames, *frames]:
+            t._send(t.names.split, "client.3", [frame], True, True)
+        handler, got = collect()
+        t.consume("client.3", handler)
+        drain(t, got, 1)
+        assert t.process(0.5) == 0
+        assert [d.body for d in got] == [body]
+        t.cancel("client.3")
+        again, got2 = collect()
+        t.consume("client.3", again)
+        assert t.process(0.3) == 0 and got2 == []  # every chunk, duplicates included, was settled
+
+
+def test_incomplete_chunked_message_is_dead_lettered(amqp_url: str, ns: str) -> None:
+    with AmqpTransport(amqp_url, namespace=ns, max_frame_body=1024, chunk_timeout=0.3) as t:
+        t.declare()
+        frames = _frames(t, os.urandom(3000), "server")
+        t._send(t.names.split, "server", frames[:2], True, True)  # the publisher died after two chunks
+        t.publish("server", b"next")
+        handler, got = collect()
+        t.consume("server", handler)
+        drain(t, got, 1)
+        deadline = time.monotonic() + 5
+        dead = []
+        while not dead and time.monotonic() < deadline:
+            t.process(0.2)
+            dead = [d for d in t.dead_letters() if d.reason.startswith("incomplete_chunked_message")]
+        assert [d.body for d in got] == [b"next"]
+        assert len(dead) == 1 and dead[0].address == "server" and len(dead[0].body) == 2048
+
+
+def test_prefetch_bounds_unsettled_deliveries(amqp_url: str, ns: str) -> None:
+    with AmqpTransport(amqp_url, namespace=ns) as t:
+        for i in range(5):
+            t.publish("clustering", b"%d" % i)
+        handler, got = collect(acks=False)
+        t.consume("clustering", handler, prefetch=2)
+        drain(t, got, 5, timeout=1.0)
+        assert len(got) == 2
+        got[0].ack()
+        drain(t, got, 3, timeout=2.0)
+        assert [d.body for d in got] == [b"0", b"1", b"2"]
+
+
+def test_publisher_identity_is_validated_by_the_broker(amqp_url: str, ns: str) -> None:
+    with AmqpTransport(amqp_url, namespace=ns) as t:
+        handler, got = collect()
+        t.consume("server", handler)
+        t.publish("server", b"x")
+        drain(t, got, 1)
+        assert got[0].headers["user_id"] == "guest"
+        conn = raw(amqp_url)
+        ch = conn.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as exc:
+            ch.basic_publish(t.names.split, "server", b"spoof", pika.BasicProperties(user_id="client-0"))
+            ch.queue_declare(t.names.queue("server"), passive=True)  # a round trip, to see the channel close
+        assert exc.value.reply_code == 406
+        conn.close()
+
+
+def test_broker_side_dead_letters_report_x_death(amqp_url: str, ns: str) -> None:
+    with AmqpTransport(amqp_url, namespace=ns) as t:
+        t.publish("coordinator", b"nacked by a foreign consumer")
+        conn = raw(amqp_url)
+        ch = conn.channel()
+        method = None
+        deadline = time.monotonic() + 5
+        while method is None and time.monotonic() < deadline:
+            method, _, _ = ch.basic_get(t.names.queue("coordinator"))
+        ch.basic_reject(method.delivery_tag, requeue=False)  # the queue's x-dead-letter-exchange takes it
+        conn.close()
+        deadline = time.monotonic() + 5
+        dead = []
+        while not dead and time.monotonic() < deadline:
+            dead = t.dead_letters()
+        assert [(d.address, d.body, d.reason) for d in dead] == [
+            ("coordinator", b"nacked by a foreign consumer", "broker:rejected")]
+        assert len(t.dead_letters()) == 1  # reading the dead letters does not consume them
+
+
+def test_handler_errors_leave_the_delivery_for_redelivery(amqp_url: str, ns: str) -> None:
+    with AmqpTransport(amqp_url, namespace=ns) as t:
+        t.publish("server", b"boom")
+
+        def failing(d: Delivery) -> None:
+            raise RuntimeError("handler bug")
+
+        t.consume("server", failing)
+        with pytest.raises(RuntimeError):
+            drain(t, [], 1)
+        t.cancel("server")
+        handler, got = collect()
+        t.consume("server", handler)
+        drain(t, got, 1)
+        assert got[0].body == b"boom" and got[0].redelivered
+
+
+def test_connect_failure_is_a_clear_transport_error() -> None:
+    t = AmqpTransport("amqp://guest:guest@127.0.0.1:1/", namespace="hfgant" + uuid.uuid4().hex[:6],
+                      reconnect_timeout=0.5)
+    began = time.monotonic()
+    with pytest.raises(TransportError, match="unreachable"):
+        t.declare()
+    assert time.monotonic() - began < 10
+    t.close()
+
+
+def test_bad_credentials_fail_fast(amqp_url: str) -> None:
+    p = amqp_url.replace("guest:guest@", "guest:wrong-password@")
+    began = time.monotonic()
+    with pytest.raises(TransportError, match="refused"):
+        AmqpTransport(p, namespace="hfgantnever").declare()
+    assert time.monotonic() - began < 10
