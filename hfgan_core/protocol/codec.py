@@ -13,7 +13,6 @@ import warnings
 from dataclasses import dataclass
 
 import msgpack
-import numpy as np
 import torch
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little endian

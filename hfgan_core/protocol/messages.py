@@ -73,6 +73,9 @@ def register(cls: type[Message]) -> type[Message]:
 class Message:
     KIND: ClassVar[str] = ""
     VERSION: ClassVar[int] = WIRE_VERSION
+    # Per-step split traffic is useless once its step has passed: it travels as transient messages (much cheaper
+    # for the broker); everything that must survive a broker restart is persistent.
+    PERSISTENT: ClassVar[bool] = True
 
     run: str
     round: int
@@ -278,6 +281,7 @@ class GHeadOut(Message):
     """Client -> server: output of the client's G head (B1, or B1+E1)."""
 
     KIND: ClassVar[str] = "g_head_out"
+    PERSISTENT: ClassVar[bool] = False
     client: int = _f("int")
     act: torch.Tensor = _f("tensor", compress=True)
 
@@ -288,6 +292,7 @@ class GMidOut(Message):
     """Server -> client: input of the client's G tail."""
 
     KIND: ClassVar[str] = "g_mid_out"
+    PERSISTENT: ClassVar[bool] = False
     client: int = _f("int")
     act: torch.Tensor = _f("tensor", compress=True)
 
@@ -298,6 +303,7 @@ class DHeadOut(Message):
     """Client -> server: D head outputs. phase "d": on the detached fakes and on the reals; phase "g": fakes only."""
 
     KIND: ClassVar[str] = "d_head_out"
+    PERSISTENT: ClassVar[bool] = False
     client: int = _f("int")
     phase: str = _f("str")
     fake: torch.Tensor = _f("tensor", compress=True)
@@ -308,6 +314,7 @@ class DHeadOut(Message):
 @dataclass(frozen=True, kw_only=True)
 class DMidOut(Message):
     KIND: ClassVar[str] = "d_mid_out"
+    PERSISTENT: ClassVar[bool] = False
     client: int = _f("int")
     phase: str = _f("str")
     fake: torch.Tensor = _f("tensor", compress=True)
@@ -320,6 +327,7 @@ class DTailGrad(Message):
     """Client -> server: gradient of the client's loss w.r.t. its D tail inputs."""
 
     KIND: ClassVar[str] = "d_tail_grad"
+    PERSISTENT: ClassVar[bool] = False
     client: int = _f("int")
     phase: str = _f("str")
     fake: torch.Tensor = _f("tensor", compress=True)
@@ -330,6 +338,7 @@ class DTailGrad(Message):
 @dataclass(frozen=True, kw_only=True)
 class DMidGrad(Message):
     KIND: ClassVar[str] = "d_mid_grad"
+    PERSISTENT: ClassVar[bool] = False
     client: int = _f("int")
     phase: str = _f("str")
     fake: torch.Tensor = _f("tensor", compress=True)
@@ -342,6 +351,7 @@ class GTailGrad(Message):
     """Client -> server: gradient of the generator loss w.r.t. the client's G tail input."""
 
     KIND: ClassVar[str] = "g_tail_grad"
+    PERSISTENT: ClassVar[bool] = False
     client: int = _f("int")
     grad: torch.Tensor = _f("tensor", compress=True)
 
@@ -350,6 +360,7 @@ class GTailGrad(Message):
 @dataclass(frozen=True, kw_only=True)
 class GMidGrad(Message):
     KIND: ClassVar[str] = "g_mid_grad"
+    PERSISTENT: ClassVar[bool] = False
     client: int = _f("int")
     grad: torch.Tensor = _f("tensor", compress=True)
 
@@ -360,6 +371,7 @@ class StepDropped(Message):
     """Server -> client: this step went on without you (late, or the window closed); continue with the next."""
 
     KIND: ClassVar[str] = "step_dropped"
+    PERSISTENT: ClassVar[bool] = False
     client: int = _f("int")
     reason: str = _f("str")
 

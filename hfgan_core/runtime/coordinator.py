@@ -111,7 +111,10 @@ class CoordinatorRole(Role):
 
     def start(self) -> None:
         ctx = self.ctx
-        ctx.store.init_run(ctx.run, ctx.cfg.digest(), json.dumps(ctx.cfg.to_dict(include_runtime=False)))
+        created = ctx.store.init_run(ctx.run, ctx.cfg.digest(), json.dumps(ctx.cfg.to_dict(include_runtime=False)))
+        if created:
+            # The update log is shared by runs: this run's first round starts reading at today's end of it.
+            ctx.store.set_log_offset(ctx.run, 1, ctx.transport.log_length())
         ctx.store.set_status(ctx.run, "running")
         self.admit_started = ctx.clock()
         self._event("admitting", expected=self.expected)

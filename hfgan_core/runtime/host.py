@@ -70,7 +70,7 @@ class Role:
 
     def send(self, address: str, msg: Message) -> None:
         body = msg.encode(self.ctx.wire_dtype)
-        self.ctx.transport.publish(address, body)
+        self.ctx.transport.publish(address, body, persistent=msg.PERSISTENT)
         self.bytes_sent[msg.KIND] += len(body)
         self.messages_sent[msg.KIND] += 1
 

@@ -216,7 +216,9 @@ def ensure_classifiers(cfg: RunConfig, train_sets: dict[str, Any], test_sets: di
     store_dir = classifier_dir(cfg.runtime.data_dir)
     for dom in cfg.scenario.domains:
         name = dom.dataset
-        stored_as = "synthetic" if sources.get(name) == "synthetic" else name
+        # A synthetic stand-in is a different data set per domain (its own variant): one cached classifier each,
+        # named like its data set, so that two stand-ins in one scenario do not overwrite each other's file.
+        stored_as = f"synthetic-for-{name}" if sources.get(name) == "synthetic" and name != "synthetic" else name
         path = store_dir / f"{stored_as}.pt"
         train = train_sets[name]
         digest = data_digest(train.images, train.labels)

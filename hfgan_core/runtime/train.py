@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from ..model import CutBits
 from . import checkpoint as ckpt
 from .embedded import EmbeddedResult, EmbeddedRunner, Progress
 from .recorder import RunRecorder, ensure_classifiers, read_run_marker, write_run_marker
+
+RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> int:
@@ -57,11 +60,14 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_synthetic_fallback: boo
         torch.set_num_threads(rt.torch_threads)
     run_dir = Path(rt.run_dir)
     run_id = rt.run_id or run_dir.resolve().name
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-' (--run-id)")
     resume_round = check_run_dir(run_dir, cfg, resume)
     if resume and resume_round >= cfg.train.rounds:
         raise ConfigError(f"run {run_id} already finished its {cfg.train.rounds} rounds")
 
-    data = load_scenario_data(cfg, allow_synthetic_fallback=allow_synthetic_fallback, log=log)
+    # No log here: each substitution notice is logged once, below, with its NOTICE prefix.
+    data = load_scenario_data(cfg, allow_synthetic_fallback=allow_synthetic_fallback)
     for notice in data.notices:
         log(f"NOTICE: {notice}")
     classifiers = ensure_classifiers(cfg, data.train_sets, data.test_sets, data.sources, log=log,

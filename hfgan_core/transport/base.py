@@ -127,6 +127,10 @@ class Transport(abc.ABC):
         """Records of the update log from `from_offset` on (optionally only one round's)."""
 
     @abc.abstractmethod
+    def log_length(self) -> int:
+        """The offset the next update-log record will get (where a new run's round 1 starts reading)."""
+
+    @abc.abstractmethod
     def dead_letters(self, *, limit: int = 1000) -> list[DeadLetter]:
         """Messages rejected so far, with their reasons (oldest first)."""
 
