@@ -68,4 +68,4 @@ class UnsplitGAN:
         if self.before_step:
             self.before_step("G", self.G)
         self.opt_g.step()
-        return StepLosses(float(loss_r), float(loss_f), float(loss_g))
+        return StepLosses(float(loss_r.detach()), float(loss_f.detach()), float(loss_g.detach()))
