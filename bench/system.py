@@ -1,0 +1,493 @@
+"""System benchmark: the broker (RabbitMQ + Redis) against the embedded runtime (memory), by clients and wire dtype.
+
+    python bench/system.py [--clients 1,2,4,8] [--steps 6] [--repeats 2] [--wire float32,float16]
+                           [--out bench/results/system.json]
+
+Every run is a real round of the real roles in this process (`EmbeddedRunner`): one synthetic domain, N clients,
+fixed cut bits cycling (0,0,0,0), (1,1,1,1), (1,0,1,0), (1,1,1,0), batch 64, `--steps` steps, then clustering and
+aggregation (no evaluation). The backends differ only in what carries the messages and the ledger:
+
+- `memory`: MemoryTransport + MemoryRoundStore (the embedded default);
+- `amqp`: AmqpTransport on `--amqp` (a throw-away namespace, deleted afterwards) + RedisRoundStore on `--redis`
+  (a unique run id, its keys deleted afterwards).
+
+All runs of one invocation are interleaved (repeat by repeat, the order rotating) in one process with the same
+torch threads, so the machine's drift hits every variant alike; the best repeat of each variant is reported.
+
+Measures, per run:
+- client-steps/s = clients x steps / the training span: from the first to the last split message (split traffic is
+  what is published with `persistent=False`). Also against the server's window time (windows x window_s of the
+  RoundReport, the time the server spends in its windows) and the coordinator's whole-round wall (join, training,
+  clustering, aggregation, model distribution);
+- bytes on the wire per client-step: the transport's `published_bytes` (message bodies; AMQP framing and headers
+  are not counted), split traffic and everything;
+- where the transport's own time goes: inside `publish` (with publisher confirms), receiving (`process` minus the
+  handlers it runs), and the round store's calls; the rest is the roles' work (encode, decode, compute), the same
+  for both backends;
+- CPU seconds per client-step of this process and of the local broker and Redis (from /proc): unlike wall time,
+  hardly changed by other load on a shared machine (but the broker's count includes anyone else's traffic on it);
+  `cpu_ratio` in the JSON is memory's CPU over the broker backend's (all three processes);
+- the ratio of each variant's throughput to memory float32 (the table), and the overhead ratio amqp / memory at
+  the same wire dtype (the issue's target: >= 0.7 at 4 clients in float16).
+
+`--profile N` adds one cProfile'd float16 run with N clients per broker backend and writes its top functions to
+the JSON.
+
+Experiments (`--backends memory,amqp,amqp-recv,amqp-noconfirm,amqp-recv-noconfirm`), changes made by this script
+only, to measure what they would gain: `-recv` raises pika's socket read size from 4 KiB to 128 KiB for the run;
+`-noconfirm` publishes split traffic (transient) on a channel without publisher confirms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hfgan_core.config import DomainConfig, RunConfig, ScenarioConfig, TrainConfig  # noqa: E402
+from hfgan_core.runtime.embedded import EmbeddedRunner  # noqa: E402
+from hfgan_core.state import MemoryRoundStore, RoundStore  # noqa: E402
+from hfgan_core.transport import MemoryTransport, Transport  # noqa: E402
+
+CUTS = ((0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0), (1, 1, 1, 0))
+BATCH = 64
+MB = 1e6
+
+
+class Data:
+    """Deterministic random images and labels: the bench measures the system, not the GAN."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
+        self.labels = torch.randint(0, 10, (n,), generator=g)
+        self.n = n
+
+    def batch(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(self.n, generator=generator)[:batch_size]
+        return self.images[idx], self.labels[idx]
+
+
+# ---------------------------------------------------------------------------------------------- instrumentation
+@dataclass
+class Tally:
+    """What one transport did: bytes and messages by kind of traffic, and the time spent in the transport."""
+
+    split_bytes: int = 0
+    split_messages: int = 0
+    first_split: float | None = None
+    last_split: float = 0.0
+    publish_s: float = 0.0
+    process_s: float = 0.0
+    handler_s: float = 0.0
+    store_s: float = 0.0
+    store_calls: int = 0
+    store_by_call: dict[str, float] = field(default_factory=dict)
+
+
+def instrumented(base: type[Transport]) -> type[Transport]:
+    """A subclass of a transport that tallies publishes (transient ones are split traffic) and the time spent in
+    `publish`, in `process` / `process_one`, and in the handlers those run (the difference is receive overhead)."""
+
+    class Instrumented(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *a: Any, **kw: Any):
+            super().__init__(*a, **kw)
+            self.tally = Tally()
+            # A handler may pump the transport itself (process(0) during long work): only the outermost process
+            # call and the outermost handler are timed, so nothing is counted twice.
+            self._process_depth = 0
+            self._handler_depth = 0
+
+        def publish(self, address: str, body: bytes, *, persistent: bool = True) -> None:
+            t0 = time.perf_counter()
+            super().publish(address, body, persistent=persistent)
+            t1 = time.perf_counter()
+            t = self.tally
+            t.publish_s += t1 - t0
+            if not persistent:
+                t.split_bytes += len(body)
+                t.split_messages += 1
+                if t.first_split is None:
+                    t.first_split = t0
+                t.last_split = t1
+
+        def consume(self, address: str, handler: Any, *, prefetch: int = 1) -> None:
+            def timed(delivery: Any) -> None:
+                t0 = time.perf_counter()
+                self._handler_depth += 1
+                try:
+                    handler(delivery)
+                finally:
+                    self._handler_depth -= 1
+                    if self._handler_depth == 0:
+                        self.tally.handler_s += time.perf_counter() - t0
+
+            super().consume(address, timed, prefetch=prefetch)
+
+        def _timed(self, fn: Any, *a: Any) -> Any:
+            t0 = time.perf_counter()
+            self._process_depth += 1
+            try:
+                return fn(*a)
+            finally:
+                self._process_depth -= 1
+                if self._process_depth == 0:
+                    self.tally.process_s += time.perf_counter() - t0
+
+        def process(self, timeout: float = 0.0) -> int:
+            return self._timed(super().process, timeout)
+
+        if hasattr(base, "process_one"):
+            def process_one(self) -> bool:
+                return self._timed(super().process_one)
+
+    Instrumented.__name__ = f"Instrumented{base.__name__}"
+    return Instrumented
+
+
+STORE_CALLS = ("init_run", "run_info", "set_status", "get_round", "transition", "set_expected", "mark_client",
+               "round_clients", "claim_slot", "release_slot", "heartbeat", "alive", "acquire_leader",
+               "release_leader", "set_cuts", "get_cuts", "set_clusters", "get_clusters", "set_weights",
+               "get_weights", "set_model_digest", "get_model_digests", "set_log_offset", "get_log_offset",
+               "set_checkpoint", "get_checkpoints", "record_metrics", "get_metrics", "put_doc", "get_docs")
+
+
+def time_store(store: RoundStore, tally: Tally) -> None:
+    """Time every ledger call of `store` (instance attributes shadow the methods)."""
+    for name in STORE_CALLS:
+        fn = getattr(store, name, None)
+        if fn is None:
+            continue
+
+        def timed(*a: Any, _fn: Any = fn, _name: str = name, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                dt = time.perf_counter() - t0
+                tally.store_s += dt
+                tally.store_calls += 1
+                tally.store_by_call[_name] = tally.store_by_call.get(_name, 0.0) + dt
+
+        setattr(store, name, timed)
+
+
+def service_cpu_s(names: tuple[str, ...] = ("beam.smp", "redis-server")) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the local broker and Redis processes, read from /proc (Linux; an
+    empty dict elsewhere or when they run on another host). CPU time, unlike wall time, barely depends on what else
+    the machine is doing: the noise-robust measure of what the broker costs."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.find("(") + 1:text.rfind(")")]
+        if comm in names:
+            fields = text[text.rfind(")") + 2:].split()
+            out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class Settings:
+    steps: int
+    amqp_url: str
+    redis_url: str
+    samples_per_client: int = 1024
+
+
+def config(clients: int, wire: str, steps: int) -> RunConfig:
+    return RunConfig(scenario=ScenarioConfig(name="bench-system", domains=(DomainConfig("synthetic", clients),)),
+                     train=TrainConfig(rounds=1, local_epochs=1, steps_per_epoch=steps, batch_size=BATCH, cuts=CUTS,
+                                       wire_dtype=wire)).validate()
+
+
+BACKENDS = ("memory", "amqp", "amqp-recv", "amqp-noconfirm", "amqp-recv-noconfirm")
+PIKA_RECV_BYTES = 128 * 1024
+
+
+def unconfirmed_split(base: type[Transport]) -> type[Transport]:
+    """EXPERIMENT: transient (split) messages go out on a second channel without publisher confirms, so a step's
+    publishes do not each wait for the broker's round trip; persistent messages keep confirms. A lost split message
+    would surface as a step deadline (the straggler path), not as an error at publish time."""
+
+    class Unconfirmed(base):  # type: ignore[misc, valid-type]
+        _fast: Any = None
+        _fast_conn: Any = None
+
+        def _send(self, exchange: str, key: str, frames: list, persistent: bool, mandatory: bool) -> None:
+            if persistent:
+                return super()._send(exchange, key, frames, persistent, mandatory)
+            if self._fast is None or not self._fast.is_open or self._fast_conn is not self._conn:
+                self._fast, self._fast_conn = self._conn.channel(), self._conn
+            for headers, piece in frames:
+                self._fast.basic_publish(exchange, key, bytes(piece), self._props(headers, persistent))
+
+    Unconfirmed.__name__ = f"Unconfirmed{base.__name__}"
+    return Unconfirmed
+
+
+@contextlib.contextmanager
+def pika_recv_bytes(n: int | None) -> Any:
+    """EXPERIMENT: pika reads its socket 4 KiB at a time (`_AsyncTransportBase._MAX_RECV_BYTES`) and appends each
+    read to its frame buffer (`bytes +=`): megabyte messages cost thousands of reads and buffer copies. Raise it
+    (and the per-wakeup consume limit, 100 KiB) for the duration of a run."""
+    if not n:
+        yield
+        return
+    from pika.adapters.utils import io_services_utils as ios
+
+    cls = ios._AsyncTransportBase
+    old = cls._MAX_RECV_BYTES, cls._MAX_CONSUME_BYTES
+    cls._MAX_RECV_BYTES, cls._MAX_CONSUME_BYTES = n, max(old[1], 8 * n)
+    try:
+        yield
+    finally:
+        cls._MAX_RECV_BYTES, cls._MAX_CONSUME_BYTES = old
+
+
+def backends(kind: str, s: Settings) -> tuple[Transport, RoundStore, Any]:
+    """(transport, store, cleanup(run_id, clients)) of a backend."""
+    if kind not in BACKENDS:
+        raise SystemExit(f"unknown backend {kind!r} (known: {', '.join(BACKENDS)})")
+    if kind == "memory":
+        return instrumented(MemoryTransport)(), MemoryRoundStore(), lambda run, n: None
+    from hfgan_core.state.redis import RedisRoundStore
+    from hfgan_core.transport.amqp import AmqpTransport
+
+    namespace = f"bsys-{uuid.uuid4().hex[:12]}"
+    cls = unconfirmed_split(AmqpTransport) if "noconfirm" in kind else AmqpTransport
+    transport = instrumented(cls)(s.amqp_url, namespace=namespace, name=f"bench-system-{namespace}")
+    store = RedisRoundStore(s.redis_url)
+    store.ping()
+
+    def cleanup(run: str, n: int) -> None:
+        # The whole throw-away namespace (every queue, the stream, the exchanges) and the run's ledger keys.
+        with contextlib.suppress(Exception):
+            transport.delete_topology(clients=range(n))
+        with contextlib.suppress(Exception):
+            store.delete_run(run)
+
+    return transport, store, cleanup
+
+
+def one_run(clients: int, kind: str, wire: str, s: Settings, profile: cProfile.Profile | None = None) -> dict:
+    cfg = config(clients, wire, s.steps)
+    datas = [Data(s.samples_per_client, 1000 + i) for i in range(clients)]
+    transport, store, cleanup = backends(kind, s)
+    tally: Tally = transport.tally  # type: ignore[attr-defined]
+    time_store(store, tally)
+    run_id = f"bench-system-{uuid.uuid4().hex[:12]}"
+    try:
+        runner = EmbeddedRunner(cfg, datas, [0] * clients, run_id=run_id, transport=transport, store=store)
+        cpu0, svc0 = time.process_time(), service_cpu_s()
+        t0 = time.perf_counter()
+        with pika_recv_bytes(PIKA_RECV_BYTES if "recv" in kind else None):
+            if profile is not None:
+                profile.enable()
+            try:
+                result = runner.run()
+            finally:
+                if profile is not None:
+                    profile.disable()
+        wall = time.perf_counter() - t0
+        cpu, svc1 = time.process_time() - cpu0, service_cpu_s()
+    finally:
+        cleanup(run_id, clients)
+        with contextlib.suppress(Exception):
+            transport.close()
+        with contextlib.suppress(Exception):
+            store.close()
+    report = result.reports[0]
+    server = report.server_metrics
+    client_steps = clients * s.steps
+    span = (tally.last_split - tally.first_split) if tally.first_split is not None else float("nan")
+    window_total = server.get("window_s", float("nan")) * server.get("windows", 0.0)
+    by_kind: dict[str, int] = {}
+    for role in result.roles.values():
+        for k, v in role.bytes_sent.items():
+            by_kind[k] = by_kind.get(k, 0) + int(v)
+    published = int(transport.published_bytes)  # type: ignore[attr-defined]
+    receive_s = max(0.0, tally.process_s - tally.handler_s)
+    return {
+        "clients": clients, "backend": kind, "wire_dtype": wire, "steps": s.steps, "client_steps": client_steps,
+        "complete": sorted(report.arrived) == list(range(clients)) and not report.dropped
+        and int(server.get("windows", 0)) == s.steps,
+        "dropped": {str(k): v for k, v in report.dropped.items()}, "late": {str(k): v for k, v in report.late.items()},
+        "windows": server.get("windows"), "window_s": server.get("window_s"),
+        "span_s": span, "window_total_s": window_total, "round_wall_s": report.wall_s, "run_wall_s": wall,
+        "client_steps_per_s": client_steps / span, "client_steps_per_s_windows": client_steps / window_total,
+        "client_steps_per_s_round": client_steps / report.wall_s,
+        "published_bytes": published, "split_bytes": tally.split_bytes, "split_messages": tally.split_messages,
+        "bytes_per_client_step": published / client_steps, "split_bytes_per_client_step": tally.split_bytes /
+        client_steps, "split_bytes_per_message": tally.split_bytes / max(1, tally.split_messages),
+        "bytes_by_kind": dict(sorted(by_kind.items())),
+        "transport_s": {"publish": tally.publish_s, "receive": receive_s, "store": tally.store_s,
+                        "store_calls": tally.store_calls,
+                        "store_by_call": {k: round(v, 4) for k, v in sorted(tally.store_by_call.items(),
+                                                                          key=lambda kv: -kv[1])[:8]}},
+        "transport_share_of_round": (tally.publish_s + receive_s + tally.store_s) / report.wall_s,
+        # CPU seconds per client-step of the whole run: this process, and the broker and Redis (when local).
+        "cpu_s_per_client_step": {"bench": cpu / client_steps,
+                                  **{k: (svc1.get(k, 0.0) - v) / client_steps for k, v in svc0.items()}},
+    }
+
+
+def profile_run(clients: int, kind: str, s: Settings, top: int = 30) -> dict:
+    prof = cProfile.Profile()
+    res = one_run(clients, kind, "float16", s, profile=prof)
+    stats = pstats.Stats(prof, stream=io.StringIO())
+    rows = []
+    for (fname, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{Path(fname).parent.name}/{Path(fname).name}:{line}:{func}", "calls": nc,
+                     "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4)})
+    by_cum = sorted((r for r in rows if "pika" in r["function"] or "transport" in r["function"]),
+                    key=lambda r: -r["cumtime_s"])
+    return {"backend": kind, "run": res, "top_by_tottime": sorted(rows, key=lambda r: -r["tottime_s"])[:top],
+            "transport_top_by_cumtime": by_cum[:top]}
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def best(runs: list[dict]) -> dict:
+    return max(runs, key=lambda r: r["client_steps_per_s"])
+
+
+def table(summary: list[dict]) -> str:
+    head = ("| clients | transport | wire dtype | client-steps/s (span) | client-steps/s (windows) | "
+            "client-steps/s (round) | MB/client-step split | MB/client-step all | CPU ms/client-step (this process "
+            "+ broker + redis) | ratio vs memory float32 | amqp / memory same dtype |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in summary:
+        lines.append(f"| {r['clients']} | {r['backend']} | {r['wire_dtype']} | {r['client_steps_per_s']:.2f} | "
+                     f"{r['client_steps_per_s_windows']:.2f} | {r['client_steps_per_s_round']:.2f} | "
+                     f"{r['split_bytes_per_client_step'] / MB:.2f} | {r['bytes_per_client_step'] / MB:.2f} | "
+                     f"{cpu_text(r)} | {r['ratio_vs_memory_float32']:.2f} | "
+                     + (f"{r['overhead_ratio']:.2f}" if r.get("overhead_ratio") is not None else "-") + " |")
+    return "\n".join(lines)
+
+
+def cpu_text(r: dict) -> str:
+    c = r["cpu_s_per_client_step"]
+    return (f"{c['bench'] * 1e3:.0f} + {c.get('beam.smp', 0.0) * 1e3:.0f} + {c.get('redis-server', 0.0) * 1e3:.0f}"
+            if r["backend"] != "memory" else f"{c['bench'] * 1e3:.0f}")
+
+
+def parse_list(text: str, kind: type) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", default="1,2,4,8", help="comma-separated client counts")
+    ap.add_argument("--steps", type=int, default=6, help="steps per client (one local epoch)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--wire", default="float32,float16", help="wire dtypes")
+    ap.add_argument("--backends", default="memory,amqp",
+                    help=f"comma-separated, of {', '.join(BACKENDS)} (the amqp-* ones are experiments, see --help)")
+    ap.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    ap.add_argument("--redis", default="redis://127.0.0.1:6379/14")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile one float16 run with N clients of every non-memory backend")
+    ap.add_argument("--out", default="bench/results/system.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging_quiet()
+    s = Settings(steps=args.steps, amqp_url=args.amqp, redis_url=args.redis)
+    clients, wires, kinds = parse_list(args.clients, int), parse_list(args.wire, str), parse_list(args.backends, str)
+    variants = [(k, w) for k in kinds for w in wires]
+
+    # Warm-up (kernels, allocator, the broker connection path); not measured.
+    for kind in kinds:
+        one_run(1, kind, wires[0], Settings(steps=1, amqp_url=s.amqp_url, redis_url=s.redis_url))
+
+    runs: list[dict] = []
+    t_start = time.perf_counter()
+    for rep in range(args.repeats):
+        for n in clients:
+            order = variants[rep % len(variants):] + variants[:rep % len(variants)]
+            for kind, wire in order:
+                r = one_run(n, kind, wire, s)
+                r["repeat"] = rep
+                runs.append(r)
+                print(f"repeat {rep + 1} clients {n} {kind:6s} {wire}: {r['client_steps_per_s']:.2f} client-steps/s "
+                      f"(span {r['span_s']:.2f} s, round {r['round_wall_s']:.2f} s, "
+                      f"{r['split_bytes_per_client_step'] / MB:.2f} MB split/client-step, transport "
+                      f"{r['transport_share_of_round']:.1%} of the round){'' if r['complete'] else ' INCOMPLETE'}",
+                      file=sys.stderr, flush=True)
+
+    summary = []
+    for n in clients:
+        ref = [r for r in runs if r["clients"] == n and r["backend"] == "memory" and r["wire_dtype"] == "float32"]
+        ref_rate = best(ref)["client_steps_per_s"] if ref else None
+        for kind, wire in variants:
+            mine = [r for r in runs if r["clients"] == n and r["backend"] == kind and r["wire_dtype"] == wire]
+            b = dict(best(mine))
+            b["ratio_vs_memory_float32"] = b["client_steps_per_s"] / ref_rate if ref_rate else float("nan")
+            mem = [r for r in runs if r["clients"] == n and r["backend"] == "memory" and r["wire_dtype"] == wire]
+            b["overhead_ratio"] = (b["client_steps_per_s"] / best(mem)["client_steps_per_s"]
+                                   if kind != "memory" and mem else None)
+            # Noise-robust companion of overhead_ratio: CPU per client-step of memory over that of this backend
+            # (this process + broker + Redis), the throughput ratio to expect where the broker shares the cores.
+            b["cpu_ratio"] = (best(mem)["cpu_s_per_client_step"]["bench"] / sum(b["cpu_s_per_client_step"].values())
+                              if kind != "memory" and mem else None)
+            b["overhead_ratio_round"] = (b["client_steps_per_s_round"] / best(mem)["client_steps_per_s_round"]
+                                         if kind != "memory" and mem else None)
+            summary.append(b)
+
+    target = next((r for r in summary if r["clients"] == 4 and r["backend"] == "amqp"
+                   and r["wire_dtype"] == "float16"), None)
+    out: dict[str, Any] = {
+        "bench": "system", "steps": args.steps, "batch_per_client": BATCH, "repeats": args.repeats,
+        "cuts": [list(c) for c in CUTS], "clients": clients, "wire_dtypes": wires, "backends": kinds,
+        "amqp": args.amqp.split("@")[-1], "redis": args.redis.split("@")[-1],
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(),
+                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "bench_wall_s": time.perf_counter() - t_start,
+        "target": {"what": "amqp client-steps/s >= 0.7 x memory at 4 clients, float16 on the wire",
+                   "ratio": target["overhead_ratio"] if target else None,
+                   "met": (target["overhead_ratio"] >= 0.7) if target and target["overhead_ratio"] else None},
+        "summary": summary, "runs": runs,
+    }
+    if args.profile:
+        out["profile"] = [profile_run(args.profile, k, s) for k in kinds if k != "memory"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2, default=float))
+    print(f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+          f"{args.steps} steps x batch {BATCH} per client, best of {args.repeats}")
+    print(table(summary))
+    if target:
+        print(f"\ntarget (amqp >= 0.7 x memory at 4 clients, float16): {target['overhead_ratio']:.2f}")
+    return 0
+
+
+def logging_quiet() -> None:
+    """The roles log every round at INFO; the bench prints its own lines."""
+    import logging
+
+    logging.getLogger("hfgan").setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""compose.yaml and the Dockerfile: the stack's structure, checked on the configuration Compose itself resolves.
+
+No Docker engine is needed: `docker-compose config` (Compose v2, or Debian's docker-compose 1.29, which
+scripts/test.sh installs) validates the file against its schema and prints it resolved (anchors merged, `${VAR}`
+defaults substituted). Without a compose CLI these tests fail: a stack nobody validated must not pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hfgan_core.transport.amqp import check_password_hash
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "compose.yaml"
+DEFINITIONS = ROOT / "broker_config" / "definitions.json"
+ROLES = ("coordinator", "server", "clustering", "aggregator", "client")
+# The queue each role consumes; its broker user must be allowed to read it.
+ROLE_QUEUE = {"coordinator": "hfgan.coordinator", "server": "hfgan.server", "clustering": "hfgan.clustering",
+              "aggregator": "hfgan.aggregate"}
+_YAML_TO_JSON = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
+
+
+def _compose_cli() -> tuple[list[str], int]:
+    """The compose command line and its major version; fails (never skips) when there is none."""
+    exe = shutil.which("docker-compose")
+    candidates = [[exe]] if exe else []
+    if shutil.which("docker"):
+        candidates.append([shutil.which("docker") or "docker", "compose"])
+    for cmd in candidates:
+        res = subprocess.run([*cmd, "version", "--short"], capture_output=True, text=True, timeout=60)
+        m = re.match(r"v?(\d+)\.", res.stdout.strip())
+        if res.returncode == 0 and m:
+            return cmd, int(m.group(1))
+    pytest.fail("no compose CLI: install one to validate compose.yaml (as root: apt-get install -y docker-compose; "
+                "scripts/test.sh does it)")
+
+
+def _yaml_to_data(text: str, cmd: list[str]) -> Any:
+    """YAML -> Python. PyYAML is not a dependency of the project; docker-compose 1.x is a Python program that
+    depends on it, so its interpreter parses YAML when this one cannot."""
+    try:
+        import yaml  # type: ignore[import-untyped]
+
+        return yaml.safe_load(text)
+    except ImportError:
+        pass
+    interpreter = sys.executable
+    first = Path(cmd[0]).read_bytes()[:200].split(b"\n", 1)[0] if Path(cmd[0]).is_file() else b""
+    if first.startswith(b"#!") and b"python" in first:
+        interpreter = first[2:].decode().strip().split()[0]
+    res = subprocess.run([interpreter, "-c", _YAML_TO_JSON], input=text, capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        pytest.fail(f"cannot parse YAML (no PyYAML for {interpreter}): {res.stderr.strip().splitlines()[-1:]}")
+    return json.loads(res.stdout)
+
+
+def _resolved(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """compose.yaml as Compose resolves it, with a clean HFGAN_* environment plus `env`."""
+    cmd, major = _compose_cli()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HFGAN_", "COMPOSE_"))}
+    clean.update(env or {})
+    args = [*cmd, "-f", str(COMPOSE), "config"]
+    if major >= 2:
+        args += ["--format", "json"]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120, env=clean, cwd=ROOT)
+    assert res.returncode == 0, f"compose rejected compose.yaml: {res.stderr.strip()}"
+    return json.loads(res.stdout) if major >= 2 else _yaml_to_data(res.stdout, cmd)
+
+
+@pytest.fixture(scope="module")
+def stack() -> dict[str, Any]:
+    return _resolved()
+
+
+@pytest.fixture(scope="module")
+def definitions() -> dict[str, Any]:
+    return json.loads(DEFINITIONS.read_text())
+
+
+def _depends(svc: dict[str, Any]) -> dict[str, str]:
+    dep = svc.get("depends_on") or {}
+    if isinstance(dep, list):  # the short form has no conditions
+        return {name: "service_started" for name in dep}
+    return {name: (spec or {}).get("condition", "service_started") for name, spec in dep.items()}
+
+
+def _env(svc: dict[str, Any]) -> dict[str, str]:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _mounts(svc: dict[str, Any]) -> dict[str, str]:
+    """target -> source of a service's volumes (long form in Compose v2, short strings in 1.x)."""
+    out = {}
+    for v in svc.get("volumes") or []:
+        if isinstance(v, str):
+            parts = v.split(":")
+            out[parts[1]] = parts[0]
+        else:
+            out[v["target"]] = v["source"]
+    return out
+
+
+def test_every_role_runs_its_worker_module(stack):
+    services = stack["services"]
+    for role in ROLES:
+        assert role in services, f"no {role} service"
+        assert services[role]["command"] == ["python", "-m", f"workers.{role}"]
+    images = {services[r].get("image") for r in ROLES}
+    assert len(images) == 1 and None not in images, f"the workers must share one image, not {images}"
+    assert all(services[r].get("build") for r in ROLES), "every worker service can build the image"
+
+
+def test_workers_wait_for_healthy_broker_and_ledger(stack):
+    for role in ROLES:
+        deps = _depends(stack["services"][role])
+        assert deps.get("rabbitmq") == "service_healthy", (role, deps)
+        assert deps.get("redis") == "service_healthy", (role, deps)
+
+
+def test_infrastructure_images_and_healthchecks(stack):
+    rabbit, redis = stack["services"]["rabbitmq"], stack["services"]["redis"]
+    # The transport's chunk reassembly relies on RabbitMQ 3.x (global QoS); management serves the HTTP API.
+    assert re.fullmatch(r"rabbitmq:3\.\d+-management(-alpine)?", rabbit["image"]), rabbit["image"]
+    assert redis["image"].startswith("redis:7"), redis["image"]
+    for name, svc, probe in (("rabbitmq", rabbit, "rabbitmq-diagnostics"), ("redis", redis, "redis-cli")):
+        test = svc.get("healthcheck", {}).get("test")
+        assert test and probe in " ".join(test), f"{name} healthcheck {test!r}"
+    # Ports: "host:container" strings (1.x) or {target: container, published: host} maps (v2).
+    targets = {str(p["target"]) if isinstance(p, dict) else str(p).removesuffix("/tcp").rsplit(":", 1)[-1]
+               for p in rabbit.get("ports", [])}
+    assert {"5672", "15672"} <= targets, f"AMQP and management UI ports are not published: {targets}"
+    mounts = _mounts(rabbit)
+    for name in ("rabbitmq.conf", "enabled_plugins", "definitions.json"):
+        assert Path(mounts[f"/etc/rabbitmq/{name}"]).resolve() == (ROOT / "broker_config" / name).resolve()
+    assert Path(_mounts(redis)["/usr/local/etc/redis/redis.conf"]).resolve() == ROOT / "broker_config/redis.conf"
+    assert "/usr/local/etc/redis/redis.conf" in redis["command"]
+    # rabbitmq.conf must load the definitions from where they are mounted.
+    conf = (ROOT / "broker_config" / "rabbitmq.conf").read_text()
+    assert re.search(r"^load_definitions\s*=\s*/etc/rabbitmq/definitions\.json\s*$", conf, re.M)
+
+
+def test_workers_are_scalable(stack):
+    for role in ROLES:
+        svc = stack["services"][role]
+        assert "container_name" not in svc, f"{role}: container_name prevents --scale"
+        assert not svc.get("ports"), f"{role}: a fixed host port prevents --scale"
+        assert "deploy" not in svc, f"{role}: --scale, not deploy.replicas"
+
+
+def test_shared_environment_and_volumes(stack):
+    data_source = runs_source = None
+    for role in ROLES:
+        svc = stack["services"][role]
+        env, mounts = _env(svc), _mounts(svc)
+        assert env["HFGAN_CONFIG"] == "quickstart"
+        assert env["HFGAN_RUN_ID"] == "compose"
+        assert env["HFGAN_STATE_URL"].startswith("redis://redis:6379/")
+        assert urllib.parse.urlsplit(env["HFGAN_BROKER_URL"]).hostname == "rabbitmq"
+        assert env["HFGAN_DEVICE"] == "cpu"
+        # Datasets and the run directory are shared volumes mounted where the environment points.
+        assert mounts.get(env["HFGAN_DATA_DIR"]), f"{role}: nothing mounted at {env['HFGAN_DATA_DIR']}"
+        runs_mount = next((t for t in mounts if env["HFGAN_RUN_DIR"].startswith(t.rstrip("/") + "/")), None)
+        assert runs_mount, f"{role}: HFGAN_RUN_DIR {env['HFGAN_RUN_DIR']} is on no volume"
+        data_source = data_source or mounts[env["HFGAN_DATA_DIR"]]
+        runs_source = runs_source or mounts[runs_mount]
+        assert mounts[env["HFGAN_DATA_DIR"]] == data_source and mounts[runs_mount] == runs_source, role
+    named = set(stack.get("volumes") or {})
+    assert {"data", "runs"} <= {n.split("_", 1)[-1] for n in named} | named, named
+
+
+def test_preset_and_run_id_come_from_the_environment():
+    stack = _resolved({"HFGAN_CONFIG": "s3_lite", "HFGAN_RUN_ID": "exp-7"})
+    for role in ROLES:
+        env = _env(stack["services"][role])
+        assert env["HFGAN_CONFIG"] == "s3_lite" and env["HFGAN_RUN_ID"] == "exp-7", role
+        assert env["HFGAN_RUN_DIR"].endswith("/exp-7"), env["HFGAN_RUN_DIR"]
+
+
+def _user_and_password(url: str, slot: int) -> tuple[str, str]:
+    p = urllib.parse.urlsplit(url.replace("{slot}", str(slot)))
+    return urllib.parse.unquote(p.username or ""), urllib.parse.unquote(p.password or "")
+
+
+def test_each_role_logs_in_as_its_own_broker_user(stack, definitions):
+    users = {u["name"]: u for u in definitions["users"]}
+    perms = {p["user"]: p for p in definitions["permissions"] if p["vhost"] == "/"}
+    seen = set()
+    for role, queue in ROLE_QUEUE.items():
+        user, password = _user_and_password(_env(stack["services"][role])["HFGAN_BROKER_URL"], 0)
+        assert user == role, f"{role} logs in as {user!r}"
+        assert user in users, f"{user} is not in definitions.json"
+        assert check_password_hash(password, users[user]["password_hash"]), f"{user}: wrong development password"
+        assert "administrator" not in users[user]["tags"]
+        assert re.fullmatch(perms[user]["read"], queue), f"{user} may not read {queue}"
+        for other in set(ROLE_QUEUE.values()) - {queue} - ({"hfgan.coordinator"} if role == "coordinator" else set()):
+            assert not re.fullmatch(perms[user]["read"], other), f"{user} may read {other}"
+        seen.add(user)
+    assert len(seen) == len(ROLE_QUEUE)
+
+
+def test_clients_log_in_as_the_user_of_their_slot(stack, definitions):
+    url = _env(stack["services"]["client"])["HFGAN_BROKER_URL"]
+    assert "{slot}" in url, "clients claim their slot at start: the URL must name it"
+    users = {u["name"]: u for u in definitions["users"]}
+    perms = {p["user"]: p for p in definitions["permissions"] if p["vhost"] == "/"}
+    for k in range(4):  # definitions.json ships client-0..3; broker-setup provisions the rest of a config's slots
+        user, password = _user_and_password(url, k)
+        assert user == f"client-{k}" and user in users, user
+        assert check_password_hash(password, users[user]["password_hash"]), f"{user}: wrong development password"
+        assert re.fullmatch(perms[user]["read"], f"hfgan.client.{k}")
+        assert not re.fullmatch(perms[user]["read"], f"hfgan.client.{(k + 1) % 4}")
+    guest = [s for s, svc in stack["services"].items()
+             if _user_and_password(_env(svc).get("HFGAN_BROKER_URL", "amqp://x@h"), 0)[0] == "guest"]
+    assert not guest, f"guest does not exist when definitions load at boot: {guest}"
+
+
+def test_client_users_are_provisioned_before_clients_start(stack):
+    setup = stack["services"]["broker-setup"]
+    assert _depends(stack["services"]["client"]).get("broker-setup") == "service_completed_successfully"
+    assert _depends(setup).get("rabbitmq") == "service_healthy"
+    script = " ".join(setup["command"])
+    assert "provision_client_users" in script and "dev_client_passwords" in script
+    admin = urllib.parse.urlsplit(_env(setup)["HFGAN_ADMIN_URL"])
+    assert (admin.hostname, admin.port, admin.username) == ("rabbitmq", 15672, "hfgan-admin")
+
+
+def test_dockerfile_installs_cpu_torch_first_and_drops_root():
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+    torch_at = next(i for i, ln in enumerate(lines) if "torch==2.13.0" in ln)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in lines[torch_at]
+    project_at = next(i for i, ln in enumerate(lines) if re.search(r"pip install \.(\s|$)", ln))
+    assert torch_at < project_at, "torch (CPU build) must be installed before the project"
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), users
+    assert any(ln.startswith("WORKDIR ") for ln in lines)
+    assert lines[-1].startswith("CMD ") and "--help" in lines[-1]
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", "runs", "data", ".git"} <= set(ignored)
