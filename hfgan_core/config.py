@@ -308,14 +308,24 @@ class RunConfig:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
 
     def to_dict(self, include_runtime: bool = True) -> dict[str, Any]:
+        """Plain data that `RunConfig.from_dict` reads back to an equal config."""
         d = _to_plain(self)
+        d["devices"]["profiles"] = {name: prof for name, prof in d["devices"]["profiles"]}
         if not include_runtime:
             d.pop("runtime")
         return d
 
+    # Fields that say how long to train and how much to evaluate, not what is trained: a run keeps its identity
+    # when they change (so `--resume --rounds N` can extend a run).
+    SCHEDULE_FIELDS = ("rounds", "eval_every", "score_samples", "utility_samples", "utility_epochs")
+
     def digest(self) -> str:
-        """sha256 of what defines the training (model, scenario, train, devices), not where it runs."""
-        blob = json.dumps(self.to_dict(include_runtime=False), sort_keys=True, separators=(",", ":"))
+        """sha256 of what defines the training (model, scenario, train, devices), not where it runs nor for how
+        many rounds."""
+        d = self.to_dict(include_runtime=False)
+        for key in self.SCHEDULE_FIELDS:
+            d["train"].pop(key)
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @staticmethod
@@ -531,7 +541,7 @@ def dump_toml(cfg: RunConfig) -> str:
     lines.append(f"clients = {val(dev['clients'])}")
     lines.append("")
     table("devices.server", dev["server"])
-    for name, prof in dev["profiles"]:
+    for name, prof in dev["profiles"].items():
         table(f"devices.profiles.{name}", prof)
     table("runtime", {k: v for k, v in d["runtime"].items()})
     return "\n".join(lines)
