@@ -1,7 +1,8 @@
 """The `hfgan` command line.
 
 Exit codes: 0 success; 2 bad usage or configuration (one line on stderr); 1 any other failure (one line on stderr;
-`--debug` shows the traceback).
+`--debug` shows the traceback). `hfgan up` returns its coordinator's exit code (see workers/__init__.py), 130 after
+Ctrl-C; `hfgan replay` returns 1 when a replayed model does not match its recorded digest.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--aggregators", type=int, default=1, help="aggregator roles (embedded)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    from .runtime import replay as replay_cli
+    from .runtime import status as status_cli
+    from .runtime import up as up_cli
+
+    up_cli.add_parser(sub, _run_options)
+    status_cli.add_parser(sub)
+    replay_cli.add_parser(sub)
+
     ev = eval_cli.add_parser(sub)
     ev.add_argument("--run-dir", help="evaluate a finished run: final generation score and utility per domain")
     ev.add_argument("--no-utility", action="store_true", help="generation score only")
@@ -124,6 +133,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from .runtime import up
+
+    return up.run(args, load_run_config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .runtime import status
+
+    return status.run(args)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .runtime import replay
+
+    return replay.run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -134,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
-    handlers = {"train": cmd_train, "eval": cmd_eval}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "up": cmd_up, "status": cmd_status, "replay": cmd_replay}
     try:
         if args.command in handlers:
             return handlers[args.command](args)

@@ -13,6 +13,13 @@ One training step, from the client's side (DESIGN section 3; the server's side i
     7. gradient at the G head output -> G head backward; Adam step on the client's G.
 
 Labels, noise, images, targets and losses stay here; only activations and gradients at the cuts leave.
+
+Every wait has a deadline here too: a step that gets no reply for `step_timeout_factor` x the step deadline (its
+window was lost with a server that died) is abandoned as dropped and the next one starts, so a client never hangs.
+The factor (5) is the longest a reply can legitimately take: a client whose activation missed a window waits for
+that window, whose five phases each end at the step deadline at the latest. The optional
+`delay(role, segment)` hook runs after each client-side segment (names in `SEGMENTS`), before its result is sent:
+device emulation (emulation.py) sleeps there.
 """
 
 from __future__ import annotations
@@ -60,12 +67,18 @@ class ClientData(Protocol):
     def batch(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+# The client-side segments of one step, in order (the `delay` hook's second argument).
+SEGMENTS = ("g_head_fwd", "g_tail_fwd+d_head_fwd", "d_tail_d", "d_head_bwd+d_head_fwd", "d_tail_g",
+            "d_head_bwd+g_tail_bwd", "g_head_bwd")
+
+
 def client_seed(seed: int, client: int) -> int:
     return int.from_bytes(hashlib.sha256(f"hfgan-client:{seed}:{client}".encode()).digest()[:8], "little") >> 1
 
 
 class ClientRole(Role):
     accepts = (RoundStart, RoundClose, GMidOut, DMidOut, DMidGrad, GMidGrad, StepDropped, ModelAssignment, RunEnd)
+    step_timeout_factor = 5.0
 
     def __init__(self, ctx: RoleContext, client: int, domain: int, data: ClientData,
                  profile: DeviceProfile | None = None, device: str | None = None,
@@ -80,13 +93,17 @@ class ClientRole(Role):
         self.run_dir = Path(run_dir) if run_dir else None
         self.arch = architecture(ctx.cfg.model)
         self.rng = torch.Generator().manual_seed(client_seed(ctx.cfg.train.seed, client))
-        self.delay = delay  # optional device emulation: delay(kind, seconds_of_work) sleeps
+        self.delay = delay  # optional device emulation: delay(role, segment) sleeps (see SEGMENTS)
         self._full = build_networks(ctx.cfg.model, ctx.cfg.train.seed)
         self.cuts: CutBits | None = None
         self.holder: BlockHolder | None = None
         self.round = 0
         self.cluster = 0
         self.finished = False
+        self._start_id = ""
+        self._seg_t0 = time.perf_counter()
+        self._last_progress = ctx.clock()
+        self.steps_timed_out = 0
         self._reset_round()
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -125,6 +142,7 @@ class ClientRole(Role):
 
     # ---------------------------------------------------------------------------------------------- dispatch
     def on_message(self, msg: Message) -> None:
+        self._seg_t0 = time.perf_counter()
         if isinstance(msg, RoundStart):
             self._on_round_start(msg)
         elif isinstance(msg, ModelAssignment):
@@ -145,6 +163,8 @@ class ClientRole(Role):
             self._on_split(msg)
 
     def _on_round_start(self, msg: RoundStart) -> None:
+        if msg.round == self.round and msg.msg_id == self._start_id:
+            return  # redelivered (this process resumed the round from the ledger already)
         if msg.round < self.round or (msg.round == self.round and self.in_round):
             raise Reject(f"stale: round_start {msg.round} while in round {self.round}")
         cuts = CutBits.parse(msg.cuts[self.client]) if self.client < len(msg.cuts) else None
@@ -155,6 +175,7 @@ class ClientRole(Role):
             self._apply_cuts(cuts)
         self._reset_round()
         self.round = msg.round
+        self._start_id = msg.msg_id
         if self.client not in msg.participants:
             return
         self.in_round = True
@@ -164,6 +185,20 @@ class ClientRole(Role):
         self._start_step()
 
     # ---------------------------------------------------------------------------------------------- a step
+    def resume_round(self, start: RoundStart) -> None:
+        """Rejoin round `start.round` after a restart (from the coordinator's record of it): the round's steps are
+        run again from the first, on the model this client held at the start of the round."""
+        self._on_round_start(start)
+
+    def tick(self, now: float) -> None:
+        limit = self.step_timeout_factor * self.ctx.cfg.runtime.step_deadline_s
+        if self.in_round and self.phase not in ("idle", "done") and now - self._last_progress > limit:
+            self.ctx.log.warning("%s: no reply for step %d of round %d in %.0f s (phase %s); abandoning the step",
+                                 self.name, self.step, self.round, limit, self.phase)
+            self.steps_dropped += 1
+            self.steps_timed_out += 1
+            self._finish_step(dropped=True)
+
     def _start_step(self) -> None:
         self.step += 1
         self.phase = "g_fwd"
@@ -178,7 +213,7 @@ class ClientRole(Role):
         g = self.arch.generator
         head = run_blocks(h.blocks["G"], g.client_head(self.cuts.g_head), z, y)
         self._t = {"x": x, "y": y, "g_head": head}
-        self._work("g_head")
+        self._work("g_head_fwd")
         self.send(SERVER, GHeadOut(**self.envelope(self.round, self.step), client=self.client, act=head.detach()))
 
     def _expect(self, msg: Message, phase: str) -> None:
@@ -202,7 +237,7 @@ class ClientRole(Role):
             d_real = run_blocks(h.blocks["D"], heads, t["x"], t["y"])
             t.update(g_tail_in=t_in, fake=fake, d_fake=d_fake, d_real=d_real)
             self.phase = "d_fwd"
-            self._work("g_tail+d_head")
+            self._work("g_tail_fwd+d_head_fwd")
             self.send(SERVER, DHeadOut(**self.envelope(self.round, self.step), client=self.client, phase="d",
                                        fake=d_fake.detach(), real=d_real.detach()))
         elif isinstance(msg, DMidOut) and msg.phase == "d":
@@ -223,7 +258,7 @@ class ClientRole(Role):
             self._losses["d_loss_fake"].append(float(loss_f.detach()))
             self._losses["d_loss_real"].append(float(loss_r.detach()))
             self.phase = "d_bwd"
-            self._work("d_tail")
+            self._work("d_tail_d")
             self.send(SERVER, DTailGrad(**self.envelope(self.round, self.step), client=self.client, phase="d",
                                         fake=in_f.grad, real=in_r.grad))
         elif isinstance(msg, DMidGrad) and msg.phase == "d":
@@ -240,7 +275,7 @@ class ClientRole(Role):
             d_gen = run_blocks(h.blocks["D"], d.client_head(cuts.d_head), t["fake"], t["y"])
             t["d_gen"] = d_gen
             self.phase = "g_dfwd"
-            self._work("d_head")
+            self._work("d_head_bwd+d_head_fwd")
             self.send(SERVER, DHeadOut(**self.envelope(self.round, self.step), client=self.client, phase="g",
                                        fake=d_gen.detach()))
         elif isinstance(msg, DMidOut) and msg.phase == "g":
@@ -252,7 +287,7 @@ class ClientRole(Role):
             g_loss.backward()
             self._losses["g_loss"].append(float(g_loss.detach()))
             self.phase = "g_dbwd"
-            self._work("d_tail")
+            self._work("d_tail_g")
             self.send(SERVER, DTailGrad(**self.envelope(self.round, self.step), client=self.client, phase="g",
                                         fake=in_g.grad))
         elif isinstance(msg, DMidGrad) and msg.phase == "g":
@@ -261,14 +296,14 @@ class ClientRole(Role):
             t["d_gen"].backward(msg.fake.to(self.device))
             grad = t["g_tail_in"].grad
             self.phase = "g_bwd"
-            self._work("d_head+g_tail")
+            self._work("d_head_bwd+g_tail_bwd")
             self.send(SERVER, GTailGrad(**self.envelope(self.round, self.step), client=self.client, grad=grad))
         elif isinstance(msg, GMidGrad):
             self._expect(msg, "g_bwd")
             expect_shape("g_mid_grad.grad", msg.grad, tuple(t["g_head"].shape))
             t["g_head"].backward(msg.grad.to(self.device))
             h.step("G")
-            self._work("g_head")
+            self._work("g_head_bwd")
             self._finish_step(dropped=False)
         else:
             raise Reject(f"unexpected: {msg.KIND} phase {getattr(msg, 'phase', '')!r}")
@@ -276,6 +311,12 @@ class ClientRole(Role):
     def _work(self, what: str) -> None:
         if self.delay is not None:
             self.delay(self, what)
+        self._seg_t0 = time.perf_counter()
+        self._last_progress = self.ctx.clock()
+
+    def segment_seconds(self) -> float:
+        """Seconds this client has computed since its current segment began (for the `delay` hook)."""
+        return time.perf_counter() - self._seg_t0
 
     def _finish_step(self, dropped: bool) -> None:
         self._t = {}

@@ -7,6 +7,14 @@
     -> evaluate, checkpoint, next round (or `run_end`)
 
 Every transition is also a compare-and-set in the ledger, so a standby coordinator can never double-drive a round.
+
+Durability: whatever the coordinator learns from a message (a join, a client's or the server's round report, the
+clustering result, an aggregation result) is written to the ledger as a document (ledger.py) before the message is
+acknowledged, and a round's jobs are recorded before the round moves to `aggregating`. `resume_from_ledger()` makes
+a restarted coordinator (or a standby that won the lease) carry on from those documents: a round in `training`
+keeps collecting (its deadline continues), one in `aggregating` re-queues its jobs that have no result yet (an
+aggregator recomputes them bit for bit) and recomputes the models of those that have, one that is `done` is
+followed by the next.
 """
 
 from __future__ import annotations
@@ -15,14 +23,14 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import DeviceProfile
-from ..federation import aggregation_weights
+from ..federation import aggregation_weights, state_digest
 from ..model import CutBits
 from ..protocol import (
     AggregateDone,
@@ -39,7 +47,8 @@ from ..protocol import (
 )
 from ..transport import AGGREGATE, COORDINATOR, SERVER, client_address
 from . import checkpoint as ckpt
-from .aggregator import job_document
+from . import ledger
+from .aggregator import compute_job, job_document, read_round_updates
 from .host import Reject, Role, RoleContext
 
 
@@ -104,6 +113,10 @@ class CoordinatorRole(Role):
         self.admit_started = ctx.clock()
         self.history: list[dict[str, Any]] = []
         self._restored = False
+        self._resume: tuple[int, str] | None = None
+        self._restart_deadline = False
+        self._late: dict[int, int] = {}
+        self._dropped: dict[int, str] = {}
         self._reset_round_state()
 
     def addresses(self) -> list[str]:
@@ -117,6 +130,9 @@ class CoordinatorRole(Role):
             ctx.store.set_log_offset(ctx.run, 1, ctx.transport.log_length())
         ctx.store.set_status(ctx.run, "running")
         self.admit_started = ctx.clock()
+        if self._resume is not None:
+            self._resume_round()
+            return
         self._event("admitting", expected=self.expected)
 
     def _reset_round_state(self) -> None:
@@ -131,6 +147,17 @@ class CoordinatorRole(Role):
         self.jobs: dict[int, AggregateJob] = {}
         self.results: dict[int, AggregateDone] = {}
         self.weights = None
+        self._requeue_after = self._requeue_first()
+        self._requeue_at = math.inf
+
+    def _requeue_first(self) -> float:
+        return max(10.0, 4 * self.ctx.cfg.runtime.step_deadline_s)
+
+    def _jobs_queued(self) -> None:
+        """Jobs without a result are queued again after a while (then less and less often): a job dead-lettered
+        by an aggregator's transient failure must not stall the round. Duplicates are harmless (same msg_id, the
+        same model; late answers are ignored). Without any aggregator running the jobs simply wait."""
+        self._requeue_at = self.ctx.clock() + self._requeue_after
 
     def _event(self, event: str, **detail: Any) -> None:
         if self.on_event is not None:
@@ -147,6 +174,116 @@ class CoordinatorRole(Role):
         self.history = list(extra.get("history", []))
         self._restored = True
 
+    def resume_from_ledger(self, blob: dict[str, Any] | None = None, *, restart_deadline: bool = False) -> None:
+        """Carry on the run the ledger records (call before the role is bound; `start()` then acts on it).
+
+        `blob`: the last coordinator checkpoint of the run, if any (its history; the rest comes from the ledger).
+        `restart_deadline`: a round in training gets a full round deadline again (a run that was stopped on
+        purpose); otherwise its deadline continues (a coordinator that crashed and was replaced)."""
+        ctx = self.ctx
+        self._restart_deadline = restart_deadline
+        run = ctx.run
+        if blob is not None:
+            self.history = list(blob["extra"].get("history", []))
+        for c, (domain, n, profile) in ledger.parse_members(ctx.store.get_docs(run, 0).get(ledger.MEMBERS)).items():
+            self.members[c] = Member(c, domain, n, profile)
+        self.cuts = {c: CutBits.parse(b) for c, b in ctx.store.get_cuts(run).items()}
+        r, phase = ctx.store.get_round(run)
+        self.round = r
+        # The assignment in force: the last round that recorded one (this round's only once it aggregated).
+        for past in range(r if phase in ("aggregating", "done") else r - 1, 0, -1):
+            assignment = ctx.store.get_clusters(run, past)[0]
+            if assignment:
+                self.assignment = dict(assignment)
+                break
+        self._resume = (r, phase)
+        self._restored = True
+
+    def _resume_round(self) -> None:
+        ctx, run = self.ctx, self.ctx.run
+        r, phase = self._resume
+        self._resume = None
+        ctx.log.info("coordinator: resuming run %s at round %d (%s) with %d member(s)", run, r, phase,
+                     len(self.members))
+        self._event("resumed", phase=phase)
+        if phase == "admitting":
+            self.phase = "admitting"
+            if len(self.members) == self.expected:
+                self._admit()
+            return
+        if phase == "done":
+            self.phase = "aggregating"  # _finish_round's successor logic, without redoing the round
+            self._after_round()
+            return
+        docs = ledger.RoundDocs.read(ctx.store, run, r)
+        if docs.start is None:
+            # The round was entered but its start was never recorded: start it again.
+            ctx.log.warning("coordinator: round %d has no start record; starting it again", r)
+            self._start_round(r, transition=False)
+            return
+        self._reset_round_state()
+        start = ledger.round_start_from_doc(run, r, docs.start)
+        self.phase = "training"
+        self.participants = list(start.participants)
+        self.deadline = start.deadline
+        if self._restart_deadline and phase == "training":
+            self.deadline = ctx.clock() + ctx.cfg.runtime.round_deadline_s
+            ctx.store.put_doc(run, r, ledger.START, ledger.start_doc(replace(start, deadline=self.deadline),
+                                                                     float(docs.start.get("started", 0.0))))
+        self.round_started = float(docs.start.get("started", ctx.clock()))
+        self.round_wall0 = time.perf_counter() - max(0.0, ctx.clock() - self.round_started)
+        self.cuts = {c: CutBits(*b) for c, b in enumerate(start.cuts) if c in self.members} or self.cuts
+        for c, doc in docs.done.items():
+            if c in self.participants:
+                self.done[c] = ledger.round_done_from_doc(run, r, c, doc)
+        if docs.server_done is not None:
+            self.server_done = ledger.server_done_from_doc(run, r, docs.server_done)
+        if docs.cluster_result is not None:
+            self.cluster_result = ledger.cluster_result_from_doc(run, r, docs.cluster_result)
+        if phase == "training":
+            self._maybe_close()
+            return
+        # aggregating: the jobs are recorded; results that were acknowledged are recomputed, the rest re-queued.
+        self.phase = "aggregating"
+        self._dropped = {c: "missed the round deadline" for c in self.participants if c not in self.done}
+        self._late = {int(c): n for c, n in (self.server_done.late if self.server_done else {}).items()}
+        if not docs.jobs:
+            self._finish_round(sorted(self.done), self._dropped, self._late, {}, aggregated=False)
+            return
+        self.cuts = {c: CutBits.parse(b) for c, b in ctx.store.get_cuts(run).items()}
+        offset = ctx.store.get_log_offset(run, r) or 0
+        self.jobs = {k: ledger.job_from_doc(run, r, doc, offset) for k, doc in docs.jobs.items()}
+        self._restore_weights()
+        recorded = ctx.store.get_model_digests(run, r)
+        updates = None
+        for k, job in sorted(self.jobs.items()):
+            agg = docs.aggs.get(k)
+            if agg is None:
+                self.send(AGGREGATE, job)  # same msg_id: an aggregator that already did it answers the same
+                continue
+            if updates is None:
+                updates = read_round_updates(ctx, r)
+            model = compute_job(ctx, job, updates)
+            digest = state_digest(model)
+            if digest != agg["digest"] or recorded.get(k, digest) != digest:
+                raise RuntimeError(f"round {r} cluster {k}: recomputed model {digest[:12]} differs from the "
+                                   f"recorded {agg['digest'][:12]}")
+            self.results[k] = AggregateDone(**self.envelope(r), cluster=k, members=job.members, digest=digest,
+                                            state=model)
+        self._jobs_queued()
+        self._event("aggregating", jobs=len(self.jobs), arrived=len(self.done), resumed=True)
+        if len(self.results) == len(self.jobs):
+            self._finish_round(sorted(self.done), self._dropped, self._late,
+                               {k: res.state for k, res in self.results.items()}, aggregated=True)
+
+    def _restore_weights(self) -> None:
+        """The round's aggregation weights, for the round report (rebuilt from the recorded jobs)."""
+        from ..federation.weights import Weights
+
+        clusters = {k: dict(zip(j.members, j.weights)) for k, j in self.jobs.items() if k >= 0}
+        glob = self.jobs.get(-1)
+        self.weights = Weights(clusters=clusters, global_=dict(zip(glob.members, glob.weights)) if glob else {})
+
     # ---------------------------------------------------------------------------------------------- dispatch
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, Join):
@@ -155,13 +292,17 @@ class CoordinatorRole(Role):
             self._on_round_done(msg)
         elif isinstance(msg, ServerRoundDone):
             if msg.round != self.round or self.phase not in ("training", "closing"):
+                if self.server_done is not None and msg.msg_id == self.server_done.msg_id:
+                    return  # redelivered after a restart that had already recorded it
                 raise Reject(f"stale: server report for round {msg.round} in {self.phase} of round {self.round}")
+            self.ctx.store.put_doc(self.ctx.run, self.round, ledger.SERVER_DONE, ledger.server_done_doc(msg))
             self.server_done = msg
             self._maybe_close()
         elif isinstance(msg, ClusterResult):
             if msg.round != self.round:
                 raise Reject(f"stale: cluster result for round {msg.round} in round {self.round}")
             # Rounds that aggregate as one cluster do not wait for it; a result arriving after is simply noted.
+            self.ctx.store.put_doc(self.ctx.run, self.round, ledger.CLUSTER_RESULT, ledger.cluster_result_doc(msg))
             self.cluster_result = msg
             if self.phase in ("training", "closing"):
                 self._maybe_close()
@@ -187,8 +328,8 @@ class CoordinatorRole(Role):
                 raise Reject("malformed: non-positive device profile")
         rejoin = c in self.members
         self.members[c] = Member(c, msg.domain, msg.n_samples, profile)
-        self.ctx.store.heartbeat(self.ctx.run, client_address(c), self.ctx.cfg.runtime.round_deadline_s,
-                                 f"joined round {self.round}")
+        # The join is recorded in the members document; heartbeats are the workers' own (liveness, not joins).
+        self.ctx.store.put_doc(self.ctx.run, 0, ledger.MEMBERS, ledger.members_doc(self.members))
         self._event("joined", client=c, rejoin=rejoin)
         if self.phase == "admitting" and len(self.members) == self.expected:
             self._admit()
@@ -220,25 +361,30 @@ class CoordinatorRole(Role):
         per_epoch = tr.steps_per_epoch or max(math.ceil(m.n_samples / tr.batch_size) for m in self.members.values())
         return tr.local_epochs * per_epoch
 
-    def _start_round(self, r: int) -> None:
+    def _start_round(self, r: int, transition: bool = True) -> None:
         ctx, cfg = self.ctx, self.ctx.cfg
-        prev_round, prev_phase = ctx.store.get_round(ctx.run)
-        if not ctx.store.transition(ctx.run, prev_round, prev_phase, r, "training"):
-            raise RuntimeError(f"ledger moved under the coordinator (round {prev_round} {prev_phase})")
         self._reset_round_state()
-        self.round = r
-        self.phase = "training"
         now = ctx.clock()
-        self.round_started = now
-        self.round_wall0 = time.perf_counter()
-        self.deadline = now + cfg.runtime.round_deadline_s
-        self.participants = sorted(self.members)
-        ctx.store.set_expected(ctx.run, r, self.participants, now)
+        deadline = now + cfg.runtime.round_deadline_s
+        participants = sorted(self.members)
         steps = self.steps_per_round()
         n = self.expected
         cuts = tuple(tuple(self.cuts.get(c, CutBits(0, 0, 0, 0))) for c in range(n))
-        start = RoundStart(**self.envelope(r), participants=tuple(self.participants), cuts=cuts, steps=steps,
-                           deadline=self.deadline)
+        start = RoundStart(**self.envelope(r), participants=tuple(participants), cuts=cuts, steps=steps,
+                           deadline=deadline)
+        # Recorded before the round exists in the ledger, so a restart in `training` always finds its start.
+        ctx.store.put_doc(ctx.run, r, ledger.START, ledger.start_doc(start, now))
+        if transition:
+            prev_round, prev_phase = ctx.store.get_round(ctx.run)
+            if not ctx.store.transition(ctx.run, prev_round, prev_phase, r, "training"):
+                raise RuntimeError(f"ledger moved under the coordinator (round {prev_round} {prev_phase})")
+        self.round = r
+        self.phase = "training"
+        self.round_started = now
+        self.round_wall0 = time.perf_counter()
+        self.deadline = deadline
+        self.participants = participants
+        ctx.store.set_expected(ctx.run, r, self.participants, now)
         # The server hears of the round first, so no client activation can reach it before the round exists.
         self.send(SERVER, start)
         for c in self.participants:
@@ -249,11 +395,14 @@ class CoordinatorRole(Role):
         c = msg.client
         if msg.sender != client_address(c):
             raise Reject(f"bad_sender: {msg.sender!r} reported for client {c}")
+        if msg.round == self.round and c in self.done and self.done[c].msg_id == msg.msg_id:
+            return  # redelivered after a restart that had already recorded it
         if msg.round != self.round or self.phase not in ("training", "closing") or c not in self.participants:
             self.ctx.store.mark_client(self.ctx.run, msg.round, c, "late", "reported after its round closed",
                                        self.ctx.clock())
             raise Reject(f"late: round_done of client {c} for round {msg.round} (coordinator: round {self.round} "
                          f"{self.phase})")
+        self.ctx.store.put_doc(self.ctx.run, self.round, ledger.done_name(c), ledger.done_doc(msg))
         self.done[c] = msg
         self.ctx.store.mark_client(self.ctx.run, self.round, c, "arrived", "", self.ctx.clock())
         self.ctx.store.record_metrics(self.ctx.run, self.round, client_address(c), msg.metrics)
@@ -262,8 +411,10 @@ class CoordinatorRole(Role):
 
     def _need_clusters(self) -> bool:
         tr = self.ctx.cfg.train
-        return tr.clustering and self.round >= tr.kld_from_round and self.ctx.cfg.train.n_clusters(
-            self.ctx.cfg.scenario) != 1
+        if self.round < tr.kld_from_round:
+            return False
+        # KLD weights need the clustering service's scores even with one cluster or with clustering off.
+        return tr.kld_weighting or (tr.clustering and tr.n_clusters(self.ctx.cfg.scenario) != 1)
 
     def _maybe_close(self) -> None:
         if self.phase not in ("training", "closing") or self.server_done is None:
@@ -293,6 +444,16 @@ class CoordinatorRole(Role):
             self._maybe_close()
         elif self.phase in ("training", "closing") and self.cluster_wait_until < math.inf:
             self._maybe_close()
+        elif self.phase == "aggregating" and now >= self._requeue_at:
+            missing = [k for k in sorted(self.jobs) if k not in self.results]
+            if missing:
+                self.ctx.log.warning("coordinator: round %d: no result for job(s) %s after %.0f s; queueing them "
+                                     "again", self.round, missing, self._requeue_after)
+                for k in missing:
+                    self.send(AGGREGATE, self.jobs[k])
+            self._requeue_after = min(2 * self._requeue_after, max(self.ctx.cfg.runtime.round_deadline_s,
+                                                                   self._requeue_first()))
+            self._jobs_queued()
 
     # ------------------------------------------------------------------------------------------- aggregation
     def _aggregate(self) -> None:
@@ -369,16 +530,19 @@ class CoordinatorRole(Role):
         jobs[-1] = AggregateJob(**env, cluster=-1, members=tuple(gmembers),
                                 weights=tuple(w.global_[c] for c in gmembers), recipients=(), cuts=(),
                                 update_ids=update_ids, log_offset=offset)
+        # Every job is recorded (and the next cuts) before the round moves on, so a restart finds all of them.
+        for k, job in jobs.items():
+            ctx.store.set_weights(ctx.run, self.round, k, dict(zip(job.members, job.weights)))
+            ctx.store.put_doc(ctx.run, self.round, ledger.job_name(k), job_document(job))
+        ctx.store.set_cuts(ctx.run, {c: str(b) for c, b in next_cuts.items()})
         if not ctx.store.transition(ctx.run, self.round, "training", self.round, "aggregating"):
             raise RuntimeError("ledger moved under the coordinator while closing the round")
         self.phase = "aggregating"
         self.jobs = jobs
         self.cuts = next_cuts
-        ctx.store.set_cuts(ctx.run, {c: str(b) for c, b in self.cuts.items()})
-        for k, job in jobs.items():
-            ctx.store.set_weights(ctx.run, self.round, k, dict(zip(job.members, job.weights)))
-            ctx.store.put_doc(ctx.run, self.round, f"job.{k}", job_document(job))
+        for job in jobs.values():
             self.send(AGGREGATE, job)
+        self._jobs_queued()
         self._late, self._dropped = late, dropped
         self._event("aggregating", jobs=len(jobs), arrived=len(arrived))
 
@@ -399,10 +563,17 @@ class CoordinatorRole(Role):
 
     def _on_aggregate_done(self, msg: AggregateDone) -> None:
         if msg.round != self.round or self.phase != "aggregating" or msg.cluster not in self.jobs:
+            recorded = self.ctx.store.get_model_digests(self.ctx.run, msg.round).get(msg.cluster)
+            if msg.round <= self.round and recorded == msg.digest:
+                return  # a re-queued job done twice: the same model, already applied
             raise Reject(f"stale: aggregate_done for round {msg.round} cluster {msg.cluster}")
         recorded = self.ctx.store.get_model_digests(self.ctx.run, self.round).get(msg.cluster)
         if recorded is not None and recorded != msg.digest:
             raise Reject(f"digest_mismatch: cluster {msg.cluster}: {msg.digest} != ledger {recorded}")
+        if msg.cluster in self.results:
+            return  # the same job's second answer (it was re-queued after a restart)
+        self.ctx.store.put_doc(self.ctx.run, self.round, ledger.agg_name(msg.cluster),
+                               ledger.agg_doc(msg.cluster, msg.digest, msg.members, msg.msg_id))
         self.results[msg.cluster] = msg
         if len(self.results) == len(self.jobs):
             self._finish_round(sorted(self.done), self._dropped, self._late,
@@ -433,6 +604,11 @@ class CoordinatorRole(Role):
         self._save_checkpoint(report)
         ctx.store.transition(ctx.run, self.round, "aggregating", self.round, "done")
         self._event("done", wall_s=f"{report.wall_s:.2f}", aggregated=aggregated)
+        self._after_round()
+
+    def _after_round(self) -> None:
+        """After round `self.round` is done: the next round, or the end of the run."""
+        ctx = self.ctx
         if self.round >= ctx.cfg.train.rounds:
             self.phase = "finished"
             self.finished = True

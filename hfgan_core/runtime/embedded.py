@@ -25,6 +25,7 @@ from .aggregator import AggregatorRole
 from .client import ClientData, ClientRole
 from .clustering import ClusteringRole
 from .coordinator import CoordinatorRole, RoundReport
+from .emulation import emulator_for
 from .host import Role, RoleContext, RoleHost
 from .server import ServerRole
 
@@ -126,8 +127,14 @@ class EmbeddedRunner:
         self.clustering = ClusteringRole(ctx())
         self.aggregators = [AggregatorRole(ctx(), i) for i in range(aggregators)]
         profiles = cfg.devices.client_profiles(len(clients))
+        costs = None
+        if cfg.runtime.emulate_devices:  # device emulation (emulation.py): one cost table for every client
+            from ..planning import run_costs
+
+            costs = run_costs(cfg)
         self.clients = [ClientRole(ctx(), client=i, domain=domains[i], data=d, profile=profiles[i],
-                                   run_dir=self.run_dir) for i, d in enumerate(clients)]
+                                   run_dir=self.run_dir, delay=emulator_for(cfg, i, profiles[i], costs))
+                        for i, d in enumerate(clients)]
         if resume_round:
             self._restore(resume_round)
         self.roles: list[Role] = [self.coordinator, self.server, self.clustering, *self.aggregators, *self.clients]

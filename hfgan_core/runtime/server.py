@@ -15,6 +15,10 @@ deadline passes (the rest are "lagging": their activation is served in a later w
 that misses a phase's deadline is dropped from the step (it gets `step_dropped`, the others go on). The round ends
 for the server when every participant has finished its last step or the coordinator closes the round; it then
 sends the clustering summaries, logs its layers and reports to the coordinator.
+
+Restart: a server that dies loses the window in flight and the round's updates so far. `resume_round` puts a new
+server process back into the current round (from the last complete round's checkpoint and the coordinator's
+`start` record): clients whose step was lost abandon it after their own step timeout and go on with the next.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class ServerRole(Role):
         self.window: _Window | None = None
         self.summaries: dict[int, torch.Tensor] = {}
         self.late: Counter[int] = Counter()
+        self._start_id = ""
         self.windows_run = 0
         self.window_seconds = 0.0
         self._window_t0 = 0.0
@@ -124,6 +129,8 @@ class ServerRole(Role):
             self._on_phase_input(msg)
 
     def _on_round_start(self, msg: RoundStart) -> None:
+        if msg.round == self.round and msg.msg_id == self._start_id:
+            return  # redelivered (this process resumed the round from the ledger already)
         if msg.round < self.round or (msg.round == self.round and self.in_round):
             raise Reject(f"stale: round_start {msg.round} while in round {self.round}")
         self.round = msg.round
@@ -139,8 +146,16 @@ class ServerRole(Role):
         self.window = None
         self.summaries = {}
         self.late = Counter()
+        self._start_id = msg.msg_id
         self.in_round = True
         self.holder.train(True)
+
+    def resume_round(self, start: RoundStart, finished: set[int]) -> None:
+        """Rejoin round `start.round` after a restart; `finished`: clients that already reported the round done
+        (they send nothing more this round)."""
+        self._on_round_start(start)
+        self.done_clients |= {c for c in finished if c in self.last_step}
+        self._maybe_finish_round()
 
     def _check_sender(self, msg: Message, client: int) -> None:
         if not self.in_round or msg.round != self.round:
@@ -371,6 +386,9 @@ class ServerRole(Role):
                                                metrics=metrics, late={str(c): n for c, n in self.late.items()}))
 
     def _on_model(self, msg: ServerModel) -> None:
+        if msg.round < self.round or (msg.round == self.round and self.in_round):
+            # A re-queued aggregation job answered twice: the server has moved on; loading it would undo training.
+            raise Reject(f"stale: server model of round {msg.round} while in round {self.round}")
         have = self.holder.state()
         if set(msg.state) != set(have):
             raise Reject("bad_model: the server model does not hold exactly the server's blocks")

@@ -96,6 +96,8 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_synthetic_fallback: boo
         "measured_step_s": sum(step_times) / len(step_times) if step_times else None,
         "round_wall_s": [round(r.wall_s, 3) for r in result.reports],
         "messages_sent": result.messages_sent,
+        # Bytes each role sent, by message kind (the quality bench separates device-link traffic from the rest).
+        "bytes_by_role": {name: dict(role.bytes_sent) for name, role in sorted(result.roles.items())},
         "data_sources": data.sources,
         "notices": data.notices,
     }
