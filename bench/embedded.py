@@ -23,29 +23,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hfgan_core.config import DomainConfig, RunConfig, ScenarioConfig, TrainConfig  # noqa: E402
+from hfgan_core.data import TensorClientData  # noqa: E402
 from hfgan_core.runtime.embedded import EmbeddedRunner  # noqa: E402
 from hfgan_core.runtime.unsplit import UnsplitGAN  # noqa: E402
 
 CUTS = ((0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0), (1, 1, 1, 0))
 
 
-class Data:
-    def __init__(self, n: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
-        self.labels = torch.randint(0, 10, (n,), generator=g)
-        self.n = n
-
-    def batch(self, generator, batch_size):
-        idx = torch.randperm(self.n, generator=generator)[:batch_size]
-        return self.images[idx], self.labels[idx]
-
 
 def embedded_run(clients: int, steps: int, wire: str) -> dict:
     cfg = RunConfig(scenario=ScenarioConfig(domains=(DomainConfig("synthetic", clients),)),
                     train=TrainConfig(rounds=1, local_epochs=1, steps_per_epoch=steps, cuts=CUTS,
                                       wire_dtype=wire)).validate()
-    datas = [Data(1024, i) for i in range(clients)]
+    datas = [TensorClientData.random(1024, i) for i in range(clients)]
     runner = EmbeddedRunner(cfg, datas, [0] * clients, run_id="bench")
     t0 = time.perf_counter()
     result = runner.run()
@@ -61,7 +51,7 @@ def embedded_run(clients: int, steps: int, wire: str) -> dict:
 def unsplit_run(clients: int, steps: int) -> dict:
     cfg = RunConfig(scenario=ScenarioConfig(domains=(DomainConfig("synthetic", 1),))).validate()
     model = UnsplitGAN(cfg)
-    data = Data(1024 * clients, 99)
+    data = TensorClientData.random(1024 * clients, 99)
     g = torch.Generator().manual_seed(0)
     batch = 64 * clients
     t0 = time.perf_counter()

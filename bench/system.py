@@ -60,6 +60,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hfgan_core.config import DomainConfig, RunConfig, ScenarioConfig, TrainConfig  # noqa: E402
+from hfgan_core.data import TensorClientData  # noqa: E402
 from hfgan_core.runtime.embedded import EmbeddedRunner  # noqa: E402
 from hfgan_core.state import MemoryRoundStore, RoundStore  # noqa: E402
 from hfgan_core.transport import MemoryTransport, Transport  # noqa: E402
@@ -68,19 +69,6 @@ CUTS = ((0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0), (1, 1, 1, 0))
 BATCH = 64
 MB = 1e6
 
-
-class Data:
-    """Deterministic random images and labels: the bench measures the system, not the GAN."""
-
-    def __init__(self, n: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
-        self.labels = torch.randint(0, 10, (n,), generator=g)
-        self.n = n
-
-    def batch(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randperm(self.n, generator=generator)[:batch_size]
-        return self.images[idx], self.labels[idx]
 
 
 # ---------------------------------------------------------------------------------------------- instrumentation
@@ -291,7 +279,7 @@ def backends(kind: str, s: Settings) -> tuple[Transport, RoundStore, Any]:
 
 def one_run(clients: int, kind: str, wire: str, s: Settings, profile: cProfile.Profile | None = None) -> dict:
     cfg = config(clients, wire, s.steps)
-    datas = [Data(s.samples_per_client, 1000 + i) for i in range(clients)]
+    datas = [TensorClientData.random(s.samples_per_client, 1000 + i) for i in range(clients)]
     transport, store, cleanup = backends(kind, s)
     tally: Tally = transport.tally  # type: ignore[attr-defined]
     time_store(store, tally)

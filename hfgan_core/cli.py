@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-utility", action="store_true", help="generation score only")
     data_cli.add_parser(sub)
     plan_cli.add_parser(sub)
+    from .bench import cli as bench_cli
+
+    bench_cli.add_parser(sub)
     return parser
 
 
@@ -173,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .planning import cli as plan_cli
 
             return plan_cli.run(args)
+        if args.command == "bench":
+            from .bench import cli as bench_cli
+
+            return bench_cli.run(args)
         parser.error(f"unknown command {args.command}")
     except ConfigError as exc:
         print(f"hfgan {args.command}: error: {exc}", file=sys.stderr)

@@ -263,6 +263,8 @@ class RuntimeConfig:
     emulate_devices: bool = False
     emulate_slowdown: tuple[tuple[int, float], ...] = ()  # (client index, factor) pairs
     torch_threads: int | None = None
+    # Complete per-round checkpoints kept in the run directory (older ones are deleted); 0 keeps them all.
+    keep_checkpoints: int = 3
 
     @property
     def resolved_server_device(self) -> str:
@@ -271,6 +273,8 @@ class RuntimeConfig:
     def validate(self) -> None:
         if self.step_deadline_s <= 0 or self.round_deadline_s <= 0:
             raise ConfigError("runtime: deadlines must be positive")
+        if self.keep_checkpoints < 0:
+            raise ConfigError("runtime.keep_checkpoints must be 0 (keep all) or positive")
         if not (0 < self.quorum <= 1):
             raise ConfigError("runtime.quorum must be in (0, 1]")
         for dev in (self.device, self.resolved_server_device):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError
+from ..fsutil import write_bytes_atomic
 
 # IDX dtype codes; multi-byte types are big-endian on disk.
 _DTYPES: dict[int, np.dtype] = {
@@ -130,12 +131,7 @@ def gzip_bytes(content: bytes) -> bytes:
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write through a temporary file and rename, so a crash never leaves a half-written dataset file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
-    return p
+    return write_bytes_atomic(path, data)
 
 
 def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> Path:

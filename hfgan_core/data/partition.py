@@ -139,19 +139,20 @@ def partition(
     return shards
 
 
-class ClientData:
-    """A client's own training images ([-1, 1] float) and labels, with the reference's random batch draw."""
+class TensorClientData:
+    """A client's training images ([-1, 1] float, [N, 1, 28, 28]) and labels, with the reference's batch draw."""
 
-    def __init__(self, shard: ClientShard, train: ImageSet) -> None:
-        self.shard = shard
-        idx = torch.from_numpy(shard.indices)
-        # Normalise only this client's rows (elementwise, so identical to slicing the normalised set).
-        self.images = normalise(train.pixels[idx])
-        self.labels = train.labels[idx].contiguous()
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+            raise ValueError("a client needs as many labels as images, and at least one sample")
+        self.images = images
+        self.labels = labels.contiguous()
 
-    @property
-    def client(self) -> int:
-        return self.shard.client
+    @classmethod
+    def random(cls, n: int, seed: int) -> TensorClientData:
+        """Deterministic random images and labels: for tests and benchmarks that measure the system, not the GAN."""
+        g = torch.Generator().manual_seed(seed)
+        return cls(torch.rand(n, 1, 28, 28, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g))
 
     @property
     def n(self) -> int:
@@ -163,6 +164,20 @@ class ClientData:
             raise ValueError("batch_size must be positive")
         idx = torch.randperm(self.n, generator=generator)[: min(batch_size, self.n)]
         return self.images[idx], self.labels[idx]
+
+
+class ClientData(TensorClientData):
+    """A client's shard of its domain's training set."""
+
+    def __init__(self, shard: ClientShard, train: ImageSet) -> None:
+        self.shard = shard
+        idx = torch.from_numpy(shard.indices)
+        # Normalise only this client's rows (elementwise, so identical to slicing the normalised set).
+        super().__init__(normalise(train.pixels[idx]), train.labels[idx])
+
+    @property
+    def client(self) -> int:
+        return self.shard.client
 
 
 @dataclass(frozen=True)
@@ -217,6 +232,7 @@ __all__ = [
     "SIZE_TIERS",
     "ClientData",
     "ClientShard",
+    "TensorClientData",
     "ScenarioData",
     "draw_client_profile",
     "load_client_data",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..fsutil import atomic_write
 from .models import ARCHITECTURES, SCORING_ARCH, build_model
 from .training import Stopwatch, accuracy_percent, as_tensors, fast_layout, seeded_init, train_supervised
 
@@ -98,19 +98,7 @@ def classifier_record(
 
 def save_classifier(record: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write a classifier record atomically (temp file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(record), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(dict(record), f))
 
 
 def read_classifier_record(path: str | os.PathLike[str], expected_dataset: str | None = None) -> dict[str, Any]:

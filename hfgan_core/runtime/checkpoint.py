@@ -13,14 +13,14 @@ Writes go to a temporary file first and are renamed into place, so a crash never
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import ConfigError
+from ..fsutil import atomic_write
 
 FORMAT = "hfgan-checkpoint"
 VERSION = 1
@@ -28,19 +28,6 @@ VERSION = 1
 
 def round_dir(run_dir: str | Path, round: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"round_{round:04d}"
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path: str | Path, *, role: str, round: int, config: dict[str, Any],
@@ -57,8 +44,7 @@ def save_checkpoint(path: str | Path, *, role: str, round: int, config: dict[str
         "optimizers": optimizers or {},
         "extra": extra or {},
     }
-    _atomic(path, lambda tmp: torch.save(blob, tmp))
-    return path
+    return atomic_write(path, lambda f: torch.save(blob, f))
 
 
 def load_checkpoint(path: str | Path, *, role: str | None = None) -> dict[str, Any]:
@@ -83,15 +69,7 @@ def write_manifest(run_dir: str | Path, round: int, config: dict[str, Any], file
     path = round_dir(run_dir, round) / "manifest.json"
     body = json.dumps({"format": FORMAT, "version": VERSION, "round": round, "config": config, "files": files},
                       indent=2, sort_keys=True)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    _atomic(path, write)
-    return path
+    return atomic_write(path, lambda f: f.write(body.encode()))
 
 
 def complete_rounds(run_dir: str | Path) -> list[int]:
@@ -113,6 +91,27 @@ def complete_rounds(run_dir: str | Path) -> list[int]:
         if all((d / f).is_file() for f in files):
             out.append(rnd)
     return out
+
+
+def prune(run_dir: str | Path, keep: int) -> list[int]:
+    """Delete the checkpoints of rounds older than the `keep` newest complete ones (0 keeps everything). Rounds newer
+    than the oldest kept one stay, complete or not (their last files may still be being written)."""
+    if keep <= 0:
+        return []
+    complete = complete_rounds(run_dir)
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[-keep]
+    removed = []
+    for d in sorted((Path(run_dir) / "checkpoints").glob("round_*")):
+        try:
+            rnd = int(d.name.split("_")[1])
+        except (IndexError, ValueError):
+            continue
+        if rnd < oldest_kept:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(rnd)
+    return removed
 
 
 def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, Any]:

@@ -17,9 +17,9 @@ import time
 import uuid
 
 import pytest
-import torch
 
 from hfgan_core.config import DomainConfig, RunConfig, RuntimeConfig, ScenarioConfig, TrainConfig
+from hfgan_core.data import TensorClientData
 from hfgan_core.runtime.aggregator import AggregatorRole
 from hfgan_core.runtime.coordinator import CoordinatorRole
 from hfgan_core.runtime.embedded import EmbeddedRunner
@@ -34,19 +34,6 @@ N_CLIENTS = 4
 ROUNDS = 2
 
 
-class Data:
-    """A client's deterministic random data set."""
-
-    def __init__(self, n: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
-        self.labels = torch.randint(0, 10, (n,), generator=g)
-        self.n = n
-
-    def batch(self, generator: torch.Generator, batch_size: int):
-        idx = torch.randperm(self.n, generator=generator)[:batch_size]
-        return self.images[idx], self.labels[idx]
-
 
 def make_cfg() -> RunConfig:
     # kld_from_round = 2 with 2 clusters: round 2 runs the clustering service and the KLD-weighted, per-cluster jobs.
@@ -58,8 +45,8 @@ def make_cfg() -> RunConfig:
     ).validate()
 
 
-def datas() -> list[Data]:
-    return [Data(96, 100 + i) for i in range(N_CLIENTS)]
+def datas() -> list[TensorClientData]:
+    return [TensorClientData.random(96, 100 + i) for i in range(N_CLIENTS)]
 
 
 def ledger_outcome(store, run: str) -> dict[int, tuple[dict[int, str], dict[int, int]]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from hfgan_core.config import DomainConfig, RunConfig, RuntimeConfig, ScenarioConfig, TrainConfig
+from hfgan_core.data import TensorClientData
 from hfgan_core.model import CutBits, architecture
 from hfgan_core.protocol import (
     ActivationSummaries,
@@ -43,17 +44,16 @@ CUTS = [(0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0), (0, 1, 0, 1)]
 B = 32
 
 
-class SpiedData:
+class SpiedData(TensorClientData):
+    """Random client data that remembers every batch it hands out."""
+
     def __init__(self, n: int, seed: int, batches: list):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
-        self.labels = torch.randint(0, 10, (n,), generator=g)
-        self.n = n
+        base = TensorClientData.random(n, seed)
+        super().__init__(base.images, base.labels)
         self.batches = batches
 
     def batch(self, generator: torch.Generator, batch_size: int):
-        idx = torch.randperm(self.n, generator=generator)[:batch_size]
-        x, y = self.images[idx], self.labels[idx]
+        x, y = super().batch(generator, batch_size)
         self.batches.append((x.clone(), y.clone()))
         return x, y
 

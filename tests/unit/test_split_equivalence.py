@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hfgan_core.config import DomainConfig, RunConfig, ScenarioConfig, TrainConfig
+from hfgan_core.data import TensorClientData
 from hfgan_core.model import CutBits, architecture, build_networks
 from hfgan_core.protocol import RoundStart
 from hfgan_core.runtime.client import ClientRole, client_seed
@@ -30,19 +31,6 @@ from hfgan_core.transport import SERVER, MemoryTransport, client_address
 
 TOL = 1e-5
 
-
-class TensorData:
-    """A client's data set as fixed tensors; batches drawn like the real provider (random distinct samples)."""
-
-    def __init__(self, n: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
-        self.labels = torch.randint(0, 10, (n,), generator=g)
-        self.n = n
-
-    def batch(self, generator: torch.Generator, batch_size: int):
-        idx = torch.randperm(self.n, generator=generator)[: min(batch_size, self.n)]
-        return self.images[idx], self.labels[idx]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,7 +44,7 @@ def make_cfg(n_clients: int, cuts: list[tuple[int, int, int, int]], batch: int =
     ).validate()
 
 
-def run_split_step(cfg: RunConfig, datas: list[TensorData], steps: int = 1):
+def run_split_step(cfg: RunConfig, datas: list[TensorClientData], steps: int = 1):
     """Run `steps` steps through the real roles over the memory transport; record grads before each Adam step."""
     transport, store = MemoryTransport(), MemoryRoundStore()
 
@@ -105,7 +93,7 @@ def run_split_step(cfg: RunConfig, datas: list[TensorData], steps: int = 1):
 @pytest.mark.parametrize("bits", list(itertools.product((0, 1), repeat=4)), ids=lambda b: "".join(map(str, b)))
 def test_one_client_matches_unsplit(bits):
     cfg = make_cfg(1, [bits])
-    data = TensorData(200, seed=3)
+    data = TensorClientData.random(200, seed=3)
     server, (client,), split_grads = run_split_step(cfg, [data])
 
     ref = UnsplitGAN(cfg)
@@ -159,7 +147,7 @@ def test_one_client_matches_unsplit(bits):
 # ------------------------------------------------------------------------------- several clients, mixed cuts
 
 
-def direct_reference_steps(cfg: RunConfig, datas: list[TensorData], steps: int):
+def direct_reference_steps(cfg: RunConfig, datas: list[TensorClientData], steps: int):
     """The reference code's computation, written directly: per-client head/tail segments, the server's blocks on
     the concatenation of the clients that need them (head-on-server clients first), per-client BCE losses summed."""
     arch = architecture(cfg.model)
@@ -249,7 +237,7 @@ def direct_reference_steps(cfg: RunConfig, datas: list[TensorData], steps: int):
 def test_several_clients_match_direct_reference(steps):
     bits = [(0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0), (0, 1, 1, 0)]
     cfg = make_cfg(4, bits)
-    datas = [TensorData(150 + 10 * i, seed=20 + i) for i in range(4)]
+    datas = [TensorClientData.random(150 + 10 * i, seed=20 + i) for i in range(4)]
     server, clients, _ = run_split_step(cfg, datas, steps=steps)
     client_g, client_d, server_g, server_d, history = direct_reference_steps(cfg, datas, steps)
 
