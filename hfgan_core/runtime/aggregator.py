@@ -4,11 +4,17 @@ Jobs come from a work queue that any number of aggregators share. The updates a 
 update log (the stream that replay reads too), so a job can be redone at any time with the same result: the
 aggregator's output is a pure function of the logged updates and the job's weights, and its digest goes to the
 ledger. Receivers get only what is theirs: each member client exactly the layers it holds, the server its layers.
+
+Only jobs the coordinator recorded in the ledger (`job.<cluster>` of the round, ledger.py) are done: anyone who may
+publish to the work exchange could otherwise queue a job of their own and, its digest recorded first, block the
+round's real one. `hold_s` (0) is a test hook (`HFGAN_TEST_AGGREGATOR_HOLD`, services.py): the aggregator pauses
+that long after recording a job's digest and before answering, so a test can kill it with a job in hand.
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 
@@ -18,6 +24,7 @@ from ..protocol import AggregateDone, AggregateJob, ClientUpdate, Message, Model
 from ..protocol import decode as decode_message
 from ..transport import AGGREGATE, COORDINATOR, SERVER, client_address
 from .host import Reject, Role, RoleContext
+from .ledger import job_name
 
 
 class UpdateSet:
@@ -80,6 +87,8 @@ class AggregatorRole(Role):
         self.name = f"aggregator.{index}"
         self.arch = architecture(ctx.cfg.model)
         self.jobs_done = 0
+        self.hold: tuple[int, float] | None = None  # test hook: (round, seconds), see the module docstring
+        self.sleep = time.sleep
 
     def addresses(self) -> list[str]:
         return [AGGREGATE]
@@ -90,15 +99,22 @@ class AggregatorRole(Role):
             raise Reject(f"bad_sender: jobs come from the coordinator, not {msg.sender!r}")
         if len(msg.cuts) != len(msg.recipients):
             raise Reject("malformed: one cut assignment per recipient is required")
+        store, run = self.ctx.store, self.ctx.run
+        recorded_job = store.get_docs(run, msg.round).get(job_name(msg.cluster))
+        if recorded_job is None or json.loads(recorded_job) != json.loads(job_document(msg)):
+            raise Reject(f"unknown_job: round {msg.round} cluster {msg.cluster} is not a job the coordinator recorded")
         updates = read_round_updates(self.ctx, msg.round)
         model = compute_job(self.ctx, msg, updates)
         digest = state_digest(model)
-        store, run = self.ctx.store, self.ctx.run
         if not store.set_model_digest(run, msg.round, msg.cluster, digest):
             recorded = store.get_model_digests(run, msg.round).get(msg.cluster)
             if recorded != digest:  # a redelivered job must reproduce the recorded model exactly
                 raise Reject(f"digest_mismatch: round {msg.round} cluster {msg.cluster}: {digest} != {recorded}")
         store.set_log_offset(run, msg.round + 1, updates.last_offset + 1)
+        if self.hold is not None and self.hold[0] == msg.round:
+            self.ctx.log.warning("%s: test hook: holding job %s (round %d cluster %d) for %.1f s", self.name,
+                                 msg.msg_id, msg.round, msg.cluster, self.hold[1])
+            self.sleep(self.hold[1])
         env = self.envelope(msg.round)
         if msg.cluster < 0:
             self.send(SERVER, ServerModel(**env, state=server_layers(self.arch, model)))

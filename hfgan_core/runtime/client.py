@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DeviceProfile
-from ..model import CutBits, architecture, build_networks
+from ..model import CutBits, architecture, build_networks, canonical_state
 from ..model.split import run_blocks
 from ..protocol import (
     ClientUpdate,
@@ -124,6 +124,8 @@ class ClientRole(Role):
         self._t: dict[str, torch.Tensor] = {}
         self._losses: dict[str, list[float]] = {"d_loss_real": [], "d_loss_fake": [], "g_loss": []}
         self._step_times: list[float] = []
+        self._compute_times: list[float] = []
+        self._compute_in_step = 0.0
         self._step_started = 0.0
         self.steps_done = 0
         self.steps_dropped = 0
@@ -202,7 +204,9 @@ class ClientRole(Role):
     def _start_step(self) -> None:
         self.step += 1
         self.phase = "g_fwd"
-        self._step_started = time.perf_counter()
+        # The g_head_fwd segment starts here: what ran before (a round start building the blocks, a restart's
+        # set-up) is not the step's compute, and the emulated delay multiplies whatever this segment measures.
+        self._step_started = self._seg_t0 = time.perf_counter()
         h = self.holder
         cfg = self.ctx.cfg
         x, y = self.data.batch(self.rng, cfg.train.batch_size)
@@ -311,7 +315,11 @@ class ClientRole(Role):
     def _work(self, what: str) -> None:
         if self.delay is not None:
             self.delay(self, what)
-        self._seg_t0 = time.perf_counter()
+        now = time.perf_counter()
+        # The client's own compute (and emulated delay) in this step, without the waits for the server: what the
+        # adaptive planner compares with its model.
+        self._compute_in_step += now - self._seg_t0
+        self._seg_t0 = now
         self._last_progress = self.ctx.clock()
 
     def segment_seconds(self) -> float:
@@ -321,6 +329,8 @@ class ClientRole(Role):
     def _finish_step(self, dropped: bool) -> None:
         self._t = {}
         self._step_times.append(time.perf_counter() - self._step_started)
+        self._compute_times.append(self._compute_in_step)
+        self._compute_in_step = 0.0
         if not dropped:
             self.steps_done += 1
         if self.step >= self.last_step:
@@ -340,6 +350,7 @@ class ClientRole(Role):
         metrics = {k: sum(v) / len(v) for k, v in self._losses.items() if v}
         if self._step_times:
             metrics["step_s"] = sum(self._step_times) / len(self._step_times)
+            metrics["compute_s"] = sorted(self._compute_times)[len(self._compute_times) // 2]
         metrics["steps_dropped"] = float(self.steps_dropped)
         self.send(COORDINATOR, RoundDone(**self.envelope(self.round), client=self.client, n_samples=int(self.data.n),
                                          steps_done=self.steps_done, update_digest=update.msg_id, metrics=metrics))
@@ -350,15 +361,17 @@ class ClientRole(Role):
         if msg.round < self.round:
             raise Reject(f"stale: model of round {msg.round} while in round {self.round}")
         new_cuts = _cuts_of_state(self.arch, msg.state)
-        expected = {spec.name: spec.client_blocks(*new_cuts.for_net(spec.name)) for spec in self.arch.nets}
+        # Checked against the blocks these cut bits give a client before anything changes: a rejected assignment
+        # must leave the blocks this client holds (and their optimizer state) as they were.
+        held = {spec.name: spec.client_blocks(*new_cuts.for_net(spec.name)) for spec in self.arch.nets}
+        shapes = {k: tuple(v.shape) for net, idxs in held.items()
+                  for k, v in canonical_state(net, {i: self._full[net][i] for i in idxs}).items()}
+        if set(msg.state) != set(shapes):
+            raise Reject(f"bad_model: keys do not match the blocks held ({held})")
+        for k, shape in shapes.items():
+            expect_shape(f"model_assignment.state.{k}", msg.state[k], shape)
         if self.holder is None or self.cuts != new_cuts:
             self._apply_cuts(new_cuts, None)
-        have = set(self.holder.state())
-        got = set(msg.state)
-        if have != got:
-            raise Reject(f"bad_model: keys do not match the blocks held ({expected})")
-        for k, v in self.holder.state().items():
-            expect_shape(f"model_assignment.state.{k}", msg.state[k], tuple(v.shape))
         self.holder.load(msg.state)
         self.cluster = msg.cluster
         self.save_checkpoint(msg.round)

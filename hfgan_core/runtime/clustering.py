@@ -33,6 +33,10 @@ class ClusteringRole(Role):
                 raise Reject(f"malformed: summary key {key!r} is not a client index")
             expect_shape(f"activation_summaries.{key}", tensor, self.summary_shape)
             summaries[int(key)] = tensor.float()
+        current, _ = self.ctx.store.get_round(self.ctx.run)
+        if msg.round != current:
+            # The coordinator takes results for its current round only: clustering another round is wasted work.
+            raise Reject(f"stale: summaries for round {msg.round}, the run is at round {current}")
         cfg = self.ctx.cfg
         k = cfg.train.n_clusters(cfg.scenario)
         outcome = cluster_clients(summaries, k, seed=cfg.train.seed)

@@ -301,6 +301,7 @@ class CoordinatorRole(Role):
         elif isinstance(msg, ClusterResult):
             if msg.round != self.round:
                 raise Reject(f"stale: cluster result for round {msg.round} in round {self.round}")
+            self._check_cluster_result(msg)
             # Rounds that aggregate as one cluster do not wait for it; a result arriving after is simply noted.
             self.ctx.store.put_doc(self.ctx.run, self.round, ledger.CLUSTER_RESULT, ledger.cluster_result_doc(msg))
             self.cluster_result = msg
@@ -308,6 +309,22 @@ class CoordinatorRole(Role):
                 self._maybe_close()
         elif isinstance(msg, AggregateDone):
             self._on_aggregate_done(msg)
+
+    def _check_cluster_result(self, msg: ClusterResult) -> None:
+        """A result the aggregation may use: from the clustering service, about members of the run only, with
+        cluster ids below k (anything else would reassign clients to clusters that do not exist)."""
+        if msg.sender != "clustering":
+            raise Reject(f"bad_sender: cluster results come from the clustering service, not {msg.sender!r}")
+        if not 1 <= msg.k <= max(1, len(self.members)):
+            raise Reject(f"malformed: cluster result with k = {msg.k} for {len(self.members)} member(s)")
+        for name, mapping in (("assignment", msg.assignment), ("kld_intra", msg.kld_intra),
+                              ("kld_global", msg.kld_global)):
+            unknown = [c for c in mapping if not c.isdigit() or int(c) not in self.members]
+            if unknown:
+                raise Reject(f"malformed: cluster result {name} names clients {unknown[:5]} that are not members")
+        bad = {c: k for c, k in msg.assignment.items() if not 0 <= k < msg.k}
+        if bad:
+            raise Reject(f"malformed: cluster ids {bad} outside 0..{msg.k - 1}")
 
     def _on_join(self, msg: Join) -> None:
         c = msg.client
@@ -397,6 +414,10 @@ class CoordinatorRole(Role):
             raise Reject(f"bad_sender: {msg.sender!r} reported for client {c}")
         if msg.round == self.round and c in self.done and self.done[c].msg_id == msg.msg_id:
             return  # redelivered after a restart that had already recorded it
+        if msg.round > self.round:
+            # Nothing can be reported for a round that has not started: no mark in that round's ledger record.
+            raise Reject(f"stale: round_done of client {c} for round {msg.round}, which has not started (coordinator: "
+                         f"round {self.round} {self.phase})")
         if msg.round != self.round or self.phase not in ("training", "closing") or c not in self.participants:
             self.ctx.store.mark_client(self.ctx.run, msg.round, c, "late", "reported after its round closed",
                                        self.ctx.clock())
@@ -550,7 +571,8 @@ class CoordinatorRole(Role):
         tr = self.ctx.cfg.train
         if not (tr.adaptive_cuts and tr.cuts == "plan" and self.replanner is not None):
             return dict(self.cuts)
-        measured = {c: self.done[c].metrics["step_s"] for c in arrived if "step_s" in self.done[c].metrics}
+        # A client's own compute per step (median), not its step's wall time, which includes waiting for the others.
+        measured = {c: self.done[c].metrics["compute_s"] for c in arrived if "compute_s" in self.done[c].metrics}
         if not measured:
             return dict(self.cuts)
         clients = sorted(self.members)
@@ -568,10 +590,16 @@ class CoordinatorRole(Role):
                 return  # a re-queued job done twice: the same model, already applied
             raise Reject(f"stale: aggregate_done for round {msg.round} cluster {msg.cluster}")
         recorded = self.ctx.store.get_model_digests(self.ctx.run, self.round).get(msg.cluster)
-        if recorded is not None and recorded != msg.digest:
+        # An aggregator records the digest before it answers: the model must be the one the ledger records (its
+        # state is evaluated and checkpointed; nothing unrecorded or altered may take a job's place).
+        if recorded is None:
+            raise Reject(f"unrecorded: aggregate_done for cluster {msg.cluster} without a digest in the ledger")
+        if recorded != msg.digest:
             raise Reject(f"digest_mismatch: cluster {msg.cluster}: {msg.digest} != ledger {recorded}")
         if msg.cluster in self.results:
             return  # the same job's second answer (it was re-queued after a restart)
+        if state_digest(msg.state) != msg.digest:
+            raise Reject(f"digest_mismatch: the model of cluster {msg.cluster} does not have the digest it claims")
         self.ctx.store.put_doc(self.ctx.run, self.round, ledger.agg_name(msg.cluster),
                                ledger.agg_doc(msg.cluster, msg.digest, msg.members, msg.msg_id))
         self.results[msg.cluster] = msg

@@ -22,6 +22,10 @@ Per role:
   `amqp://client-{slot}:client-{slot}-dev@host:5672/%2F`). It restores its last checkpoint and, if its round is in
   training and it has not reported it, runs the round again.
 - clustering, aggregator: stateless; an aggregator recomputes any job it gets from the update log.
+
+Test hook (off unless set; for fault-injection tests only): `HFGAN_TEST_AGGREGATOR_HOLD=<round>:<seconds>` makes an
+aggregator pause that long with each job of that round in hand, after recording its digest and before answering
+(aggregator.py), so that a test can kill it mid-job.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -164,11 +169,25 @@ def _serve_aggregator(opts, cfg, run_id, settings, stop) -> int:
     try:
         role = AggregatorRole(_context(cfg, run_id, transport, store), opts.index or 0)
         role.name = name
+        role.hold = _test_hold(os.environ.get("HFGAN_TEST_AGGREGATOR_HOLD", ""))
         loop = WorkerLoop(role, settings, stop, info=lambda: f"{role.jobs_done} job(s)")
         log.info("%s: %s", name, loop.run())
         return EXIT_OK
     finally:
         close_quietly(transport, store)
+
+
+def _test_hold(value: str) -> tuple[int, float] | None:
+    """`<round>:<seconds>` of HFGAN_TEST_AGGREGATOR_HOLD (module docstring), or None when unset."""
+    if not value:
+        return None
+    try:
+        r, seconds = value.split(":")
+        hold = (int(r), float(seconds))
+    except ValueError:
+        raise ConfigError(f"HFGAN_TEST_AGGREGATOR_HOLD={value!r}: expected <round>:<seconds>") from None
+    log.warning("aggregator: test hook: jobs of round %d are held %.1f s before they are answered", *hold)
+    return hold
 
 
 # ------------------------------------------------------------------------------------------------- server

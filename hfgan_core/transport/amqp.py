@@ -60,6 +60,12 @@ each here, against ~0.3 ms for `persistent=False`): per-step split traffic, usel
 sent transient. Chunk reassembly raises a channel-wide (global) prefetch, which RabbitMQ 3.x supports for classic
 queues; RabbitMQ 4.x deprecates global QoS.
 
+Update-log reads (`read_log`, `log_length`) consume the stream on a channel of their own with manual acks as
+credit: they stop acknowledging once they have what they need (the tail they measured first), so a read is bounded
+while records keep being appended, and they close that channel without `basic.reject` (pika's `basic_cancel`
+rejects buffered deliveries, and RabbitMQ answers a reject on a stream by closing the whole connection with 540
+NOT_IMPLEMENTED; see `_close_stream_channel`).
+
 Threading: one instance is used by one thread; handlers run inside `process()`. pika sends heartbeats only while
 the connection is serviced, so a role busy for longer than about twice the heartbeat must call `process(0)` now and
 then (or use a longer `heartbeat` in the URL).
@@ -124,6 +130,7 @@ STREAM_MAX_AGE = "7D"
 STREAM_MAX_BYTES = 20_000_000_000
 STREAM_SEGMENT_BYTES = 100_000_000
 DEAD_MAX_LENGTH = 100_000
+STREAM_PREFETCH = 32  # update-log reads: records in flight per reader
 
 H_ADDRESS = "x-hfgan-address"
 H_REASON = "x-hfgan-reason"
@@ -1071,19 +1078,35 @@ class AmqpTransport(Transport):
         self._retrying(lambda: self._send(self.names.log, "updates", frames, True, True), "append_log")
         self.published_bytes += len(body)
 
-    def _read_stream(self, offset: int | str, *, first_wait: float, idle: float,
-                     stop_at: int | None) -> list[tuple[int, dict[str, Any], bytes]]:
+    def _read_stream(self, offset: int | str, *, first_wait: float, idle: float, stop_at: int | None,
+                     follow_s: float | None = None) -> list[tuple[int, dict[str, Any], bytes]]:
         """(offset, headers, body) of the stream's messages from `offset`: waits up to `first_wait` for the first,
-        then stops after `idle` seconds without one, or once `stop_at` was reached and nothing followed briefly."""
+        then stops after `idle` seconds without one, or once `stop_at` was reached and nothing followed briefly.
+
+        Acknowledgements are the stream's credit: once `stop_at` is reached (or `follow_s` seconds after the first
+        record) nothing more is acknowledged, so the broker stops after the prefetch window even while records keep
+        being appended: a read is bounded. The consumer is then torn down by `_close_stream_channel`, never by
+        pika's `basic_cancel`."""
         out: list[tuple[int, dict[str, Any], bytes]] = []
         ch = self._conn.channel()
+        flow: dict[str, Any] = {"ack": True, "until": None}
         try:
-            ch.basic_qos(prefetch_count=32)  # streams require a prefetch; acks are credit
+            ch.basic_qos(prefetch_count=STREAM_PREFETCH)  # streams require a prefetch; acks are credit
 
             def on_message(c: Any, method: Any, props: Any, body: bytes) -> None:
                 headers = dict(props.headers or {})
-                out.append((int(headers.get("x-stream-offset", -1)), headers, body))
-                c.basic_ack(method.delivery_tag)
+                off = int(headers.get("x-stream-offset", -1))
+                out.append((off, headers, body))
+                if stop_at is not None and off >= stop_at:
+                    flow["ack"] = False  # everything needed is here: let the credit run out
+                if follow_s is not None:
+                    now = time.monotonic()
+                    if flow["until"] is None:
+                        flow["until"] = now + follow_s
+                    elif now >= flow["until"]:
+                        flow["ack"] = False
+                if flow["ack"]:
+                    c.basic_ack(method.delivery_tag)
 
             ch.basic_consume(self.names.updates, on_message, auto_ack=False,
                              arguments={"x-stream-offset": offset})
@@ -1104,13 +1127,38 @@ class AmqpTransport(Transport):
                 elif now - last >= idle:
                     break
         finally:
-            with contextlib.suppress(Exception):
-                ch.close()
+            flow["ack"] = False
+            self._close_stream_channel(ch)
         return out
+
+    def _close_stream_channel(self, ch: Any) -> None:
+        """Close a channel that consumes the stream without rejecting anything.
+
+        pika's `BlockingChannel.basic_cancel` (which `BlockingChannel.close` and `BlockingConnection.close` call for
+        every consumer) sends `basic.reject` for each delivery it has buffered but not dispatched yet, and its
+        async channel rejects every delivery that arrives between `basic.cancel` and `cancel-ok` while the channel
+        is still open (pika 1.x, `adapters/blocking_connection.py` and `channel.py` `_on_deliver`). RabbitMQ does
+        not implement reject on stream queues: it closes the whole connection (540 NOT_IMPLEMENTED), taking
+        every consumer of this transport with it. So the channel is closed through pika's async channel
+        (`_impl.close()`): it sends `basic.cancel` and `channel.close` and is no longer open, so deliveries that
+        still arrive are dropped without a reply (a stream never redelivers; nothing is lost)."""
+        impl = getattr(ch, "_impl", None)
+        try:
+            if impl is None:  # a pika without the async channel underneath: nothing safer to fall back to
+                ch.close()
+                return
+            if impl.is_open:
+                impl.close()
+            deadline = time.monotonic() + 10.0
+            while not impl.is_closed and time.monotonic() < deadline and self._conn.is_open:
+                self._conn.process_data_events(time_limit=0.01)
+        except Exception as exc:  # the read is complete; a connection that died meanwhile is reopened on next use
+            log.debug("closing the update-log reader channel: %r", exc)
 
     def _log_tail(self, wait: float) -> int:
         """The offset after the last record of the stream (0 if it is empty)."""
-        last = self._read_stream("last", first_wait=wait, idle=0.05, stop_at=None)
+        # A snapshot: records appended while it reads are followed for a moment only, or it would never end.
+        last = self._read_stream("last", first_wait=wait, idle=0.05, stop_at=None, follow_s=0.1)
         return max((o for o, _, _ in last), default=-1) + 1
 
     def log_length(self) -> int:

@@ -3,7 +3,9 @@ consumer cancellation, redelivery to another connection, chunk reassembly under 
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 import uuid
 
@@ -302,3 +304,69 @@ def test_bad_credentials_fail_fast(amqp_url: str) -> None:
     with pytest.raises(TransportError, match="refused"):
         AmqpTransport(p, namespace="hfgantnever").declare()
     assert time.monotonic() - began < 10
+
+
+def test_update_log_reads_never_reject_stream_deliveries(amqp_url: str, ns: str, caplog) -> None:
+    """Regression: pika's basic_cancel rejects the deliveries a consumer holds or receives until cancel-ok, and
+    RabbitMQ answers a reject on a stream with 540 NOT_IMPLEMENTED, closing the whole connection (every consumer
+    of the transport with it). Reads that stop while the broker is still sending (a zero wait on a long log;
+    reads bounded by the tail while records are being appended) must leave the connection alone."""
+    writer = AmqpTransport(amqp_url, namespace=ns)
+    t = AmqpTransport(amqp_url, namespace=ns)
+    stop = threading.Event()
+    appended: list[int] = []
+
+    errors: list[BaseException] = []
+
+    def append() -> None:  # the writer transport is used by this thread only from now on
+        try:
+            while not stop.is_set() and len(appended) < 20_000:
+                writer.append_log(b"late" + b"y" * 2000, round=2)
+                appended.append(1)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    th = threading.Thread(target=append, daemon=True)
+    try:
+        for i in range(300):
+            writer.append_log(b"r%03d" % i + b"x" * 4000, round=1)
+        handler, got = collect(acks=False)
+        t.consume("server", handler)
+        t.publish("server", b"held")
+        drain(t, got, 1)
+        conn = t._conn
+
+        def refused() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "NOT_IMPLEMENTED" in r.getMessage()]
+
+        with caplog.at_level(logging.WARNING, logger="pika"):
+            for _ in range(10):
+                t.read_log(from_offset=0, timeout=0.0)  # gives up while the broker is still sending
+            assert refused() == []
+            assert t._conn is conn and conn.is_open
+            th.start()
+            while len(appended) < 20 and not errors:
+                time.sleep(0.01)
+            began = time.monotonic()
+            for _ in range(5):  # bounded by the tail it measured, although the log keeps growing
+                recs = t.read_log(from_offset=250, round=1, timeout=2.0)
+                assert [r.body[:4] for r in recs] == [b"r%03d" % i for i in range(250, 300)]
+            reads_s = time.monotonic() - began
+            assert not errors and th.is_alive(), f"the writer stopped before the reads ended: {errors}"
+        stop.set()
+        th.join(timeout=30)
+        assert refused() == []
+        assert t._conn is conn and conn.is_open and t.reconnects == 0
+        assert reads_s < 30  # a liveness bound: before the fix a read followed the growing log to its end
+        # The delivery held across the reads is settled on its live channel: acknowledged, never redelivered.
+        got[0].ack()
+        t.process(0.5)
+        assert [d.body for d in got] == [b"held"]
+        full = t.read_log(from_offset=0, round=1, timeout=2.0)
+        assert [r.body[:4] for r in full] == [b"r%03d" % i for i in range(300)]
+    finally:
+        stop.set()
+        if th.is_alive():
+            th.join(timeout=30)
+        writer.close()
+        t.close()

@@ -38,7 +38,7 @@ from hfgan_core.runtime.embedded import EmbeddedRunner
 from hfgan_core.state import MemoryRoundStore
 from hfgan_core.transport import MemoryTransport
 
-CLIENT_METRICS = {"d_loss_real", "d_loss_fake", "g_loss", "step_s", "steps_dropped"}
+CLIENT_METRICS = {"d_loss_real", "d_loss_fake", "g_loss", "step_s", "compute_s", "steps_dropped"}
 SERVER_METRICS = {"windows", "window_s"}
 CUTS = [(0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0), (0, 1, 0, 1)]
 B = 32
