@@ -1,4 +1,7 @@
-"""The clustering service: activation summaries in, cluster assignment and KLD scores out."""
+"""The clustering service: activation summaries in, cluster assignment and KLD scores out.
+
+Summaries are taken for the round the ledger says the run is in; those of any other round are rejected (stale):
+the coordinator would refuse their result anyway, and clustering them is wasted work."""
 
 from __future__ import annotations
 

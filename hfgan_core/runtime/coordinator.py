@@ -15,6 +15,12 @@ a restarted coordinator (or a standby that won the lease) carry on from those do
 keeps collecting (its deadline continues), one in `aggregating` re-queues its jobs that have no result yet (an
 aggregator recomputes them bit for bit) and recomputes the models of those that have, one that is `done` is
 followed by the next.
+
+What it accepts: a round report only for a round that has started (a report for a later one is refused without a
+mark in the ledger); a clustering result from the clustering service about members of the run, with cluster ids
+below its k; an aggregation result only when its model is the one whose digest the aggregator recorded in the
+ledger. An arrived client without a KLD score (none of its real-data passes reached the server) is weighted like
+the least similar client that has one, rather than failing the round.
 """
 
 from __future__ import annotations
@@ -521,6 +527,9 @@ class CoordinatorRole(Role):
             return
 
         n_samples = {c: self.done[c].n_samples for c in arrived}
+        if tr.kld_weighting and self.round >= tr.kld_from_round:
+            kld_intra = self._fill_missing_kld(arrived, kld_intra, "intra-cluster")
+            kld_global = self._fill_missing_kld(arrived, kld_global, "global")
         w = aggregation_weights(
             round=self.round, clients=arrived, n_samples=n_samples, assignment=self.assignment,
             kld_intra=kld_intra, kld_global=kld_global, alpha=tr.alpha, kld_from_round=tr.kld_from_round,
@@ -566,6 +575,18 @@ class CoordinatorRole(Role):
         self._jobs_queued()
         self._late, self._dropped = late, dropped
         self._event("aggregating", jobs=len(jobs), arrived=len(arrived))
+
+    def _fill_missing_kld(self, arrived: list[int], scores: dict[int, float], what: str) -> dict[int, float]:
+        """KLD scores for every arrived client. A client that arrived without one (none of its real-data passes
+        reached the server this round: every step dropped; or no clustering result came at all) is weighted like
+        the least similar client that has one (plain n_k weights when none has), instead of failing the round."""
+        missing = [c for c in arrived if c not in scores]
+        if not missing:
+            return scores
+        fill = max((scores[c] for c in arrived if c in scores), default=0.0)
+        self.ctx.log.warning("coordinator: round %d: no %s KLD score for client(s) %s; weighting them with %.4g",
+                             self.round, what, missing, fill)
+        return {**scores, **{c: fill for c in missing}}
 
     def _next_cuts(self, arrived: list[int]) -> dict[int, CutBits]:
         tr = self.ctx.cfg.train

@@ -1086,7 +1086,7 @@ class AmqpTransport(Transport):
         Acknowledgements are the stream's credit: once `stop_at` is reached (or `follow_s` seconds after the first
         record) nothing more is acknowledged, so the broker stops after the prefetch window even while records keep
         being appended: a read is bounded. The consumer is then torn down by `_close_stream_channel`, never by
-        pika's `basic_cancel`."""
+        pika's `BlockingChannel.basic_cancel` or `close` (they reject what the consumer holds)."""
         out: list[tuple[int, dict[str, Any], bytes]] = []
         ch = self._conn.channel()
         flow: dict[str, Any] = {"ack": True, "until": None}
