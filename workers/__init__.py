@@ -16,6 +16,8 @@ Settings (flags win over the environment, which wins over the config file's `[ru
 
 More in the environment (hfgan_core/runtime/worker.py): `HFGAN_BROKER_NAMESPACE` (AMQP namespace, `hfgan`),
 `HFGAN_HEARTBEAT_S` (2), `HFGAN_HEARTBEAT_TTL_S` (10), `HFGAN_LEASE_TTL_S` (15), `HFGAN_CONNECT_TIMEOUT_S` (60).
+For fault-injection tests only: `HFGAN_TEST_AGGREGATOR_HOLD=<round>:<seconds>` makes an aggregator pause with a job
+of that round in hand (after recording its digest, before answering); unset in every real deployment.
 
 Role flags: client `--client K` (a fixed client instead of a claimed slot); aggregator `--index I`; coordinator
 `--standby-ok` (wait as standby while another coordinator leads; without it a coordinator waits one lease TTL for

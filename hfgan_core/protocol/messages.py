@@ -39,7 +39,7 @@ WIRE_VERSION = 1
 class Spec:
     """How one payload field travels and what a decoder accepts for it."""
 
-    kind: str  # int, float, str, bool, ints, floats, cuts, metrics, strmap, intmap, floatmap, tensor, tensors
+    kind: str  # int, float, str, bool, ints, floats, strs, cuts, metrics, strmap, intmap, floatmap, tensor, tensors
     optional: bool = False
     finite: bool = True  # tensors and floats: reject NaN / inf
     compress: bool = False  # tensors: may travel as float16/bfloat16 (activations and gradients)
@@ -110,7 +110,7 @@ class Message:
                 out[f.name] = {k: tensor_to_wire(v, narrow) for k, v in value.items()}
             elif spec.kind == "cuts":
                 out[f.name] = [list(map(int, c)) for c in value]
-            elif spec.kind in ("ints", "floats"):
+            elif spec.kind in ("ints", "floats", "strs"):
                 out[f.name] = list(value)
             else:
                 out[f.name] = value
@@ -243,6 +243,10 @@ def _decode_value(value: Any, spec: Spec, where: str, limits: Limits, budget: _B
         if spec.finite and not all(math.isfinite(x) for x in value):
             raise WireError("non_finite", f"{where}: not finite")
         return tuple(float(x) for x in value)
+    if k == "strs":
+        _check(isinstance(value, list) and all(isinstance(x, str) and len(x) <= 200 for x in value), where,
+               "a list of strings of at most 200 characters")
+        return tuple(value)
     if k == "cuts":
         ok = isinstance(value, list) and all(
             isinstance(c, list) and len(c) == 4 and all(b in (0, 1) and _is_int(b) for b in c) for c in value
@@ -531,6 +535,9 @@ class AggregateDone(Message):
     members: tuple[int, ...] = _f("ints")
     digest: str = _f("str")
     state: dict[str, torch.Tensor] = _f("tensors", float_only=False)
+    # msg_ids of every update of the round the aggregator found in the log (the coordinator accounts for those
+    # that no job used).
+    seen_updates: tuple[str, ...] = _f("strs", default=())
 
 
 @register

@@ -123,7 +123,8 @@ class AggregatorRole(Role):
                 self.send(client_address(c), ModelAssignment(**env, client=c, cluster=msg.cluster,
                                                              state=client_layers(self.arch, CutBits(*bits), model)))
         self.send(COORDINATOR, AggregateDone(**env, cluster=msg.cluster, members=msg.members, digest=digest,
-                                             state=model))
+                                             state=model, seen_updates=tuple(sorted(updates.clients) +
+                                                                             sorted(updates.server))))
         self.jobs_done += 1
 
 

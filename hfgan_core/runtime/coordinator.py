@@ -458,6 +458,16 @@ class CoordinatorRole(Role):
         self._aggregate()
 
     def tick(self, now: float) -> None:
+        if self.phase == "admitting" and self.members and \
+                now >= self.admit_started + self.ctx.cfg.runtime.round_deadline_s:
+            # Admission has the round deadline too: with a quorum of the expected clients the run starts; the
+            # others join a later round when they come.
+            need = max(1, math.ceil(self.ctx.cfg.runtime.quorum * self.expected))
+            if len(self.members) >= need:
+                self.ctx.log.warning("coordinator: admission deadline passed; starting with %d of %d clients",
+                                     len(self.members), self.expected)
+                self._admit()
+            return
         if self.phase == "training" and now >= self.deadline:
             self.phase = "closing"
             missing = [c for c in self.participants if c not in self.done]
@@ -515,11 +525,27 @@ class CoordinatorRole(Role):
             self.assignment.setdefault(c, 0)
         ctx.store.set_clusters(ctx.run, self.round, self.assignment, kld_intra, kld_global)
 
+        # A client whose every step was dropped reports an unchanged model: it is not averaged in.
+        untrained = [c for c in arrived if self.done[c].steps_done == 0]
+        for c in untrained:
+            ctx.store.mark_client(ctx.run, self.round, c, "late", "no completed step this round: not aggregated", now)
+        ledger.add_discarded(ctx.store, ctx.run, self.round, {
+            self.done[c].update_digest: f"client {c} completed no step in round {self.round}" for c in untrained})
+        arrived = [c for c in arrived if c not in untrained]
         quorum_ok = len(arrived) >= max(1, math.ceil(cfg.runtime.quorum * len(self.participants)))
         if not quorum_ok or self.server_done is None or self.server_done.steps_done == 0:
             reason = "quorum not met" if not quorum_ok else "no training happened"
             ctx.log.warning("coordinator: round %d not aggregated (%s: %d of %d arrived)", self.round, reason,
                             len(arrived), len(self.participants))
+            why = f"round {self.round} not aggregated: {reason}"
+            discarded = {self.done[c].update_digest: why for c in arrived}
+            if self.server_done is not None:
+                discarded[self.server_done.update_digest] = why
+            # Updates logged by clients whose report never came are in the log only: no aggregator will read this
+            # round, so the coordinator does.
+            logged = read_round_updates(ctx, self.round)
+            discarded.update({uid: why for uid in [*logged.clients, *logged.server] if uid not in discarded})
+            ledger.add_discarded(ctx.store, ctx.run, self.round, discarded)
             self._event("skipped", reason=reason)
             self.phase = "aggregating"
             ctx.store.transition(ctx.run, self.round, "training", self.round, "aggregating")
@@ -625,8 +651,22 @@ class CoordinatorRole(Role):
                                ledger.agg_doc(msg.cluster, msg.digest, msg.members, msg.msg_id))
         self.results[msg.cluster] = msg
         if len(self.results) == len(self.jobs):
+            self._discard_unused_updates()
             self._finish_round(sorted(self.done), self._dropped, self._late,
                                {k: r.state for k, r in self.results.items()}, aggregated=True)
+
+    def _discard_unused_updates(self) -> None:
+        """Updates of this round that are in the log but in no job (a client that logged its update and died
+        before its report arrived, a report that came too late) are recorded as discarded, with why."""
+        used = {uid for job in self.jobs.values() for uid in job.update_ids.values()}
+        known = {self.done[c].update_digest: c for c in self.done}
+        seen = {uid for r in self.results.values() for uid in r.seen_updates}
+        unused = {}
+        for uid in sorted(seen - used):
+            if uid in known:
+                continue  # already recorded (e.g. a client that completed no step)
+            unused[uid] = f"no round report reached the coordinator before round {self.round} closed"
+        ledger.add_discarded(self.ctx.store, self.ctx.run, self.round, unused)
 
     def _finish_round(self, arrived, dropped, late, models, aggregated: bool) -> None:
         ctx = self.ctx

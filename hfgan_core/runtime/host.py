@@ -109,6 +109,10 @@ class RoleHost:
         if msg.run != ctx.run:
             self._reject(delivery, f"wrong_run: message for run {msg.run!r}, this worker serves {ctx.run!r}")
             return
+        forged = _forged_sender(delivery.headers.get("user_id"), msg.sender)
+        if forged:
+            self._reject(delivery, forged)
+            return
         if msg.msg_id in self._seen:
             delivery.ack()  # a redelivered duplicate of something already handled
             return
@@ -136,6 +140,23 @@ class RoleHost:
         self.rejected[reason.split(":", 1)[0]] += 1
         self.role.ctx.log.warning("%s: rejected a message on %s: %s", self.role.name, delivery.address, reason)
         delivery.reject(reason)
+
+
+def _forged_sender(user: str | None, sender: str) -> str | None:
+    """When the broker vouches for the publishing user (AMQP `user_id`, checked by RabbitMQ against the connection)
+    and that user is one of the role users, the message's self-declared sender must be that role: a client cannot
+    speak for another client or for the server. Other users (guest, administrators, tests) are not role-bound."""
+    if not user:
+        return None
+    if user in ("coordinator", "server", "clustering"):
+        ok = sender == user
+    elif user == "aggregator":
+        ok = sender.startswith("aggregator.")
+    elif user.startswith("client-") and user[7:].isdigit():
+        ok = sender == f"client.{int(user[7:])}"
+    else:
+        return None
+    return None if ok else f"forged_sender: broker user {user!r} sent a message as {sender!r}"
 
 
 class _null:

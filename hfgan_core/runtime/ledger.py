@@ -14,6 +14,7 @@ still queued for it; nothing acknowledged is lost. Documents per round `r` (`get
 | `cluster_result`  | the clustering service's result     | assignment, kld_intra, kld_global, k, msg_id          |
 | `job.<k>`         | before the round is `aggregating`   | the aggregation job (aggregator.job_document)         |
 | `agg.<k>`         | an aggregate_done is accepted       | digest, members, msg_id (the model is recomputed)     |
+| `discarded`       | the round's updates are settled     | update msg_id -> why it will never be aggregated      |
 
 All numbers survive the JSON round trip exactly (Python writes floats with repr), so a job rebuilt from its
 document reproduces the aggregation bit for bit.
@@ -33,6 +34,7 @@ MEMBERS = "members"
 START = "start"
 SERVER_DONE = "server_done"
 CLUSTER_RESULT = "cluster_result"
+DISCARDED = "discarded"
 
 
 def done_name(client: int) -> str:
@@ -59,6 +61,7 @@ class RoundDocs:
         self.start = _load(raw.get(START))
         self.server_done = _load(raw.get(SERVER_DONE))
         self.cluster_result = _load(raw.get(CLUSTER_RESULT))
+        self.discarded: dict[str, str] = _load(raw.get(DISCARDED)) or {}
         self.done = {int(k.split(".", 1)[1]): _load(v) for k, v in raw.items()
                      if k.startswith("done.") and k.split(".", 1)[1].lstrip("-").isdigit()}
         self.jobs = {int(k.split(".", 1)[1]): _load(v) for k, v in raw.items()
@@ -146,6 +149,15 @@ def cluster_result_from_doc(run: str, round: int, doc: dict[str, Any]) -> Cluste
                          assignment={k: int(v) for k, v in doc["assignment"].items()},
                          kld_intra={k: float(v) for k, v in doc["kld_intra"].items()},
                          kld_global={k: float(v) for k, v in doc["kld_global"].items()}, k=int(doc["k"]))
+
+
+def add_discarded(store: RoundStore, run: str, round: int, updates: dict[str, str]) -> None:
+    """Record updates that will never be aggregated, with the reason (merged into the round's `discarded`)."""
+    if not updates:
+        return
+    current = _load(store.get_docs(run, round).get(DISCARDED)) or {}
+    current.update(updates)
+    store.put_doc(run, round, DISCARDED, _dump(current))
 
 
 def agg_doc(cluster: int, digest: str, members: tuple[int, ...], msg_id: str) -> str:

@@ -265,7 +265,7 @@ def client_state(heartbeat: str) -> tuple[int, str, int] | None:
 class Accounts:
     published: dict[str, Any]  # msg_id -> ClientUpdate / ServerUpdate in the update log (this run)
     aggregated: set[str]  # msg_ids named by the jobs the ledger records
-    dead: dict[str, str]  # msg_id -> reason: updates announced by (or sent as) a dead-lettered message
+    dead: dict[str, str]  # msg_id -> reason: updates dead-lettered (or whose report was), or discarded in the ledger
 
     @property
     def unaccounted(self) -> dict[str, str]:
@@ -300,8 +300,12 @@ def account(run: Run, rounds: int) -> Accounts:
         t.close()
     aggregated: set[str] = set()
     for r in range(1, rounds + 1):
-        for job in run.docs(r).jobs.values():
+        docs = run.docs(r)
+        for job in docs.jobs.values():
             aggregated |= set(job["update_ids"].values())
+        # Updates the coordinator settled as never to be aggregated, each with its reason (ledger `discarded`).
+        for uid, reason in docs.discarded.items():
+            dead.setdefault(uid, f"ledger: {reason}")
     return Accounts(published, aggregated, dead)
 
 

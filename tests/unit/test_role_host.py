@@ -273,3 +273,27 @@ def test_host_binds_through_the_transport():
     dead = transport.dead_letters()
     assert len(dead) == 1 and dead[0].body == other_run.encode() and dead[0].reason.startswith("wrong_run")
     assert transport.pending() == 0
+
+
+def test_a_role_user_cannot_speak_for_another_role():
+    """With role credentials the broker vouches for the publishing user (`user_id`): the self-declared sender must
+    be that user's role; users that are not role users (guest, administrators) are not checked."""
+    host = RoleHost(_Recorder(_ctx(MemoryTransport())))
+
+    def deliver(sender: str, user: str | None):
+        settled: list = []
+        msg = RoundEvent(run=RUN, round=1, sender=sender, event="started")
+        headers = {"user_id": user} if user else {}
+        host.on_delivery(Delivery(msg.encode(), "coordinator", headers=headers,
+                                  _settle=lambda how, reason: settled.append((how, reason))))
+        return settled[0]
+
+    assert deliver("client.0", "client-1")[0] == "reject"
+    assert deliver("client.0", "client-1")[1].startswith("forged_sender")
+    assert deliver("coordinator", "aggregator")[0] == "reject"
+    assert deliver("server", "client-0")[0] == "reject"
+    assert deliver("client.1", "client-1") == ("ack", None)
+    assert deliver("aggregator.3", "aggregator") == ("ack", None)
+    assert deliver("server", "server") == ("ack", None)
+    assert deliver("client.0", "guest") == ("ack", None)
+    assert deliver("client.0", None) == ("ack", None)
