@@ -65,6 +65,24 @@ def load_checkpoint(path: str | Path, *, role: str | None = None) -> dict[str, A
     return blob
 
 
+def models_from_checkpoint(blob: dict[str, Any]) -> tuple:
+    """(cluster models, global model, assignment, cuts) held by a coordinator checkpoint."""
+    from ..model import CutBits
+
+    clusters: dict[int, dict] = {}
+    global_model = None
+    for name, t in blob["state"].items():
+        head, key = name.split("/", 1)
+        if head == "global":
+            global_model = global_model or {}
+            global_model[key] = t
+        else:
+            clusters.setdefault(int(head[len("cluster"):]), {})[key] = t
+    extra = blob["extra"]
+    return (clusters, global_model, {int(c): int(k) for c, k in extra["assignment"].items()},
+            {int(c): CutBits.parse(b) for c, b in extra["cuts"].items()})
+
+
 def write_manifest(run_dir: str | Path, round: int, config: dict[str, Any], files: list[str]) -> Path:
     path = round_dir(run_dir, round) / "manifest.json"
     body = json.dumps({"format": FORMAT, "version": VERSION, "round": round, "config": config, "files": files},

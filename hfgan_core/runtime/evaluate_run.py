@@ -37,18 +37,7 @@ def latest_models(run_dir: Path) -> tuple[RunConfig, int, dict[int, dict], dict 
     cfg = run_config(run_dir)
     if RunConfig.from_dict(blob["config"]).digest() != cfg.digest():
         raise ConfigError(f"{run_dir}/config.toml does not describe the run of its round {rnd} checkpoint")
-    clusters: dict[int, dict] = {}
-    global_model = None
-    for name, t in blob["state"].items():
-        head, key = name.split("/", 1)
-        if head == "global":
-            global_model = global_model or {}
-            global_model[key] = t
-        else:
-            clusters.setdefault(int(head[len("cluster"):]), {})[key] = t
-    extra = blob["extra"]
-    assignment = {int(c): int(k) for c, k in extra["assignment"].items()}
-    cuts = {int(c): CutBits.parse(b) for c, b in extra["cuts"].items()}
+    clusters, global_model, assignment, cuts = ckpt.models_from_checkpoint(blob)
     return cfg, rnd, clusters, global_model, assignment, cuts
 
 

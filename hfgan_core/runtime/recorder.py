@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig, dump_toml
+from ..config import ConfigError, RunConfig, dump_toml
 from ..evaluation import (
     EvalSettings,
     MetricsLog,
@@ -242,6 +242,15 @@ def write_run_marker(run_dir: Path, cfg: RunConfig, run_id: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / RUN_MARKER, {"run_id": run_id, "digest": cfg.digest(), "created": time.time()})
     (run_dir / "config.toml").write_text(dump_toml(cfg))
+
+
+def same_run_marker(run_dir: Path, cfg: RunConfig, hint: str = "choose another --run-dir") -> dict[str, Any] | None:
+    """The directory's run marker if it holds this run, None if it holds none; ConfigError for a different run."""
+    marker = read_run_marker(run_dir)
+    if marker is not None and marker.get("digest") != cfg.digest():
+        raise ConfigError(f"run directory {run_dir} already holds a different run (config digest "
+                          f"{str(marker.get('digest'))[:12]}); {hint}")
+    return marker
 
 
 def read_run_marker(run_dir: Path) -> dict[str, Any] | None:

@@ -368,13 +368,10 @@ def _check_shared(cfg: RunConfig) -> None:
 # -------------------------------------------------------------------------------------------- coordinator
 def check_coordinator_run_dir(run_dir: Path, cfg: RunConfig, known_in_ledger: bool) -> str:
     """"new" (an empty directory, or one holding only logs/), "resume" (this run); ConfigError otherwise."""
-    from .recorder import read_run_marker
+    from .recorder import same_run_marker
 
-    marker = read_run_marker(run_dir)
+    marker = same_run_marker(run_dir, cfg, "choose another run directory")
     if marker is not None:
-        if marker.get("digest") != cfg.digest():
-            raise ConfigError(f"run directory {run_dir} holds a different run (config digest "
-                              f"{str(marker.get('digest'))[:12]}); choose another run directory")
         if marker.get("run_id") not in (None, cfg.runtime.run_id):
             raise ConfigError(f"run directory {run_dir} holds run {marker.get('run_id')!r}, not "
                               f"{cfg.runtime.run_id!r}")
@@ -482,7 +479,7 @@ def _serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
                                resume_from=resume_from)
         if blob is not None and blob["extra"].get("aggregated", True):
             # The models the final evaluation uses until a round ends in this process.
-            recorder.last_models = models_from_checkpoint(blob)
+            recorder.last_models = ckpt.models_from_checkpoint(blob)
         planner, replanner = make_planner(cfg) if cfg.train.cuts == "plan" else (None, None)
         def on_round_end(report: RoundReport):
             return recorder.on_round_end(report)
@@ -530,24 +527,6 @@ def _serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
         except Exception as exc:  # the lease expires by itself
             log.debug("release_leader: %s", exc)
         close_quietly(transport, store)
-
-
-def models_from_checkpoint(blob: dict[str, Any]) -> tuple:
-    """(cluster models, global model, assignment, cuts) of a coordinator checkpoint (RunRecorder.last_models)."""
-    from ..model import CutBits
-
-    clusters: dict[int, dict] = {}
-    global_model = None
-    for name, t in blob["state"].items():
-        head, key = name.split("/", 1)
-        if head == "global":
-            global_model = global_model or {}
-            global_model[key] = t
-        else:
-            clusters.setdefault(int(head[len("cluster"):]), {})[key] = t
-    extra = blob["extra"]
-    return (clusters, global_model, {int(c): int(k) for c, k in extra["assignment"].items()},
-            {int(c): CutBits.parse(b) for c, b in extra["cuts"].items()})
 
 
 def finalize_run(cfg: RunConfig, store, run_id: str, recorder, role, data, *, utility: bool,

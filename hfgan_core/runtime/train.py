@@ -14,18 +14,15 @@ from ..config import ConfigError, RunConfig
 from ..model import CutBits
 from . import checkpoint as ckpt
 from .embedded import EmbeddedResult, EmbeddedRunner, Progress
-from .recorder import RunRecorder, ensure_classifiers, read_run_marker, write_run_marker
+from .recorder import RunRecorder, ensure_classifiers, same_run_marker, write_run_marker
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> int:
     """The round to resume from (0 for a new run); ConfigError if the directory holds something else."""
-    marker = read_run_marker(run_dir)
+    marker = same_run_marker(run_dir, cfg)
     if marker is not None:
-        if marker.get("digest") != cfg.digest():
-            raise ConfigError(f"run directory {run_dir} already holds a different run (config digest "
-                              f"{str(marker.get('digest'))[:12]}); choose another --run-dir")
         if not resume:
             raise ConfigError(f"run directory {run_dir} already holds this run; pass --resume to continue it or "
                               "choose another --run-dir")
