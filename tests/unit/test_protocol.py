@@ -54,6 +54,7 @@ def _value(spec: Spec, gen: torch.Generator) -> Any:
         "bool": True,
         "ints": (0, 3, 2),
         "floats": (0.25, 1.5, 3.0),
+        "strs": ("msg-a", "msg-b"),
         "cuts": ((0, 1, 0, 1), (1, 1, 1, 1)),
         "metrics": {"g_loss": 1.25, "step_s": 0.5},
         "floatmap": {"0": 0.125, "1": 2.0},
