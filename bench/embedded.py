@@ -30,11 +30,11 @@ from hfgan_core.runtime.unsplit import UnsplitGAN  # noqa: E402
 CUTS = ((0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0), (1, 1, 1, 0))
 
 
-
 def embedded_run(clients: int, steps: int, wire: str) -> dict:
-    cfg = RunConfig(scenario=ScenarioConfig(domains=(DomainConfig("synthetic", clients),)),
-                    train=TrainConfig(rounds=1, local_epochs=1, steps_per_epoch=steps, cuts=CUTS,
-                                      wire_dtype=wire)).validate()
+    cfg = RunConfig(
+        scenario=ScenarioConfig(domains=(DomainConfig("synthetic", clients),)),
+        train=TrainConfig(rounds=1, local_epochs=1, steps_per_epoch=steps, cuts=CUTS, wire_dtype=wire),
+    ).validate()
     datas = [TensorClientData.random(1024, i) for i in range(clients)]
     runner = EmbeddedRunner(cfg, datas, [0] * clients, run_id="bench")
     t0 = time.perf_counter()
@@ -43,9 +43,15 @@ def embedded_run(clients: int, steps: int, wire: str) -> dict:
     server = result.reports[0].server_metrics
     train_s = server["window_s"] * server["windows"]
     samples = clients * cfg.train.batch_size * steps
-    return {"wall_s": wall, "train_s": train_s, "samples": samples, "samples_per_s": samples / wall,
-            "train_samples_per_s": samples / train_s, "bytes": result.bytes_sent,
-            "bytes_per_step": result.bytes_sent / steps}
+    return {
+        "wall_s": wall,
+        "train_s": train_s,
+        "samples": samples,
+        "samples_per_s": samples / wall,
+        "train_samples_per_s": samples / train_s,
+        "bytes": result.bytes_sent,
+        "bytes_per_step": result.bytes_sent / steps,
+    }
 
 
 def unsplit_run(clients: int, steps: int) -> dict:
@@ -77,25 +83,34 @@ def main() -> int:
     for i in range(args.repeats):
         uns.append(unsplit_run(args.clients, args.steps))
         emb.append(embedded_run(args.clients, args.steps, args.wire))
-        print(f"repeat {i + 1}: unsplit {uns[-1]['samples_per_s']:.1f} samples/s, embedded "
-              f"{emb[-1]['samples_per_s']:.1f} samples/s (training only {emb[-1]['train_samples_per_s']:.1f})",
-              file=sys.stderr)
+        print(
+            f"repeat {i + 1}: unsplit {uns[-1]['samples_per_s']:.1f} samples/s, embedded "
+            f"{emb[-1]['samples_per_s']:.1f} samples/s (training only {emb[-1]['train_samples_per_s']:.1f})",
+            file=sys.stderr,
+        )
     best_e = max(emb, key=lambda r: r["samples_per_s"])
     best_u = max(uns, key=lambda r: r["samples_per_s"])
     out = {
-        "clients": args.clients, "steps": args.steps, "batch_per_client": 64, "wire_dtype": args.wire,
-        "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "unsplit": best_u, "embedded": best_e,
+        "clients": args.clients,
+        "steps": args.steps,
+        "batch_per_client": 64,
+        "wire_dtype": args.wire,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "unsplit": best_u,
+        "embedded": best_e,
         "ratio": best_e["samples_per_s"] / best_u["samples_per_s"],
         "ratio_training_only": best_e["train_samples_per_s"] / best_u["samples_per_s"],
         "runs": {"unsplit": uns, "embedded": emb},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"| runtime | samples/s | ratio |\n|---|---|---|\n"
-          f"| unsplit, one process (batch {64 * args.clients}) | {best_u['samples_per_s']:.1f} | 1.00 |\n"
-          f"| embedded, {args.clients} clients (whole round) | {best_e['samples_per_s']:.1f} | {out['ratio']:.2f} |\n"
-          f"| embedded, steps only | {best_e['train_samples_per_s']:.1f} | {out['ratio_training_only']:.2f} |")
+    print(
+        f"| runtime | samples/s | ratio |\n|---|---|---|\n"
+        f"| unsplit, one process (batch {64 * args.clients}) | {best_u['samples_per_s']:.1f} | 1.00 |\n"
+        f"| embedded, {args.clients} clients (whole round) | {best_e['samples_per_s']:.1f} | {out['ratio']:.2f} |\n"
+        f"| embedded, steps only | {best_e['train_samples_per_s']:.1f} | {out['ratio_training_only']:.2f} |"
+    )
     return 0
 
 

@@ -36,8 +36,10 @@ def find_reference(explicit: str | None) -> Path:
     env = os.environ.get("HFGAN_REFERENCE_DIR")
     if env:
         candidates.append(Path(env) / "cut_selection" / "ga_ref20.json")
-    candidates += [ROOT / "tests" / "data" / "ga_ref20.json",
-                   ROOT.parent / "shared" / "reference" / "cut_selection" / "ga_ref20.json"]
+    candidates += [
+        ROOT / "tests" / "data" / "ga_ref20.json",
+        ROOT.parent / "shared" / "reference" / "cut_selection" / "ga_ref20.json",
+    ]
     for c in candidates:
         if c.is_file():
             return c
@@ -74,8 +76,11 @@ def main() -> int:
     t0 = time.perf_counter()
     costs = {m: compute_costs(batch_size=64, cost_model=m) for m in ("paper", "corrected")}
     cost_seconds = (time.perf_counter() - t0) / 2
-    server = ServerProfile(ref["server"]["computational_frequency"], ref["server"]["cpu_cycles_per_flop"],
-                           ref["server"]["transmission_rate"])
+    server = ServerProfile(
+        ref["server"]["computational_frequency"],
+        ref["server"]["cpu_cycles_per_flop"],
+        ref["server"]["transmission_rate"],
+    )
     ref_clients = [DeviceProfile(*p) for p in ref["client_profiles_cpu_mhz_flops_per_cycle_data_rate"]]
 
     # The latency model against the reference's 200 vectors.
@@ -88,8 +93,14 @@ def main() -> int:
     cases = [
         ("20 clients, reference list", "paper", ref_clients, ref["best_latency_s"], REF_SECONDS_20, ga_best),
         ("20 clients, corrected costs", "corrected", ref_clients, None, None, ga_best),
-        ("80 clients, reference list x4", "paper", ref_clients * 4, None, (REF_SECONDS_80, REF_SECONDS_80),
-         np.tile(ga_best, (4, 1))),
+        (
+            "80 clients, reference list x4",
+            "paper",
+            ref_clients * 4,
+            None,
+            (REF_SECONDS_80, REF_SECONDS_80),
+            np.tile(ga_best, (4, 1)),
+        ),
         ("100 clients, distinct random", "paper", random_profiles(100, 0), None, None, None),
         ("1000 clients, distinct random", "paper", random_profiles(1000, 1), None, None, None),
     ]
@@ -118,8 +129,12 @@ def main() -> int:
 
     result = {
         "what": "exact cut planner vs the reference genetic search (population 1000, 1000 generations)",
-        "machine": {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform(),
-                    "cpus": os.cpu_count()},
+        "machine": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
         "repeats": args.repeats,
         "cost_table_seconds": cost_seconds,
         "latency_model_max_rel_error_200_vectors": max_rel,
@@ -135,20 +150,26 @@ def main() -> int:
     print(f"latency model vs the reference's 200 vectors: max relative error {max_rel:.2e}")
     print(f"cost table from the model: {cost_seconds * 1e3:.0f} ms (once per batch size and cost model)")
     print()
-    header = (f"{'case':<31} {'N':>5} {'planner s':>10} {'latency s':>10} {'ref latency':>11} {'ref cuts':>9} "
-              f"{'all-1':>9} {'all-0':>9} {'ref search s':>13} {'speedup':>17}")
+    header = (
+        f"{'case':<31} {'N':>5} {'planner s':>10} {'latency s':>10} {'ref latency':>11} {'ref cuts':>9} "
+        f"{'all-1':>9} {'all-0':>9} {'ref search s':>13} {'speedup':>17}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         ref_s, sp = r["reference_seconds"], r["speedup"]
         ref_txt = "-" if not ref_s else "-".join(dict.fromkeys(f"{x:.0f}" for x in ref_s))
         sp_txt = "-" if not sp else "-".join(dict.fromkeys(f"{x:.3g}" for x in sp)) + "x"
-        print(f"{r['case']:<31} {r['clients']:>5} {r['planner_seconds']:>10.5f} {r['planner_latency_s']:>10.4f} "
-              f"{fmt_s(r['reference_latency_s']):>11} {fmt_s(r['reference_cuts_latency_s']):>9} "
-              f"{r['all_ones_latency_s']:>9.3f} {r['all_zeros_latency_s']:>9.3f} {ref_txt:>13} {sp_txt:>17}")
+        print(
+            f"{r['case']:<31} {r['clients']:>5} {r['planner_seconds']:>10.5f} {r['planner_latency_s']:>10.4f} "
+            f"{fmt_s(r['reference_latency_s']):>11} {fmt_s(r['reference_cuts_latency_s']):>9} "
+            f"{r['all_ones_latency_s']:>9.3f} {r['all_zeros_latency_s']:>9.3f} {ref_txt:>13} {sp_txt:>17}"
+        )
     print()
-    print("ref latency: the genetic search's answer; ref cuts: the modelled latency of its 20-client cuts "
-          "(tiled for 80); all-1/all-0: every client keeps / gives away every optional block")
+    print(
+        "ref latency: the genetic search's answer; ref cuts: the modelled latency of its 20-client cuts "
+        "(tiled for 80); all-1/all-0: every client keeps / gives away every optional block"
+    )
     print(f"wrote {out}")
     return 0
 

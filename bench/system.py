@@ -70,7 +70,6 @@ BATCH = 64
 MB = 1e6
 
 
-
 # ---------------------------------------------------------------------------------------------- instrumentation
 @dataclass
 class Tally:
@@ -141,6 +140,7 @@ def instrumented(base: type[Transport]) -> type[Transport]:
             return self._timed(super().process, timeout)
 
         if hasattr(base, "process_one"):
+
             def process_one(self) -> bool:
                 return self._timed(super().process_one)
 
@@ -148,11 +148,38 @@ def instrumented(base: type[Transport]) -> type[Transport]:
     return Instrumented
 
 
-STORE_CALLS = ("init_run", "run_info", "set_status", "get_round", "transition", "set_expected", "mark_client",
-               "round_clients", "claim_slot", "release_slot", "heartbeat", "alive", "acquire_leader",
-               "release_leader", "set_cuts", "get_cuts", "set_clusters", "get_clusters", "set_weights",
-               "get_weights", "set_model_digest", "get_model_digests", "set_log_offset", "get_log_offset",
-               "set_checkpoint", "get_checkpoints", "record_metrics", "get_metrics", "put_doc", "get_docs")
+STORE_CALLS = (
+    "init_run",
+    "run_info",
+    "set_status",
+    "get_round",
+    "transition",
+    "set_expected",
+    "mark_client",
+    "round_clients",
+    "claim_slot",
+    "release_slot",
+    "heartbeat",
+    "alive",
+    "acquire_leader",
+    "release_leader",
+    "set_cuts",
+    "get_cuts",
+    "set_clusters",
+    "get_clusters",
+    "set_weights",
+    "get_weights",
+    "set_model_digest",
+    "get_model_digests",
+    "set_log_offset",
+    "get_log_offset",
+    "set_checkpoint",
+    "get_checkpoints",
+    "record_metrics",
+    "get_metrics",
+    "put_doc",
+    "get_docs",
+)
 
 
 def time_store(store: RoundStore, tally: Tally) -> None:
@@ -186,9 +213,9 @@ def service_cpu_s(names: tuple[str, ...] = ("beam.smp", "redis-server")) -> dict
             text = stat.read_text()
         except OSError:
             continue
-        comm = text[text.find("(") + 1:text.rfind(")")]
+        comm = text[text.find("(") + 1 : text.rfind(")")]
         if comm in names:
-            fields = text[text.rfind(")") + 2:].split()
+            fields = text[text.rfind(")") + 2 :].split()
             out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
@@ -203,9 +230,12 @@ class Settings:
 
 
 def config(clients: int, wire: str, steps: int) -> RunConfig:
-    return RunConfig(scenario=ScenarioConfig(name="bench-system", domains=(DomainConfig("synthetic", clients),)),
-                     train=TrainConfig(rounds=1, local_epochs=1, steps_per_epoch=steps, batch_size=BATCH, cuts=CUTS,
-                                       wire_dtype=wire)).validate()
+    return RunConfig(
+        scenario=ScenarioConfig(name="bench-system", domains=(DomainConfig("synthetic", clients),)),
+        train=TrainConfig(
+            rounds=1, local_epochs=1, steps_per_epoch=steps, batch_size=BATCH, cuts=CUTS, wire_dtype=wire
+        ),
+    ).validate()
 
 
 BACKENDS = ("memory", "amqp", "amqp-recv", "amqp-noconfirm", "amqp-recv-noconfirm")
@@ -316,26 +346,47 @@ def one_run(clients: int, kind: str, wire: str, s: Settings, profile: cProfile.P
     published = int(transport.published_bytes)  # type: ignore[attr-defined]
     receive_s = max(0.0, tally.process_s - tally.handler_s)
     return {
-        "clients": clients, "backend": kind, "wire_dtype": wire, "steps": s.steps, "client_steps": client_steps,
-        "complete": sorted(report.arrived) == list(range(clients)) and not report.dropped
+        "clients": clients,
+        "backend": kind,
+        "wire_dtype": wire,
+        "steps": s.steps,
+        "client_steps": client_steps,
+        "complete": sorted(report.arrived) == list(range(clients))
+        and not report.dropped
         and int(server.get("windows", 0)) == s.steps,
-        "dropped": {str(k): v for k, v in report.dropped.items()}, "late": {str(k): v for k, v in report.late.items()},
-        "windows": server.get("windows"), "window_s": server.get("window_s"),
-        "span_s": span, "window_total_s": window_total, "round_wall_s": report.wall_s, "run_wall_s": wall,
-        "client_steps_per_s": client_steps / span, "client_steps_per_s_windows": client_steps / window_total,
+        "dropped": {str(k): v for k, v in report.dropped.items()},
+        "late": {str(k): v for k, v in report.late.items()},
+        "windows": server.get("windows"),
+        "window_s": server.get("window_s"),
+        "span_s": span,
+        "window_total_s": window_total,
+        "round_wall_s": report.wall_s,
+        "run_wall_s": wall,
+        "client_steps_per_s": client_steps / span,
+        "client_steps_per_s_windows": client_steps / window_total,
         "client_steps_per_s_round": client_steps / report.wall_s,
-        "published_bytes": published, "split_bytes": tally.split_bytes, "split_messages": tally.split_messages,
-        "bytes_per_client_step": published / client_steps, "split_bytes_per_client_step": tally.split_bytes /
-        client_steps, "split_bytes_per_message": tally.split_bytes / max(1, tally.split_messages),
+        "published_bytes": published,
+        "split_bytes": tally.split_bytes,
+        "split_messages": tally.split_messages,
+        "bytes_per_client_step": published / client_steps,
+        "split_bytes_per_client_step": tally.split_bytes / client_steps,
+        "split_bytes_per_message": tally.split_bytes / max(1, tally.split_messages),
         "bytes_by_kind": dict(sorted(by_kind.items())),
-        "transport_s": {"publish": tally.publish_s, "receive": receive_s, "store": tally.store_s,
-                        "store_calls": tally.store_calls,
-                        "store_by_call": {k: round(v, 4) for k, v in sorted(tally.store_by_call.items(),
-                                                                          key=lambda kv: -kv[1])[:8]}},
+        "transport_s": {
+            "publish": tally.publish_s,
+            "receive": receive_s,
+            "store": tally.store_s,
+            "store_calls": tally.store_calls,
+            "store_by_call": {
+                k: round(v, 4) for k, v in sorted(tally.store_by_call.items(), key=lambda kv: -kv[1])[:8]
+            },
+        },
         "transport_share_of_round": (tally.publish_s + receive_s + tally.store_s) / report.wall_s,
         # CPU seconds per client-step of the whole run: this process, and the broker and Redis (when local).
-        "cpu_s_per_client_step": {"bench": cpu / client_steps,
-                                  **{k: (svc1.get(k, 0.0) - v) / client_steps for k, v in svc0.items()}},
+        "cpu_s_per_client_step": {
+            "bench": cpu / client_steps,
+            **{k: (svc1.get(k, 0.0) - v) / client_steps for k, v in svc0.items()},
+        },
     }
 
 
@@ -345,12 +396,23 @@ def profile_run(clients: int, kind: str, s: Settings, top: int = 30) -> dict:
     stats = pstats.Stats(prof, stream=io.StringIO())
     rows = []
     for (fname, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        rows.append({"function": f"{Path(fname).parent.name}/{Path(fname).name}:{line}:{func}", "calls": nc,
-                     "tottime_s": round(tt, 4), "cumtime_s": round(ct, 4)})
-    by_cum = sorted((r for r in rows if "pika" in r["function"] or "transport" in r["function"]),
-                    key=lambda r: -r["cumtime_s"])
-    return {"backend": kind, "run": res, "top_by_tottime": sorted(rows, key=lambda r: -r["tottime_s"])[:top],
-            "transport_top_by_cumtime": by_cum[:top]}
+        rows.append(
+            {
+                "function": f"{Path(fname).parent.name}/{Path(fname).name}:{line}:{func}",
+                "calls": nc,
+                "tottime_s": round(tt, 4),
+                "cumtime_s": round(ct, 4),
+            }
+        )
+    by_cum = sorted(
+        (r for r in rows if "pika" in r["function"] or "transport" in r["function"]), key=lambda r: -r["cumtime_s"]
+    )
+    return {
+        "backend": kind,
+        "run": res,
+        "top_by_tottime": sorted(rows, key=lambda r: -r["tottime_s"])[:top],
+        "transport_top_by_cumtime": by_cum[:top],
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -359,23 +421,31 @@ def best(runs: list[dict]) -> dict:
 
 
 def table(summary: list[dict]) -> str:
-    head = ("| clients | transport | wire dtype | client-steps/s (span) | client-steps/s (windows) | "
-            "client-steps/s (round) | MB/client-step split | MB/client-step all | CPU ms/client-step (this process "
-            "+ broker + redis) | ratio vs memory float32 | amqp / memory same dtype |")
+    head = (
+        "| clients | transport | wire dtype | client-steps/s (span) | client-steps/s (windows) | "
+        "client-steps/s (round) | MB/client-step split | MB/client-step all | CPU ms/client-step (this process "
+        "+ broker + redis) | ratio vs memory float32 | amqp / memory same dtype |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in summary:
-        lines.append(f"| {r['clients']} | {r['backend']} | {r['wire_dtype']} | {r['client_steps_per_s']:.2f} | "
-                     f"{r['client_steps_per_s_windows']:.2f} | {r['client_steps_per_s_round']:.2f} | "
-                     f"{r['split_bytes_per_client_step'] / MB:.2f} | {r['bytes_per_client_step'] / MB:.2f} | "
-                     f"{cpu_text(r)} | {r['ratio_vs_memory_float32']:.2f} | "
-                     + (f"{r['overhead_ratio']:.2f}" if r.get("overhead_ratio") is not None else "-") + " |")
+        lines.append(
+            f"| {r['clients']} | {r['backend']} | {r['wire_dtype']} | {r['client_steps_per_s']:.2f} | "
+            f"{r['client_steps_per_s_windows']:.2f} | {r['client_steps_per_s_round']:.2f} | "
+            f"{r['split_bytes_per_client_step'] / MB:.2f} | {r['bytes_per_client_step'] / MB:.2f} | "
+            f"{cpu_text(r)} | {r['ratio_vs_memory_float32']:.2f} | "
+            + (f"{r['overhead_ratio']:.2f}" if r.get("overhead_ratio") is not None else "-")
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def cpu_text(r: dict) -> str:
     c = r["cpu_s_per_client_step"]
-    return (f"{c['bench'] * 1e3:.0f} + {c.get('beam.smp', 0.0) * 1e3:.0f} + {c.get('redis-server', 0.0) * 1e3:.0f}"
-            if r["backend"] != "memory" else f"{c['bench'] * 1e3:.0f}")
+    return (
+        f"{c['bench'] * 1e3:.0f} + {c.get('beam.smp', 0.0) * 1e3:.0f} + {c.get('redis-server', 0.0) * 1e3:.0f}"
+        if r["backend"] != "memory"
+        else f"{c['bench'] * 1e3:.0f}"
+    )
 
 
 def parse_list(text: str, kind: type) -> list:
@@ -388,13 +458,21 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6, help="steps per client (one local epoch)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--wire", default="float32,float16", help="wire dtypes")
-    ap.add_argument("--backends", default="memory,amqp",
-                    help=f"comma-separated, of {', '.join(BACKENDS)} (the amqp-* ones are experiments, see --help)")
+    ap.add_argument(
+        "--backends",
+        default="memory,amqp",
+        help=f"comma-separated, of {', '.join(BACKENDS)} (the amqp-* ones are experiments, see --help)",
+    )
     ap.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/14")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="also profile one float16 run with N clients of every non-memory backend")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile one float16 run with N clients of every non-memory backend",
+    )
     ap.add_argument("--out", default="bench/results/system.json")
     args = ap.parse_args()
     if args.threads:
@@ -412,16 +490,19 @@ def main() -> int:
     t_start = time.perf_counter()
     for rep in range(args.repeats):
         for n in clients:
-            order = variants[rep % len(variants):] + variants[:rep % len(variants)]
+            order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
             for kind, wire in order:
                 r = one_run(n, kind, wire, s)
                 r["repeat"] = rep
                 runs.append(r)
-                print(f"repeat {rep + 1} clients {n} {kind:6s} {wire}: {r['client_steps_per_s']:.2f} client-steps/s "
-                      f"(span {r['span_s']:.2f} s, round {r['round_wall_s']:.2f} s, "
-                      f"{r['split_bytes_per_client_step'] / MB:.2f} MB split/client-step, transport "
-                      f"{r['transport_share_of_round']:.1%} of the round){'' if r['complete'] else ' INCOMPLETE'}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"repeat {rep + 1} clients {n} {kind:6s} {wire}: {r['client_steps_per_s']:.2f} client-steps/s "
+                    f"(span {r['span_s']:.2f} s, round {r['round_wall_s']:.2f} s, "
+                    f"{r['split_bytes_per_client_step'] / MB:.2f} MB split/client-step, transport "
+                    f"{r['transport_share_of_round']:.1%} of the round){'' if r['complete'] else ' INCOMPLETE'}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     summary = []
     for n in clients:
@@ -432,38 +513,62 @@ def main() -> int:
             b = dict(best(mine))
             b["ratio_vs_memory_float32"] = b["client_steps_per_s"] / ref_rate if ref_rate else float("nan")
             mem = [r for r in runs if r["clients"] == n and r["backend"] == "memory" and r["wire_dtype"] == wire]
-            b["overhead_ratio"] = (b["client_steps_per_s"] / best(mem)["client_steps_per_s"]
-                                   if kind != "memory" and mem else None)
+            b["overhead_ratio"] = (
+                b["client_steps_per_s"] / best(mem)["client_steps_per_s"] if kind != "memory" and mem else None
+            )
             # Noise-robust companion of overhead_ratio: CPU per client-step of memory over that of this backend
             # (this process + broker + Redis), the throughput ratio to expect where the broker shares the cores.
-            b["cpu_ratio"] = (best(mem)["cpu_s_per_client_step"]["bench"] / sum(b["cpu_s_per_client_step"].values())
-                              if kind != "memory" and mem else None)
-            b["overhead_ratio_round"] = (b["client_steps_per_s_round"] / best(mem)["client_steps_per_s_round"]
-                                         if kind != "memory" and mem else None)
+            b["cpu_ratio"] = (
+                best(mem)["cpu_s_per_client_step"]["bench"] / sum(b["cpu_s_per_client_step"].values())
+                if kind != "memory" and mem
+                else None
+            )
+            b["overhead_ratio_round"] = (
+                b["client_steps_per_s_round"] / best(mem)["client_steps_per_s_round"]
+                if kind != "memory" and mem
+                else None
+            )
             summary.append(b)
 
-    target = next((r for r in summary if r["clients"] == 4 and r["backend"] == "amqp"
-                   and r["wire_dtype"] == "float16"), None)
+    target = next(
+        (r for r in summary if r["clients"] == 4 and r["backend"] == "amqp" and r["wire_dtype"] == "float16"), None
+    )
     out: dict[str, Any] = {
-        "bench": "system", "steps": args.steps, "batch_per_client": BATCH, "repeats": args.repeats,
-        "cuts": [list(c) for c in CUTS], "clients": clients, "wire_dtypes": wires, "backends": kinds,
-        "amqp": args.amqp.split("@")[-1], "redis": args.redis.split("@")[-1],
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(),
-                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "bench": "system",
+        "steps": args.steps,
+        "batch_per_client": BATCH,
+        "repeats": args.repeats,
+        "cuts": [list(c) for c in CUTS],
+        "clients": clients,
+        "wire_dtypes": wires,
+        "backends": kinds,
+        "amqp": args.amqp.split("@")[-1],
+        "redis": args.redis.split("@")[-1],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
         "bench_wall_s": time.perf_counter() - t_start,
-        "target": {"what": "amqp client-steps/s >= 0.7 x memory at 4 clients, float16 on the wire",
-                   "ratio": target["overhead_ratio"] if target else None,
-                   "met": (target["overhead_ratio"] >= 0.7) if target and target["overhead_ratio"] else None},
-        "summary": summary, "runs": runs,
+        "target": {
+            "what": "amqp client-steps/s >= 0.7 x memory at 4 clients, float16 on the wire",
+            "ratio": target["overhead_ratio"] if target else None,
+            "met": (target["overhead_ratio"] >= 0.7) if target and target["overhead_ratio"] else None,
+        },
+        "summary": summary,
+        "runs": runs,
     }
     if args.profile:
         out["profile"] = [profile_run(args.profile, k, s) for k in kinds if k != "memory"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=float))
-    print(f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-          f"{args.steps} steps x batch {BATCH} per client, best of {args.repeats}")
+    print(
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"{args.steps} steps x batch {BATCH} per client, best of {args.repeats}"
+    )
     print(table(summary))
     if target:
         print(f"\ntarget (amqp >= 0.7 x memory at 4 clients, float16): {target['overhead_ratio']:.2f}")

@@ -58,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(tr)
     tr.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     tr.add_argument("--synthetic", action="store_true", help="use the synthetic dataset for every domain")
-    tr.add_argument("--no-fallback", action="store_true", help="fail instead of using synthetic data for a missing "
-                    "dataset")
-    tr.add_argument("--no-utility", action="store_true", help="skip the final utility metrics (30k samples x 15 "
-                    "epochs per domain)")
+    tr.add_argument(
+        "--no-fallback", action="store_true", help="fail instead of using synthetic data for a missing dataset"
+    )
+    tr.add_argument(
+        "--no-utility", action="store_true", help="skip the final utility metrics (30k samples x 15 epochs per domain)"
+    )
     tr.add_argument("--aggregators", type=int, default=1, help="aggregator roles (embedded)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -86,11 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_run_config(args: argparse.Namespace) -> RunConfig:
     cfg = apply_env(load_config(args.config))
-    cfg = cfg.with_overrides("train", rounds=args.rounds, local_epochs=args.local_epochs,
-                             steps_per_epoch=args.steps_per_epoch, seed=args.seed, wire_dtype=args.wire_dtype)
-    cfg = cfg.with_overrides("runtime", data_dir=args.data_dir, run_dir=args.run_dir, run_id=args.run_id,
-                             broker_url=args.broker, state_url=args.state, device=args.device,
-                             server_device=args.server_device, torch_threads=args.threads)
+    cfg = cfg.with_overrides(
+        "train",
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        seed=args.seed,
+        wire_dtype=args.wire_dtype,
+    )
+    cfg = cfg.with_overrides(
+        "runtime",
+        data_dir=args.data_dir,
+        run_dir=args.run_dir,
+        run_id=args.run_id,
+        broker_url=args.broker,
+        state_url=args.state,
+        device=args.device,
+        server_device=args.server_device,
+        torch_threads=args.threads,
+    )
     if getattr(args, "synthetic", False):
         import dataclasses
 
@@ -98,8 +114,10 @@ def load_run_config(args: argparse.Namespace) -> RunConfig:
 
         doms = tuple(DomainConfig("synthetic", d.clients, d.samples_per_client) for d in cfg.scenario.domains)
         if len(doms) > 1:
-            raise ConfigError("--synthetic: the synthetic dataset is one domain; use it with a one-domain scenario "
-                              "or point --data-dir at a directory without the datasets")
+            raise ConfigError(
+                "--synthetic: the synthetic dataset is one domain; use it with a one-domain scenario "
+                "or point --data-dir at a directory without the datasets"
+            )
         cfg = cfg.replace(scenario=dataclasses.replace(cfg.scenario, domains=doms))
     return cfg.validate()
 
@@ -114,10 +132,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    summary = train(cfg, resume=args.resume, allow_synthetic_fallback=not args.no_fallback,
-                    utility=not args.no_utility, progress=not args.quiet, log=log, aggregators=args.aggregators)
-    print(json.dumps({"run_dir": cfg.runtime.run_dir, "domains": summary["domains"],
-                      "wall_s": summary["wall_s"]}, indent=2))
+    summary = train(
+        cfg,
+        resume=args.resume,
+        allow_synthetic_fallback=not args.no_fallback,
+        utility=not args.no_utility,
+        progress=not args.quiet,
+        log=log,
+        aggregators=args.aggregators,
+    )
+    print(
+        json.dumps(
+            {"run_dir": cfg.runtime.run_dir, "domains": summary["domains"], "wall_s": summary["wall_s"]}, indent=2
+        )
+    )
     return 0
 
 
@@ -130,8 +158,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("hfgan eval: give --run-dir R (evaluate a run) or a subcommand (fit-classifiers)")
     from .runtime.evaluate_run import evaluate_run
 
-    result = evaluate_run(Path(args.run_dir), utility=not args.no_utility,
-                          log=lambda s: print(s, file=sys.stderr, flush=True))
+    result = evaluate_run(
+        Path(args.run_dir), utility=not args.no_utility, log=lambda s: print(s, file=sys.stderr, flush=True)
+    )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -157,8 +186,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("matplotlib", "PIL", "pika"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.command:

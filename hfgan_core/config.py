@@ -401,8 +401,17 @@ def _run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     scenario = ScenarioConfig(domains=tuple(domains), **sc)
 
     tr = _section(TrainConfig, top.get("train"), "train")
-    for key in ("rounds", "local_epochs", "batch_size", "seed", "kld_from_round", "score_samples",
-                "utility_samples", "utility_epochs", "eval_every"):
+    for key in (
+        "rounds",
+        "local_epochs",
+        "batch_size",
+        "seed",
+        "kld_from_round",
+        "score_samples",
+        "utility_samples",
+        "utility_epochs",
+        "eval_every",
+    ):
         if key in tr:
             _typed(tr[key], int, f"train.{key}")
     for key in ("lr", "alpha"):

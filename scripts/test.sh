@@ -6,6 +6,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 bash scripts/ci-services.sh
 ruff check hfgan_core workers tests bench
+ruff format --check hfgan_core workers tests bench
 # The compose stack, validated without a Docker engine: `docker-compose config -q` checks compose.yaml against the
 # Compose schema (Debian's docker-compose 1.29, installed here when missing, without the Docker engine it recommends;
 # tests/unit/test_compose.py needs it too).

@@ -19,15 +19,23 @@ def parser(role: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run outputs and checkpoints ($HFGAN_RUN_DIR)")
     p.add_argument("--device", help="torch device: cpu, cuda, cuda:N ($HFGAN_DEVICE)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--no-fallback", dest="allow_fallback", action="store_false",
-                   default=os.environ.get("HFGAN_NO_FALLBACK", "") not in ("1", "true", "yes"),
-                   help="fail instead of using synthetic data for a missing dataset ($HFGAN_NO_FALLBACK=1)")
+    p.add_argument(
+        "--no-fallback",
+        dest="allow_fallback",
+        action="store_false",
+        default=os.environ.get("HFGAN_NO_FALLBACK", "") not in ("1", "true", "yes"),
+        help="fail instead of using synthetic data for a missing dataset ($HFGAN_NO_FALLBACK=1)",
+    )
     p.add_argument("--debug", action="store_true", help="debug logs")
     return p
 
 
-def main(role: str, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None,
-         argv: Sequence[str] | None = None) -> int:
+def main(
+    role: str,
+    description: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: Sequence[str] | None = None,
+) -> int:
     import logging
 
     p = parser(role, description)

@@ -106,7 +106,7 @@ def load_model_state(gan: UnsplitGAN, state: dict[str, torch.Tensor]) -> None:
     for net, blocks in (("G", gan.G), ("D", gan.D)):
         for i, block in blocks.items():
             prefix = f"{net}.{i}."
-            block.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+            block.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
 
 
 def model_bytes(gan: UnsplitGAN) -> int:
@@ -153,17 +153,29 @@ def steps_per_round(cfg: RunConfig, sizes: Sequence[int]) -> int:
 
 def score(gen: GenerateFn, domain: str, classifier: nn.Module, settings: EvalSettings) -> float:
     return generation_score(
-        gen, classifier, settings.score_samples, settings.gen_batch_size,
+        gen,
+        classifier,
+        settings.score_samples,
+        settings.gen_batch_size,
         generator=torch.Generator().manual_seed(derive_seed(settings.seed, domain, "score")),
-        num_classes=settings.num_classes, z_dim=settings.z_dim, device=settings.device,
+        num_classes=settings.num_classes,
+        z_dim=settings.z_dim,
+        device=settings.device,
     )
 
 
 def utility(gen: GenerateFn, domain: str, test_set: Any, settings: EvalSettings) -> dict[str, Any]:
     util = utility_metrics(
-        gen, test_set, None, settings.utility_samples, settings.utility_epochs,
-        seed=derive_seed(settings.seed, domain, "utility"), device=settings.device,
-        gen_batch_size=settings.gen_batch_size, num_classes=settings.num_classes, z_dim=settings.z_dim,
+        gen,
+        test_set,
+        None,
+        settings.utility_samples,
+        settings.utility_epochs,
+        seed=derive_seed(settings.seed, domain, "utility"),
+        device=settings.device,
+        gen_batch_size=settings.gen_batch_size,
+        num_classes=settings.num_classes,
+        z_dim=settings.z_dim,
     )
     return {k: util[k] for k in UTILITY_KEYS if k in util}
 
@@ -210,13 +222,31 @@ def build_members(ctx: BaselineContext, method: str) -> list[Member]:
         for d, dom in enumerate(cfg.scenario.domains):
             parts = [c for c, s in zip(data.clients, data.shards) if s.domain == d]
             rng = torch.Generator().manual_seed(derive_seed(seed, "centralized", dom.dataset))
-            out.append(Member(f"pooled {dom.dataset}", UnsplitGAN(cfg, ctx.device, seed=seed), PooledData(parts), rng,
-                              bs * len(parts), dom.dataset, tuple(s.client for s in data.shards if s.domain == d)))
+            out.append(
+                Member(
+                    f"pooled {dom.dataset}",
+                    UnsplitGAN(cfg, ctx.device, seed=seed),
+                    PooledData(parts),
+                    rng,
+                    bs * len(parts),
+                    dom.dataset,
+                    tuple(s.client for s in data.shards if s.domain == d),
+                )
+            )
         return out
     if method in ("fedgan", "local_only"):
-        return [Member(f"client {s.client}", UnsplitGAN(cfg, ctx.device, seed=seed), c,
-                       torch.Generator().manual_seed(client_seed(seed, s.client)), bs, s.dataset, (s.client,))
-                for c, s in zip(data.clients, data.shards)]
+        return [
+            Member(
+                f"client {s.client}",
+                UnsplitGAN(cfg, ctx.device, seed=seed),
+                c,
+                torch.Generator().manual_seed(client_seed(seed, s.client)),
+                bs,
+                s.dataset,
+                (s.client,),
+            )
+            for c, s in zip(data.clients, data.shards)
+        ]
     raise ValueError(f"unknown baseline {method!r} (known: {', '.join(BASELINES)})")
 
 
@@ -264,11 +294,21 @@ def run_baseline(ctx: BaselineContext, method: str) -> BaselineRun:
             history[d].append((r, s))
         for name, s in scores.get("members", {}).items():
             per_client_history.setdefault(name, []).append((r, s))
-        metrics.append({"round": r, "wall_s": round(round_train, 3), "eval_s": round(round_eval, 3),
-                        "steps": steps, "generation_score": scores["domains"],
-                        **({"member_scores": scores["members"]} if scores.get("members") else {})})
-        ctx.log(f"[{method}] round {r}/{tr.rounds}: " + ", ".join(f"{d} {s:.2f}" for d, s in scores["domains"].items())
-                + f" | train {round_train:.1f} s, eval {round_eval:.1f} s")
+        metrics.append(
+            {
+                "round": r,
+                "wall_s": round(round_train, 3),
+                "eval_s": round(round_eval, 3),
+                "steps": steps,
+                "generation_score": scores["domains"],
+                **({"member_scores": scores["members"]} if scores.get("members") else {}),
+            }
+        )
+        ctx.log(
+            f"[{method}] round {r}/{tr.rounds}: "
+            + ", ".join(f"{d} {s:.2f}" for d, s in scores["domains"].items())
+            + f" | train {round_train:.1f} s, eval {round_eval:.1f} s"
+        )
 
     plot_scores(history, ctx.run_dir / "plots" / "generation_score.png", title=f"{method}: generation score")
     t1 = time.perf_counter()
@@ -283,22 +323,41 @@ def run_baseline(ctx: BaselineContext, method: str) -> BaselineRun:
             u = utility(gen, d, ctx.data.test_sets[d], final_settings)
             utils.append(u)
             if method == "local_only":
-                per_client[str(m.clients[0])] = {"generation_score": per_client_history[m.name][-1][1],
-                                                 "history": per_client_history[m.name], "utility": u}
-        entry: dict[str, Any] = {"generation_score": history[d][-1][1], "history": history[d],
-                                 "utility": _mean_utility(utils)}
+                per_client[str(m.clients[0])] = {
+                    "generation_score": per_client_history[m.name][-1][1],
+                    "history": per_client_history[m.name],
+                    "utility": u,
+                }
+        entry: dict[str, Any] = {
+            "generation_score": history[d][-1][1],
+            "history": history[d],
+            "utility": _mean_utility(utils),
+        }
         if per_client:
             entry["per_client"] = per_client
         domains_out[d] = entry
         grid_gen = frozen_generator(mine[0].gan)
-        save_class_grid(grid_gen, ctx.samples_dir / f"{method}_{d}.png", seed=tr.seed, z_dim=cfg.model.z_dim,
-                        num_classes=cfg.model.num_classes, device=ctx.device)
+        save_class_grid(
+            grid_gen,
+            ctx.samples_dir / f"{method}_{d}.png",
+            seed=tr.seed,
+            z_dim=cfg.model.z_dim,
+            num_classes=cfg.model.num_classes,
+            device=ctx.device,
+        )
         for m in mine[1:]:
-            save_class_grid(frozen_generator(m.gan), ctx.samples_dir / f"{method}_{d}_client{m.clients[0]}.png",
-                            seed=tr.seed, z_dim=cfg.model.z_dim, num_classes=cfg.model.num_classes,
-                            device=ctx.device)
-        ctx.log(f"[{method}] {d}: utility accuracy {domains_out[d]['utility']['accuracy']:.2f}% "
-                f"(mean over {len(utils)} model{'s' if len(utils) > 1 else ''})")
+            save_class_grid(
+                frozen_generator(m.gan),
+                ctx.samples_dir / f"{method}_{d}_client{m.clients[0]}.png",
+                seed=tr.seed,
+                z_dim=cfg.model.z_dim,
+                num_classes=cfg.model.num_classes,
+                device=ctx.device,
+            )
+        ctx.log(
+            f"[{method}] {d}: utility accuracy {domains_out[d]['utility']['accuracy']:.2f}% "
+            f"(mean over {len(utils)} model{'s' if len(utils) > 1 else ''})"
+        )
     eval_s += time.perf_counter() - t1
     summary = {
         "method": method,
@@ -310,8 +369,10 @@ def run_baseline(ctx: BaselineContext, method: str) -> BaselineRun:
         "wall_s": round(train_s + eval_s, 3),
         "bytes_sent": int(averaged_bytes),
         "model_bytes": int(mbytes),
-        "models": [{"name": m.name, "domain": m.domain, "clients": list(m.clients), "n": m.n,
-                    "batch_size": m.batch_size} for m in members],
+        "models": [
+            {"name": m.name, "domain": m.domain, "clients": list(m.clients), "n": m.n, "batch_size": m.batch_size}
+            for m in members
+        ],
     }
     write_json_atomic(ctx.run_dir / "summary.json", summary)
     return BaselineRun(summary, members)
@@ -323,8 +384,7 @@ def _domain_members(method: str, members: list[Member], domain: str) -> list[Mem
     return [m for m in members if m.domain == domain]
 
 
-def _round_scores(ctx: BaselineContext, method: str, members: list[Member],
-                  settings: EvalSettings) -> dict[str, Any]:
+def _round_scores(ctx: BaselineContext, method: str, members: list[Member], settings: EvalSettings) -> dict[str, Any]:
     out: dict[str, Any] = {"domains": {}}
     if method == "local_only":
         out["members"] = {}

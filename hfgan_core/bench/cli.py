@@ -21,8 +21,9 @@ from ..config import ConfigError
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `bench` (and `bench quality`) on the main CLI's subparsers; returns the `bench` parser."""
-    parser = subparsers.add_parser("bench", help="benchmarks: quality against baselines",
-                                   description="Benchmarks that write a report.")
+    parser = subparsers.add_parser(
+        "bench", help="benchmarks: quality against baselines", description="Benchmarks that write a report."
+    )
     sub = parser.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", parser_class=type(parser))
     q = sub.add_parser(
         "quality",
@@ -34,8 +35,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--config", required=True, help="a preset (s1..s6, s3_lite, quickstart) or a TOML file")
     q.add_argument("--out", help="report directory (default: runs/bench-quality/<scenario>)")
     q.add_argument("--data-dir", help="dataset root ($HFGAN_DATA_DIR)")
-    q.add_argument("--methods", help="comma-separated subset of huscf,no_clustering,size_only,same_cut,centralized,"
-                   "fedgan,local_only (default: all)")
+    q.add_argument(
+        "--methods",
+        help="comma-separated subset of huscf,no_clustering,size_only,same_cut,centralized,"
+        "fedgan,local_only (default: all)",
+    )
     q.add_argument("--paper-scale", action="store_true", help="the preset unchanged (for a machine with a GPU)")
     q.add_argument("--rounds", type=int, help="rounds (overrides the scale)")
     q.add_argument("--local-epochs", type=int, help="local epochs per round")
@@ -45,15 +49,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--score-samples", type=int, help="samples of the generation score")
     q.add_argument("--utility-samples", type=int, help="generated samples the utility CNN trains on")
     q.add_argument("--utility-epochs", type=int, help="epochs of the utility CNN")
-    q.add_argument("--budget-min", type=float, default=60.0,
-                   help="reduced scale: the richest setting whose estimate fits this many minutes (default 60)")
+    q.add_argument(
+        "--budget-min",
+        type=float,
+        default=60.0,
+        help="reduced scale: the richest setting whose estimate fits this many minutes (default 60)",
+    )
     q.add_argument("--device", help="torch device (cpu, cuda, cuda:N)")
     q.add_argument("--seed", type=int, help="training seed (every method)")
     q.add_argument("--threads", type=int, help="torch CPU threads")
-    q.add_argument("--force", action="store_true", help="redo finished methods (and replace a bench with other "
-                   "settings in --out)")
-    q.add_argument("--allow-synthetic", action="store_true",
-                   help="use synthetic stand-ins for missing datasets (the report says so)")
+    q.add_argument(
+        "--force", action="store_true", help="redo finished methods (and replace a bench with other settings in --out)"
+    )
+    q.add_argument(
+        "--allow-synthetic",
+        action="store_true",
+        help="use synthetic stand-ins for missing datasets (the report says so)",
+    )
     q.add_argument("--keep-checkpoints", action="store_true", help="keep the split runs' checkpoints")
     q.add_argument("--classifier-epochs", type=int, help="epochs when a scoring classifier must be fitted")
     q.add_argument("--calibrate", action="store_true", help="measure the cost constants here before estimating")
@@ -65,7 +77,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def command_line(argv: list[str] | None = None) -> str:
     """The command as `hfgan bench quality ...`, however it was started (hfgan, python -m, bench/quality.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    rest = argv[argv.index("quality") + 1:] if "quality" in argv else argv
+    rest = argv[argv.index("quality") + 1 :] if "quality" in argv else argv
     return "hfgan bench quality " + shlex.join(rest)
 
 
@@ -80,14 +92,31 @@ def settings_from_args(args: argparse.Namespace, argv: list[str] | None = None):
 
         out = str(Path("runs") / "bench-quality" / Path(args.config).stem)
     return BenchSettings(
-        config=args.config, out=out, data_dir=args.data_dir, methods=methods, paper_scale=args.paper_scale,
-        clients_per_domain=args.clients_per_domain, samples_per_client=args.samples_per_client, rounds=args.rounds,
-        local_epochs=args.local_epochs, steps_per_epoch=args.steps_per_epoch, score_samples=args.score_samples,
-        utility_samples=args.utility_samples, utility_epochs=args.utility_epochs, budget_min=args.budget_min,
-        device=args.device, seed=args.seed, threads=args.threads, force=args.force,
-        allow_synthetic=args.allow_synthetic, keep_checkpoints=args.keep_checkpoints,
-        classifier_epochs=args.classifier_epochs, calibrate=args.calibrate, estimate_only=args.estimate_only,
-        progress=not args.quiet, command=command,
+        config=args.config,
+        out=out,
+        data_dir=args.data_dir,
+        methods=methods,
+        paper_scale=args.paper_scale,
+        clients_per_domain=args.clients_per_domain,
+        samples_per_client=args.samples_per_client,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        score_samples=args.score_samples,
+        utility_samples=args.utility_samples,
+        utility_epochs=args.utility_epochs,
+        budget_min=args.budget_min,
+        device=args.device,
+        seed=args.seed,
+        threads=args.threads,
+        force=args.force,
+        allow_synthetic=args.allow_synthetic,
+        keep_checkpoints=args.keep_checkpoints,
+        classifier_epochs=args.classifier_epochs,
+        calibrate=args.calibrate,
+        estimate_only=args.estimate_only,
+        progress=not args.quiet,
+        command=command,
     ).validate()
 
 

@@ -88,7 +88,8 @@ LADDER = (
     Scale(2, 1000, 7, 3, 1000, 5000, 3),
     Scale(2, 1000, 6, 3, 1000, 5000, 3),
     Scale(2, 1000, 6, 2, 1000, 5000, 3),
-    Scale(2, 1000, 5, 2, 1000, 5000, 3))
+    Scale(2, 1000, 5, 2, 1000, 5000, 3),
+)
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,17 @@ class BenchSettings:
             raise ConfigError("--methods: no method given")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError("--methods: a method is listed twice")
-        for name in ("clients_per_domain", "samples_per_client", "rounds", "local_epochs", "steps_per_epoch",
-                     "score_samples", "utility_samples", "threads", "classifier_epochs"):
+        for name in (
+            "clients_per_domain",
+            "samples_per_client",
+            "rounds",
+            "local_epochs",
+            "steps_per_epoch",
+            "score_samples",
+            "utility_samples",
+            "threads",
+            "classifier_epochs",
+        ):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
@@ -161,21 +171,37 @@ def paper_base_samples(cfg: RunConfig, dom: DomainConfig) -> int:
 def reduced_scenario(paper: RunConfig, clients_per_domain: int, samples_per_client: int) -> RunConfig:
     """The preset with at most `clients_per_domain` clients per domain, each capped at `samples_per_client` samples
     (never more than the preset's own cap)."""
-    doms = tuple(DomainConfig(d.dataset, min(d.clients, clients_per_domain),
-                              min(samples_per_client, paper_base_samples(paper, d))) for d in paper.scenario.domains)
+    doms = tuple(
+        DomainConfig(
+            d.dataset, min(d.clients, clients_per_domain), min(samples_per_client, paper_base_samples(paper, d))
+        )
+        for d in paper.scenario.domains
+    )
     return paper.replace(scenario=dataclasses.replace(paper.scenario, domains=doms))
 
 
 def with_scale(cfg: RunConfig, scale: Scale) -> RunConfig:
-    return cfg.with_overrides("train", rounds=scale.rounds, local_epochs=scale.local_epochs,
-                              score_samples=scale.score_samples, utility_samples=scale.utility_samples,
-                              utility_epochs=scale.utility_epochs)
+    return cfg.with_overrides(
+        "train",
+        rounds=scale.rounds,
+        local_epochs=scale.local_epochs,
+        score_samples=scale.score_samples,
+        utility_samples=scale.utility_samples,
+        utility_epochs=scale.utility_epochs,
+    )
 
 
 def with_explicit(cfg: RunConfig, s: BenchSettings) -> RunConfig:
-    return cfg.with_overrides("train", rounds=s.rounds, local_epochs=s.local_epochs, steps_per_epoch=s.steps_per_epoch,
-                              score_samples=s.score_samples, utility_samples=s.utility_samples,
-                              utility_epochs=s.utility_epochs, seed=s.seed)
+    return cfg.with_overrides(
+        "train",
+        rounds=s.rounds,
+        local_epochs=s.local_epochs,
+        steps_per_epoch=s.steps_per_epoch,
+        score_samples=s.score_samples,
+        utility_samples=s.utility_samples,
+        utility_epochs=s.utility_epochs,
+        seed=s.seed,
+    )
 
 
 def scale_factors(paper: RunConfig, cfg: RunConfig, steps_per_round: int) -> list[dict[str, Any]]:
@@ -245,7 +271,7 @@ def full_model_gflops(cfg: RunConfig) -> float:
 LATENCY_FORMULAS = {
     "split": "the paper's iteration-latency model (planning.iteration_latency) for the method's cut bits",
     "fedgan": "max_i W / s_i: every client runs the whole model (W = full-model GFLOPs of one iteration at batch "
-              "64, D counted 3 times) on its own device; no per-iteration traffic, a model exchange per round",
+    "64, D counted 3 times) on its own device; no per-iteration traffic, a model exchange per round",
     "local_only": "max_i W / s_i, as fedgan, with no exchange at all",
     "centralized": "N x W / S: the server runs the whole model for all N clients' batches at its speed S",
 }
@@ -326,8 +352,10 @@ def calibrate(cfg: RunConfig, test_set: Any, log: Callable[[str], None] = print)
     gen_s = (time.perf_counter() - t0) / 500
     util = utility_metrics(gen, test_set, None, 1000, 1, seed=0, device=dev, z_dim=cfg.model.z_dim)
     cnn = util["train_s"] / 1000
-    log(f"calibration: {step * 256:.2f} s per step of 256 samples, {gen_s * 1e3:.2f} ms per generated sample, "
-        f"{cnn * 1e3:.3f} ms per utility sample-epoch")
+    log(
+        f"calibration: {step * 256:.2f} s per step of 256 samples, {gen_s * 1e3:.2f} ms per generated sample, "
+        f"{cnn * 1e3:.3f} ms per utility sample-epoch"
+    )
     # The score also classifies each sample (a small CNN forward): about a tenth more than generating it.
     return CostConstants(step, gen_s * 1.1, gen_s, cnn, f"measured here ({dev})")
 
@@ -339,8 +367,11 @@ def calibrate(cfg: RunConfig, test_set: Any, log: Callable[[str], None] = print)
 def bench_digest(cfg: RunConfig) -> str:
     """What makes two benches comparable: the whole reduced (or paper-scale) run config without its runtime section,
     rounds and evaluation sizes included (RunConfig.digest leaves those out)."""
-    blob = json.dumps({"bench": "quality", "version": BENCH_VERSION, "config": cfg.to_dict(include_runtime=False)},
-                      sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(
+        {"bench": "quality", "version": BENCH_VERSION, "config": cfg.to_dict(include_runtime=False)},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -369,8 +400,10 @@ def prepare_out_dir(out: Path, digest: str, force: bool) -> None:
     if marker.get("digest") != digest:
         if not force:
             other = str(marker.get("digest"))[:12]
-            raise ConfigError(f"{out} holds a quality bench with other settings (digest {other}); pass --force to "
-                              "replace it or choose another --out")
+            raise ConfigError(
+                f"{out} holds a quality bench with other settings (digest {other}); pass --force to "
+                "replace it or choose another --out"
+            )
         for name in ("runs", "samples", "plots"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("report.md", "report.json"):
@@ -414,20 +447,31 @@ def split_method_config(cfg: RunConfig, method: str) -> RunConfig:
     raise ValueError(f"not a split method: {method}")
 
 
-def run_split_method(cfg: RunConfig, method: str, out: Path, settings: BenchSettings,
-                     log: Callable[[str], None]) -> dict[str, Any]:
+def run_split_method(
+    cfg: RunConfig, method: str, out: Path, settings: BenchSettings, log: Callable[[str], None]
+) -> dict[str, Any]:
     from ..runtime.evaluate_run import latest_models
     from ..runtime.recorder import compose_generator, domain_clusters
     from ..runtime.train import train
 
     run_dir = out / "runs" / method
     mcfg = split_method_config(cfg, method)
-    mcfg = mcfg.with_overrides("runtime", run_dir=str(run_dir), run_id=f"bench-{cfg.scenario.name}-{method}",
-                               broker_url="memory://", state_url="memory://").validate()
+    mcfg = mcfg.with_overrides(
+        "runtime",
+        run_dir=str(run_dir),
+        run_id=f"bench-{cfg.scenario.name}-{method}",
+        broker_url="memory://",
+        state_url="memory://",
+    ).validate()
     t0 = time.perf_counter()
-    summary = train(mcfg, utility=True, allow_synthetic_fallback=settings.allow_synthetic,
-                    progress=settings.progress, log=lambda s: log(f"[{method}] {s}"),
-                    classifier_epochs=settings.classifier_epochs)
+    summary = train(
+        mcfg,
+        utility=True,
+        allow_synthetic_fallback=settings.allow_synthetic,
+        progress=settings.progress,
+        log=lambda s: log(f"[{method}] {s}"),
+        classifier_epochs=settings.classifier_epochs,
+    )
     total = time.perf_counter() - t0
     records = MetricsLog.read(run_dir / "metrics.jsonl")
     history: dict[str, list[tuple[int, float]]] = {}
@@ -441,8 +485,14 @@ def run_split_method(cfg: RunConfig, method: str, out: Path, settings: BenchSett
     for d, (cluster, rep) in domain_clusters(mcfg, assignment).items():
         gen = compose_generator(mcfg, clusters[cluster], global_model, cuts[rep], mcfg.runtime.device)
         path = out / "samples" / f"{method}_{d}.png"
-        save_class_grid(gen, path, seed=mcfg.train.seed, z_dim=mcfg.model.z_dim,
-                        num_classes=mcfg.model.num_classes, device=mcfg.runtime.device)
+        save_class_grid(
+            gen,
+            path,
+            seed=mcfg.train.seed,
+            z_dim=mcfg.model.z_dim,
+            num_classes=mcfg.model.num_classes,
+            device=mcfg.runtime.device,
+        )
         samples[d] = str(path.relative_to(out))
     if not settings.keep_checkpoints:
         # Checkpoints are tens of MB per round: evidence directories keep the metrics, summaries and images.
@@ -451,8 +501,12 @@ def run_split_method(cfg: RunConfig, method: str, out: Path, settings: BenchSett
     device_bytes = device_link_bytes(by_role) if by_role else int(summary["bytes_sent"])
     domains = {}
     for d, entry in summary["domains"].items():
-        domains[d] = {"generation_score": entry["generation_score"], "history": history.get(d, []),
-                      "utility": entry.get("utility", {}), "cluster": entry.get("cluster")}
+        domains[d] = {
+            "generation_score": entry["generation_score"],
+            "history": history.get(d, []),
+            "utility": entry.get("utility", {}),
+            "cluster": entry.get("cluster"),
+        }
     return {
         "method": method,
         "kind": "split",
@@ -473,13 +527,17 @@ def run_split_method(cfg: RunConfig, method: str, out: Path, settings: BenchSett
         "measured_step_s": summary.get("measured_step_s"),
         "messages_sent": summary.get("messages_sent"),
         "samples": samples,
-        "train_config": {k: v for k, v in mcfg.to_dict()["train"].items()
-                         if k in ("clustering", "kld_weighting", "cuts", "clusters", "alpha", "kld_from_round")},
+        "train_config": {
+            k: v
+            for k, v in mcfg.to_dict()["train"].items()
+            if k in ("clustering", "kld_weighting", "cuts", "clusters", "alpha", "kld_from_round")
+        },
     }
 
 
-def run_baseline_method(cfg: RunConfig, method: str, out: Path, data: Any, classifiers: dict[str, Any],
-                        log: Callable[[str], None]) -> dict[str, Any]:
+def run_baseline_method(
+    cfg: RunConfig, method: str, out: Path, data: Any, classifiers: dict[str, Any], log: Callable[[str], None]
+) -> dict[str, Any]:
     from .baselines import BaselineContext, run_baseline
 
     run_dir = out / "runs" / method
@@ -503,30 +561,40 @@ def run_baseline_method(cfg: RunConfig, method: str, out: Path, data: Any, class
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                            "device": device}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
 
 
-def plan_config(settings: BenchSettings, base_cfg: RunConfig | None, log: Callable[[str], None]
-                ) -> tuple[RunConfig, RunConfig, Any, int, dict[str, Any]]:
+def plan_config(
+    settings: BenchSettings, base_cfg: RunConfig | None, log: Callable[[str], None]
+) -> tuple[RunConfig, RunConfig, Any, int, dict[str, Any]]:
     """(paper config, bench config, scenario data, steps per round, scale choice) for these settings."""
     from ..data import load_scenario_data
     from .baselines import steps_per_round
 
     paper = base_cfg if base_cfg is not None else apply_env(load_config(settings.config))
-    paper = paper.with_overrides("runtime", data_dir=settings.data_dir, device=settings.device,
-                                 server_device=settings.device)
+    paper = paper.with_overrides(
+        "runtime", data_dir=settings.data_dir, device=settings.device, server_device=settings.device
+    )
     if settings.paper_scale:
         cfg = paper
         if settings.clients_per_domain or settings.samples_per_client:
             cfg = reduced_scenario(paper, settings.clients_per_domain or 10**9, settings.samples_per_client or 10**9)
     else:
-        cfg = reduced_scenario(paper, settings.clients_per_domain or LADDER[0].clients_per_domain,
-                               settings.samples_per_client or LADDER[0].samples_per_client)
+        cfg = reduced_scenario(
+            paper,
+            settings.clients_per_domain or LADDER[0].clients_per_domain,
+            settings.samples_per_client or LADDER[0].samples_per_client,
+        )
     cfg = cfg.validate()
     data = load_scenario_data(cfg, allow_synthetic_fallback=settings.allow_synthetic, log=log)
     consts = CostConstants()
@@ -560,8 +628,10 @@ def plan_config(settings: BenchSettings, base_cfg: RunConfig | None, log: Callab
 
 
 def format_estimate(choice: dict[str, Any]) -> str:
-    lines = [f"cost estimate ({choice['constants']['source']}):", f"  {'method':<14} {'train':>8} {'eval':>8} "
-             f"{'total':>8}"]
+    lines = [
+        f"cost estimate ({choice['constants']['source']}):",
+        f"  {'method':<14} {'train':>8} {'eval':>8} {'total':>8}",
+    ]
     for m, e in choice["estimate_s"].items():
         lines.append(f"  {m:<14} {e['train_s'] / 60:7.1f}m {e['eval_s'] / 60:7.1f}m {e['total_s'] / 60:7.1f}m")
     lines.append(f"  {'all':<14} {'':>8} {'':>8} {choice['estimate_total_min']:7.1f}m")
@@ -576,8 +646,9 @@ def format_factors(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_bench(settings: BenchSettings, base_cfg: RunConfig | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_bench(
+    settings: BenchSettings, base_cfg: RunConfig | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Run (or continue) a quality bench; returns the report's JSON content (or the plan with `estimate_only`)."""
     from ..runtime.recorder import ensure_classifiers
     from .report import write_report
@@ -590,23 +661,40 @@ def run_bench(settings: BenchSettings, base_cfg: RunConfig | None = None,
     digest = bench_digest(cfg)
     out = Path(settings.out)
     scale_name = "paper scale" if settings.paper_scale else "reduced scale"
-    log(f"quality bench: scenario {cfg.scenario.name} at {scale_name}, methods {', '.join(settings.methods)}, "
-        f"{spr} steps per round, out {out}")
+    log(
+        f"quality bench: scenario {cfg.scenario.name} at {scale_name}, methods {', '.join(settings.methods)}, "
+        f"{spr} steps per round, out {out}"
+    )
     log("scale factors:\n" + format_factors(factors))
     log(format_estimate(choice))
     for notice in data.notices:
         log(f"NOTICE: {notice}")
-    plan = {"config": cfg.to_dict(), "digest": digest, "scale_factors": factors, "scale_choice": choice,
-            "steps_per_round": spr}
+    plan = {
+        "config": cfg.to_dict(),
+        "digest": digest,
+        "scale_factors": factors,
+        "scale_choice": choice,
+        "steps_per_round": spr,
+    }
     if settings.estimate_only:
         return plan
     prepare_out_dir(out, digest, settings.force)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / BENCH_FILE, {"bench": "quality", "version": BENCH_VERSION, "digest": digest,
-                                         "scenario": cfg.scenario.name, "paper_scale": settings.paper_scale,
-                                         "command": settings.command, "config": cfg.to_dict()})
-    classifiers = ensure_classifiers(cfg, data.train_sets, data.test_sets, data.sources, log=log,
-                                     epochs=settings.classifier_epochs)
+    write_json_atomic(
+        out / BENCH_FILE,
+        {
+            "bench": "quality",
+            "version": BENCH_VERSION,
+            "digest": digest,
+            "scenario": cfg.scenario.name,
+            "paper_scale": settings.paper_scale,
+            "command": settings.command,
+            "config": cfg.to_dict(),
+        },
+    )
+    classifiers = ensure_classifiers(
+        cfg, data.train_sets, data.test_sets, data.sources, log=log, epochs=settings.classifier_epochs
+    )
     results: dict[str, dict[str, Any]] = {}
     for method in settings.methods:
         done = None if settings.force else finished_result(out, method, digest)
@@ -639,8 +727,18 @@ def run_bench(settings: BenchSettings, base_cfg: RunConfig | None = None,
             if done is not None:
                 results[method] = done
     ordered = {m: results[m] for m in METHODS if m in results}
-    report = write_report(out, cfg=cfg, paper=paper, data=data, results=ordered, factors=factors, choice=choice,
-                          settings=settings, machine=machine_info(cfg.runtime.device), digest=digest)
+    report = write_report(
+        out,
+        cfg=cfg,
+        paper=paper,
+        data=data,
+        results=ordered,
+        factors=factors,
+        choice=choice,
+        settings=settings,
+        machine=machine_info(cfg.runtime.device),
+        digest=digest,
+    )
     log(f"report: {out / 'report.md'}")
     return report
 

@@ -57,8 +57,13 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps([asdict(s) for s in statuses], indent=2))
         else:
             rows = [
-                (s.name, "yes" if s.found else "no", "yes" if s.verified else ("CORRUPT" if s.corrupt else "no"),
-                 s.path, s.detail)
+                (
+                    s.name,
+                    "yes" if s.found else "no",
+                    "yes" if s.verified else ("CORRUPT" if s.corrupt else "no"),
+                    s.path,
+                    s.detail,
+                )
                 for s in statuses
             ]
             print(_table(rows, ("dataset", "found", "verified", "path", "detail")))
@@ -76,9 +81,7 @@ def run(args: argparse.Namespace) -> int:
         missing = [s.name for s in result.values() if s.state == "unavailable" and s.name in ("MNIST", "FashionMNIST")]
         if missing:
             print(f"note: {', '.join(missing)} unavailable; training can fall back to the synthetic dataset")
-    bad = any(s.state == "corrupt" for s in result.values()) or not all(
-        result[n].ok for n in ("MNIST", "FashionMNIST")
-    )
+    bad = any(s.state == "corrupt" for s in result.values()) or not all(result[n].ok for n in ("MNIST", "FashionMNIST"))
     return 1 if bad else 0
 
 

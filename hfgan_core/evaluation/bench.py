@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     rows: list[tuple[str, float, str]] = []
     result: dict[str, Any] = {
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": args.threads,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": args.threads,
     }
 
     from ..data import load_domain
@@ -93,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     total15 = gen_s + 15 * per_epoch
     rows.append(("utility: 30k x 15 epochs (generate + train, est.)", total15, "scaled from the epochs run"))
     result["utility"] = {
-        "samples": args.utility_samples, "generate_s": gen_s, "epochs_run": args.utility_epochs,
-        "train_s": train_s, "train_s_per_epoch": per_epoch, "estimated_total_15_epochs_s": total15,
+        "samples": args.utility_samples,
+        "generate_s": gen_s,
+        "epochs_run": args.utility_epochs,
+        "train_s": train_s,
+        "train_s_per_epoch": per_epoch,
+        "estimated_total_15_epochs_s": total15,
     }
 
     width = max(len(r[0]) for r in rows)

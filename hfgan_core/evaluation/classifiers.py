@@ -66,7 +66,14 @@ def fit_classifier(
     x_test, y_test = as_tensors(test_set, "test set")
     model = seeded_init(lambda: build_model(SCORING_ARCH, num_classes), seed)
     train_supervised(
-        model, x_train, y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+        model,
+        x_train,
+        y_train,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
         on_epoch=on_epoch,
     )
     return model, accuracy_percent(model, x_test, y_test)
@@ -105,9 +112,7 @@ def read_classifier_record(path: str | os.PathLike[str], expected_dataset: str |
     """Load and validate a classifier file; one-line ConfigError when it is missing, foreign or for another domain."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(
-            f"classifier file {path} not found (create it with `hfgan eval fit-classifiers`)"
-        )
+        raise ConfigError(f"classifier file {path} not found (create it with `hfgan eval fit-classifiers`)")
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a foreign pickle, a truncated file, not a torch file at all
@@ -121,9 +126,7 @@ def read_classifier_record(path: str | os.PathLike[str], expected_dataset: str |
             f"{CLASSIFIER_VERSION})"
         )
     if expected_dataset is not None and record.get("dataset") != expected_dataset:
-        raise ConfigError(
-            f"{path}: classifier was fitted on {record.get('dataset')!r}, not on {expected_dataset!r}"
-        )
+        raise ConfigError(f"{path}: classifier was fitted on {record.get('dataset')!r}, not on {expected_dataset!r}")
     if record.get("arch") not in ARCHITECTURES:
         raise ConfigError(f"{path}: unknown classifier architecture {record.get('arch')!r}")
     if not isinstance(record.get("state_dict"), dict):
@@ -177,7 +180,12 @@ def fit_classifiers(
             )
         digest = data_digest(x_train, y_train)
         record = classifier_record(
-            model, name, test_accuracy=acc, data_digest=digest, epochs=int(epochs), seed=int(seed),
+            model,
+            name,
+            test_accuracy=acc,
+            data_digest=digest,
+            epochs=int(epochs),
+            seed=int(seed),
             train_samples=int(x_train.shape[0]),
         )
         path = save_classifier(record, out_dir / f"{name}.pt")

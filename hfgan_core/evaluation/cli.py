@@ -52,8 +52,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N)")
     fit.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    fit.add_argument("--limit", type=int, default=None,
-                     help="fit on a seeded random subset of this many training samples (quick checks)")
+    fit.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="fit on a seeded random subset of this many training samples (quick checks)",
+    )
     fit.add_argument("--quiet", action="store_true", help="print only the summary")
     return parser
 

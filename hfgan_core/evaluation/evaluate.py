@@ -88,9 +88,14 @@ def evaluate_generators(
         classifier = classifiers[domain].to(settings.device)
         with Stopwatch() as sw:
             score = generation_score(
-                generate, classifier, settings.score_samples, settings.gen_batch_size,
+                generate,
+                classifier,
+                settings.score_samples,
+                settings.gen_batch_size,
                 generator=torch.Generator().manual_seed(derive_seed(settings.seed, domain, "score")),
-                num_classes=settings.num_classes, z_dim=settings.z_dim, device=settings.device,
+                num_classes=settings.num_classes,
+                z_dim=settings.z_dim,
+                device=settings.device,
             )
         entry: dict[str, Any] = {"generation_score": score, "score_s": sw.seconds}
         if log is not None:
@@ -99,9 +104,16 @@ def evaluate_generators(
             if test_sets is None or domain not in test_sets:
                 raise ConfigError(f"no test set for domain {domain!r} (needed for the utility metrics)")
             util = utility_metrics(
-                generate, test_sets[domain], None, settings.utility_samples, settings.utility_epochs,
-                seed=derive_seed(settings.seed, domain, "utility"), device=settings.device,
-                gen_batch_size=settings.gen_batch_size, num_classes=settings.num_classes, z_dim=settings.z_dim,
+                generate,
+                test_sets[domain],
+                None,
+                settings.utility_samples,
+                settings.utility_epochs,
+                seed=derive_seed(settings.seed, domain, "utility"),
+                device=settings.device,
+                gen_batch_size=settings.gen_batch_size,
+                num_classes=settings.num_classes,
+                z_dim=settings.z_dim,
             )
             entry["utility"] = util
             if log is not None:
@@ -126,8 +138,14 @@ def class_grid_samples(
     """`per_class` samples of each class, class-major: with nrow=per_class, row r of the grid shows class r."""
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     out = sample_generator(
-        generate, labels.numel(), generator=torch.Generator().manual_seed(seed), batch_size=labels.numel(),
-        num_classes=num_classes, z_dim=z_dim, device=device, labels=labels,
+        generate,
+        labels.numel(),
+        generator=torch.Generator().manual_seed(seed),
+        batch_size=labels.numel(),
+        num_classes=num_classes,
+        z_dim=z_dim,
+        device=device,
+        labels=labels,
     )
     assert out is not None
     return out[0]

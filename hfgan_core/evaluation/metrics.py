@@ -141,7 +141,12 @@ def generation_score(
     classifier.eval()
     try:
         sample_generator(
-            generate, n_samples, generator=generator, batch_size=batch_size, num_classes=num_classes, z_dim=z_dim,
+            generate,
+            n_samples,
+            generator=generator,
+            batch_size=batch_size,
+            num_classes=num_classes,
+            z_dim=z_dim,
             device=device,
             consume=lambda x, _y: chunks.append(torch.log_softmax(classifier(x.to(device)).double(), dim=1).cpu()),
         )
@@ -251,7 +256,12 @@ def utility_metrics(
     gen = torch.Generator().manual_seed(seed)
     with Stopwatch() as sw_gen:
         sampled = sample_generator(
-            generate, n_samples, generator=gen, batch_size=gen_batch_size, num_classes=num_classes, z_dim=z_dim,
+            generate,
+            n_samples,
+            generator=gen,
+            batch_size=gen_batch_size,
+            num_classes=num_classes,
+            z_dim=z_dim,
             device=device,
         )
     assert sampled is not None

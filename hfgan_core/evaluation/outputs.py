@@ -184,8 +184,9 @@ class MetricsLog:
     Reopening an existing log keeps its records (a resumed run appends to it); a torn last line is cut off.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, jsonl_name: str = "metrics.jsonl",
-                 csv_name: str = "metrics.csv") -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, jsonl_name: str = "metrics.jsonl", csv_name: str = "metrics.csv"
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.directory / jsonl_name

@@ -177,14 +177,18 @@ def member_full_state(
         for b in held:
             if b in theirs and set(mine[b]) != set(theirs[b]):
                 diff = sorted(set(mine[b]) ^ set(theirs[b]))
-                raise ValueError(f"client state for cut bits {_cuts(cuts)}: block {b[0]}.{b[1]} keys differ from the "
-                                 f"server's copy: {_short(diff)}")
+                raise ValueError(
+                    f"client state for cut bits {_cuts(cuts)}: block {b[0]}.{b[1]} keys differ from the "
+                    f"server's copy: {_short(diff)}"
+                )
     for b in held:
         for k in theirs.get(b, []):
             c, s = client_state[k], server_state[k]
             if c.shape != s.shape or c.dtype != s.dtype:
-                raise ValueError(f"client state: {k} is {tuple(c.shape)} {c.dtype} but the server's copy is "
-                                 f"{tuple(s.shape)} {s.dtype}")
+                raise ValueError(
+                    f"client state: {k} is {tuple(c.shape)} {c.dtype} but the server's copy is "
+                    f"{tuple(s.shape)} {s.dtype}"
+                )
     held_set = set(held)
     out: State = {}
     for spec in a.nets:
@@ -214,8 +218,10 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     for j, s in enumerate(states[1:], start=1):
         if set(s) != names:
             missing, extra = sorted(names - set(s)), sorted(set(s) - names)
-            raise ValueError(f"state {j} differs from state 0: missing {_short(missing) or 'nothing'}; "
-                             f"unexpected {_short(extra) or 'nothing'}")
+            raise ValueError(
+                f"state {j} differs from state 0: missing {_short(missing) or 'nothing'}; "
+                f"unexpected {_short(extra) or 'nothing'}"
+            )
     out: State = {}
     for key, ref in first.items():
         if ref.dtype == torch.bool or ref.is_complex():
@@ -223,8 +229,9 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
         for j, s in enumerate(states):
             t = s[key]
             if t.shape != ref.shape or t.dtype != ref.dtype:
-                raise ValueError(f"{key}: state {j} has {tuple(t.shape)} {t.dtype}, state 0 has "
-                                 f"{tuple(ref.shape)} {ref.dtype}")
+                raise ValueError(
+                    f"{key}: state {j} has {tuple(t.shape)} {t.dtype}, state 0 has {tuple(ref.shape)} {ref.dtype}"
+                )
         acc = torch.zeros(ref.shape, dtype=torch.float64)
         for s, w in zip(states, ws, strict=True):
             # Separate multiply and add: each is correctly rounded on every CPU, so replay is bit-exact anywhere.
@@ -236,8 +243,9 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     return out
 
 
-def _subset(a: Architecture, layout: StateLayout | None, state: Mapping[str, torch.Tensor],
-            blocks: Sequence[BlockId], what: str) -> State:
+def _subset(
+    a: Architecture, layout: StateLayout | None, state: Mapping[str, torch.Tensor], blocks: Sequence[BlockId], what: str
+) -> State:
     groups, _ = _group(a, state)
     missing: list[str] = []
     for b in blocks:

@@ -179,5 +179,5 @@ def load_canonical(net: str, blocks: dict[int, nn.Module], state: dict[str, torc
     """Load the entries of `state` that belong to `blocks` (strict: every key of those blocks must be present)."""
     for i, block in blocks.items():
         prefix = f"{net}.{i}."
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         block.load_state_dict(sub, strict=True)

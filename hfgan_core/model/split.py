@@ -16,8 +16,9 @@ from torch import nn
 from .architecture import NetworkSpec
 
 
-def run_blocks(blocks: dict[int, nn.Module], order: Sequence[int], x: torch.Tensor,
-               labels: torch.Tensor | None = None) -> torch.Tensor:
+def run_blocks(
+    blocks: dict[int, nn.Module], order: Sequence[int], x: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """Run the given blocks in order; block 0 takes the labels as its second input."""
     for i in order:
         x = blocks[i](x, labels) if i == 0 else blocks[i](x)

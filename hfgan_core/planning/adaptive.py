@@ -48,10 +48,13 @@ def predicted_compute_seconds(costs: CostTable, profile: DeviceProfile, cuts: It
     return client_gflops(costs, cuts) / profile.gflops
 
 
-def effective_profiles(measured_step_seconds: Mapping[int, float | Sequence[float]],
-                       cuts: Sequence[Iterable[int] | str], costs: CostTable,
-                       claimed_profiles: Sequence[DeviceProfile],
-                       server: ServerProfile | None = None) -> list[DeviceProfile]:
+def effective_profiles(
+    measured_step_seconds: Mapping[int, float | Sequence[float]],
+    cuts: Sequence[Iterable[int] | str],
+    costs: CostTable,
+    claimed_profiles: Sequence[DeviceProfile],
+    server: ServerProfile | None = None,
+) -> list[DeviceProfile]:
     """Claimed profiles with the compute speed of each measured client rescaled to match its measurement.
 
     `measured_step_seconds` maps a client index to its measured client-side compute seconds per step (or a list of

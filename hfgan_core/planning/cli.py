@@ -39,15 +39,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Plan the cut bits [g_head, g_tail, d_head, d_tail] of each client with the exact planner "
         "over the paper's latency model, or evaluate a given assignment.",
     )
-    p.add_argument("profiles", metavar="PROFILES",
-                   help="profiles file (JSON/TOML), a preset (paper_devices, paper_ga20) or a run config")
+    p.add_argument(
+        "profiles",
+        metavar="PROFILES",
+        help="profiles file (JSON/TOML), a preset (paper_devices, paper_ga20) or a run config",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--batch-size", type=int, default=None, help="batch size per client (default 64)")
-    p.add_argument("--cost-model", choices=COST_MODELS, default=None,
-                   help="FLOP counting: the paper's (default) or corrected transposed convolutions")
+    p.add_argument(
+        "--cost-model",
+        choices=COST_MODELS,
+        default=None,
+        help="FLOP counting: the paper's (default) or corrected transposed convolutions",
+    )
     p.add_argument("--clients", type=int, default=None, metavar="N", help="cycle the listed clients to N clients")
-    p.add_argument("--evaluate", metavar="CUTS.json", default=None,
-                   help="evaluate this assignment (a JSON list of four-bit lists, one per client) instead of planning")
+    p.add_argument(
+        "--evaluate",
+        metavar="CUTS.json",
+        default=None,
+        help="evaluate this assignment (a JSON list of four-bit lists, one per client) instead of planning",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -66,8 +77,9 @@ def _load_cuts(path: str, n: int) -> list:
     if not isinstance(data, list):
         raise ConfigError(f"{path}: expected a list of [g_head, g_tail, d_head, d_tail] lists")
     for i, c in enumerate(data):
-        ok = isinstance(c, str) or (isinstance(c, list) and all(isinstance(b, int) and not isinstance(b, bool)
-                                                                 for b in c))
+        ok = isinstance(c, str) or (
+            isinstance(c, list) and all(isinstance(b, int) and not isinstance(b, bool) for b in c)
+        )
         if not ok:
             raise ConfigError(f"cuts[{i}]: expected four bits [g_head, g_tail, d_head, d_tail], got {c!r}")
     as_cut_array(data, n)  # validates the bits and the count
@@ -106,23 +118,31 @@ def format_table(ps: ProfileSet, bd: LatencyBreakdown, header: str) -> str:
         groups.setdefault((ps.names[i], ps.clients[i], tuple(bd.cuts[i])), []).append(i)
     short = ("G fwd", "D fwd", "G bwd", "D bwd")
     name_w = max(7, *(len(k[0]) for k in groups))
-    lines.append(f"{'profile':<{name_w}}  {'clients':<22}  cuts  " + "".join(f"{s:>8}" for s in short)
-                 + "  slowest in")
+    lines.append(f"{'profile':<{name_w}}  {'clients':<22}  cuts  " + "".join(f"{s:>8}" for s in short) + "  slowest in")
     for (name, _, cuts), idx in groups.items():
         times = bd.client_stage_seconds(idx[0])
-        crit = sorted({p for i in idx for p in bd.critical_phases(i)}, key=lambda p: (STAGES.index(p.split("/")[0]),
-                                                                                        p))
-        lines.append(f"{name:<{name_w}}  {_index_list(idx):<22}  {''.join(map(str, cuts))}  "
-                     + "".join(f"{t:8.4f}" for t in times) + "  " + (", ".join(crit) if crit else "-"))
+        crit = sorted({p for i in idx for p in bd.critical_phases(i)}, key=lambda p: (STAGES.index(p.split("/")[0]), p))
+        lines.append(
+            f"{name:<{name_w}}  {_index_list(idx):<22}  {''.join(map(str, cuts))}  "
+            + "".join(f"{t:8.4f}" for t in times)
+            + "  "
+            + (", ".join(crit) if crit else "-")
+        )
     lines.append("")
-    lines.append("cuts = g_head g_tail d_head d_tail (1: the client keeps that block); client times exclude the "
-                 "server's shared blocks")
+    lines.append(
+        "cuts = g_head g_tail d_head d_tail (1: the client keeps that block); client times exclude the "
+        "server's shared blocks"
+    )
     lines.append("")
-    lines.append(f"{'stage':<10}  {'total s':>8}  {'first phase (slowest client)':<34}  {'server s':>8}  "
-                 "second phase (slowest client)")
+    lines.append(
+        f"{'stage':<10}  {'total s':>8}  {'first phase (slowest client)':<34}  {'server s':>8}  "
+        "second phase (slowest client)"
+    )
     for st in bd.stages:
+
         def ph(p) -> str:
             return f"{p.seconds:.4f} (client {p.critical_client}, {p.limited_by})"
+
         lines.append(f"{st.name:<10}  {st.seconds:8.4f}  {ph(st.first):<34}  {st.server_s:8.4f}  {ph(st.second)}")
     where, client, what = bd.bottleneck()
     lines.append("")
@@ -140,9 +160,11 @@ def run(args: argparse.Namespace) -> int:
         cost_model = args.cost_model or ps.cost_model or "paper"
         costs = compute_costs(batch_size=batch, cost_model=cost_model)
         server = ps.server
-        header = (f"{len(ps.clients)} clients, cost model {cost_model}, batch {batch}; server "
-                  f"{server.computational_frequency_ghz * server.cpu_cycles_per_flop:g} GFLOP/s, "
-                  f"{server.transmission_rate_bps:.3g} B/s")
+        header = (
+            f"{len(ps.clients)} clients, cost model {cost_model}, batch {batch}; server "
+            f"{server.computational_frequency_ghz * server.cpu_cycles_per_flop:g} GFLOP/s, "
+            f"{server.transmission_rate_bps:.3g} B/s"
+        )
         if args.evaluate is not None:
             cuts = _load_cuts(args.evaluate, len(ps.clients))
             bd = latency_breakdown(costs, ps.clients, server, cuts)

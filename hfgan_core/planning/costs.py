@@ -180,8 +180,9 @@ class CostTable:
 # Counting
 
 
-def _layer_flops(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...], first: bool,
-                 cost_model: str) -> tuple[int, int] | None:
+def _layer_flops(
+    module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...], first: bool, cost_model: str
+) -> tuple[int, int] | None:
     """(forward, backward) FLOPs per sample of one leaf layer; None for a layer kind we do not know."""
     out_elems = math.prod(out_shape)
     grad = 2 if first else 4  # the first weight layer computes no input gradient
@@ -219,8 +220,9 @@ def _example_inputs(net: str, cfg: ModelConfig, batch: int) -> tuple[torch.Tenso
     return torch.zeros(batch, cfg.channels, cfg.image_size, cfg.image_size), labels
 
 
-def _trace_net(net: str, blocks: list[nn.Module], cfg: ModelConfig, cost_model: str
-               ) -> tuple[list[LayerCost], list[tuple[int, ...]]]:
+def _trace_net(
+    net: str, blocks: list[nn.Module], cfg: ModelConfig, cost_model: str
+) -> tuple[list[LayerCost], list[tuple[int, ...]]]:
     """Run the blocks once with hooks on every leaf layer; the layers in execution order and each block's output
     shape (per sample)."""
     seen: list[tuple[int, nn.Module, tuple[int, ...], tuple[int, ...]]] = []
@@ -258,8 +260,7 @@ def _trace_net(net: str, blocks: list[nn.Module], cfg: ModelConfig, cost_model: 
     first_weight_layer_done = False
     for block_idx, module, in_shape, out_shape in seen:
         is_weight_layer = isinstance(module, nn.Linear | nn.Conv2d | nn.ConvTranspose2d)
-        flops = _layer_flops(module, in_shape, out_shape, is_weight_layer and not first_weight_layer_done,
-                             cost_model)
+        flops = _layer_flops(module, in_shape, out_shape, is_weight_layer and not first_weight_layer_done, cost_model)
         if flops is None:
             raise ValueError(f"{net} block {block_idx}: no FLOP count for layer type {type(module).__name__}")
         first_weight_layer_done = first_weight_layer_done or is_weight_layer
@@ -267,8 +268,9 @@ def _trace_net(net: str, blocks: list[nn.Module], cfg: ModelConfig, cost_model: 
     return layers, out_shapes
 
 
-def compute_costs(model_cfg: ModelConfig | None = None, batch_size: int = 64, cost_model: str = "paper",
-                  bytes_per_element: int = 4) -> CostTable:
+def compute_costs(
+    model_cfg: ModelConfig | None = None, batch_size: int = 64, cost_model: str = "paper", bytes_per_element: int = 4
+) -> CostTable:
     """Per-block forward/backward GFLOPs and cut bytes of the model, for one batch, under a counting convention.
 
     Raises ConfigError for a non-positive batch size or an unknown cost model.
@@ -286,22 +288,25 @@ def compute_costs(model_cfg: ModelConfig | None = None, batch_size: int = 64, co
     for spec in arch.nets:
         layers, out_shapes = _trace_net(spec.name, nets[spec.name], cfg, cost_model)
         if tuple(out_shapes) != tuple(spec.output_shapes):
-            raise ValueError(f"{spec.name}: traced block outputs {out_shapes} differ from the declared "
-                             f"{list(spec.output_shapes)}")
+            raise ValueError(
+                f"{spec.name}: traced block outputs {out_shapes} differ from the declared {list(spec.output_shapes)}"
+            )
         fwd = [0] * spec.n_blocks
         bwd = [0] * spec.n_blocks
         for layer in layers:
             fwd[layer.block] += layer.fwd_flops
             bwd[layer.block] += layer.bwd_flops
         # Integers until here, so GFLOPs are the exactly rounded quotients (bit-equal to the reference's numbers).
-        tables.append(NetCosts(
-            name=spec.name,
-            roles=tuple(spec.roles),
-            fwd_gflops=tuple(f * batch_size / 1e9 for f in fwd),
-            bwd_gflops=tuple(b * batch_size / 1e9 for b in bwd),
-            out_bytes=tuple(math.prod(s) * bytes_per_element * batch_size for s in spec.output_shapes),
-            layers=tuple(layers),
-        ))
+        tables.append(
+            NetCosts(
+                name=spec.name,
+                roles=tuple(spec.roles),
+                fwd_gflops=tuple(f * batch_size / 1e9 for f in fwd),
+                bwd_gflops=tuple(b * batch_size / 1e9 for b in bwd),
+                out_bytes=tuple(math.prod(s) * bytes_per_element * batch_size for s in spec.output_shapes),
+                layers=tuple(layers),
+            )
+        )
     for t in tables:
         if not t.blocks_with_role(SERVER):
             raise ValueError(f"{t.name}: no server block")

@@ -104,23 +104,51 @@ def latency_terms(costs: CostTable, clients: Sequence[DeviceProfile], server: Se
         head_opt_f, tail_opt_f = net.role_fwd(HEAD), net.role_fwd(TAIL)
         head_opt_b, tail_opt_b = net.role_bwd(HEAD), net.role_bwd(TAIL)
         # Forward: heads compute and send up; the server sends down to the tails, which compute.
-        phases.append(Phase(stage_f, 0, head_col, head_opt_f / big_s,
-                            pair(lambda b, net=net, k=k: k * net.head_fwd(b) / s),
-                            pair(lambda b, net=net, k=k: k * net.head_out_bytes(b) / r),
-                            (0.0, 0.0)))
-        phases.append(Phase(stage_f, 1, tail_col, tail_opt_f / big_s,
-                            pair(lambda b, net=net, k=k: k * net.tail_fwd(b) / s),
-                            (zero, zero),
-                            (k * net.tail_in_bytes(0) / big_r, k * net.tail_in_bytes(1) / big_r)))
+        phases.append(
+            Phase(
+                stage_f,
+                0,
+                head_col,
+                head_opt_f / big_s,
+                pair(lambda b, net=net, k=k: k * net.head_fwd(b) / s),
+                pair(lambda b, net=net, k=k: k * net.head_out_bytes(b) / r),
+                (0.0, 0.0),
+            )
+        )
+        phases.append(
+            Phase(
+                stage_f,
+                1,
+                tail_col,
+                tail_opt_f / big_s,
+                pair(lambda b, net=net, k=k: k * net.tail_fwd(b) / s),
+                (zero, zero),
+                (k * net.tail_in_bytes(0) / big_r, k * net.tail_in_bytes(1) / big_r),
+            )
+        )
         # Backward: tails compute and send their input gradient up; the server sends down to the heads.
-        phases.append(Phase(stage_b, 0, tail_col, tail_opt_b / big_s,
-                            pair(lambda b, net=net, k=k: k * net.tail_bwd(b) / s),
-                            pair(lambda b, net=net, k=k: k * net.tail_in_bytes(b) / r),
-                            (0.0, 0.0)))
-        phases.append(Phase(stage_b, 1, head_col, (head_opt_b if corrected else tail_opt_b) / big_s,
-                            pair(lambda b, net=net, k=k: k * net.head_bwd(b) / s),
-                            (zero, zero),
-                            (k * net.head_out_bytes(0) / big_r, k * net.head_out_bytes(1) / big_r)))
+        phases.append(
+            Phase(
+                stage_b,
+                0,
+                tail_col,
+                tail_opt_b / big_s,
+                pair(lambda b, net=net, k=k: k * net.tail_bwd(b) / s),
+                pair(lambda b, net=net, k=k: k * net.tail_in_bytes(b) / r),
+                (0.0, 0.0),
+            )
+        )
+        phases.append(
+            Phase(
+                stage_b,
+                1,
+                head_col,
+                (head_opt_b if corrected else tail_opt_b) / big_s,
+                pair(lambda b, net=net, k=k: k * net.head_bwd(b) / s),
+                (zero, zero),
+                (k * net.head_out_bytes(0) / big_r, k * net.head_out_bytes(1) / big_r),
+            )
+        )
     server_stage = (
         g.role_fwd(SERVER) * n / big_s,
         d.role_fwd(SERVER) * n / big_s,
@@ -165,8 +193,9 @@ def batch_latency(terms: LatencyTerms, bits: np.ndarray) -> np.ndarray:
     return total
 
 
-def iteration_latency(costs: CostTable, clients: Sequence[DeviceProfile], server: ServerProfile,
-                      cuts: Iterable[Iterable[int] | str]) -> float:
+def iteration_latency(
+    costs: CostTable, clients: Sequence[DeviceProfile], server: ServerProfile, cuts: Iterable[Iterable[int] | str]
+) -> float:
     """Modelled seconds of one training iteration for this cut assignment (one entry per client)."""
     terms = latency_terms(costs, clients, server)
     return float(batch_latency(terms, as_cut_array(cuts, len(clients)))[0])
@@ -223,14 +252,16 @@ class LatencyBreakdown:
 
     def bottleneck(self) -> tuple[str, int, str]:
         """The longest phase overall: (stage/phase, client, what limits it)."""
-        best = max(((st, label, ph) for st in self.stages for label, ph in (("first", st.first),
-                                                                            ("second", st.second))),
-                   key=lambda t: t[2].seconds)
+        best = max(
+            ((st, label, ph) for st in self.stages for label, ph in (("first", st.first), ("second", st.second))),
+            key=lambda t: t[2].seconds,
+        )
         return f"{best[0].name}/{best[1]}", best[2].critical_client, best[2].limited_by
 
 
-def latency_breakdown(costs: CostTable, clients: Sequence[DeviceProfile], server: ServerProfile,
-                      cuts: Iterable[Iterable[int] | str]) -> LatencyBreakdown:
+def latency_breakdown(
+    costs: CostTable, clients: Sequence[DeviceProfile], server: ServerProfile, cuts: Iterable[Iterable[int] | str]
+) -> LatencyBreakdown:
     """The four stage times, each phase's critical client and every client's per-phase times."""
     terms = latency_terms(costs, clients, server)
     bits = as_cut_array(cuts, len(clients))
@@ -243,10 +274,15 @@ def latency_breakdown(costs: CostTable, clients: Sequence[DeviceProfile], server
         per = np.where(col, ph.values(1), ph.values(0) + ph.coef * zeros[ph.column])
         i = int(np.argmax(per))
         b = int(col[i])
-        parts = {"compute": float(ph.compute[b][i]), "link": float(ph.link[b][i]),
-                 "server link": float(ph.server_link[b]), "server": float(server_part[i])}
+        parts = {
+            "compute": float(ph.compute[b][i]),
+            "link": float(ph.link[b][i]),
+            "server link": float(ph.server_link[b]),
+            "server": float(server_part[i]),
+        }
         by_stage.setdefault(ph.stage, []).append(
-            PhaseTimes(COLUMNS[ph.column], float(per[i]), i, tuple(float(x) for x in per), parts))
+            PhaseTimes(COLUMNS[ph.column], float(per[i]), i, tuple(float(x) for x in per), parts)
+        )
     stages = []
     for k, name in enumerate(STAGES):
         first, second = by_stage[k]

@@ -48,8 +48,9 @@ class Plan:
         return {"cuts": [list(c) for c in self.cuts], "latency_s": self.latency_s, "seconds": self.seconds}
 
 
-def optimise_column(alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: np.ndarray, d: np.ndarray
-                    ) -> tuple[np.ndarray, float]:
+def optimise_column(
+    alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: np.ndarray, d: np.ndarray
+) -> tuple[np.ndarray, float]:
     """The exact minimiser of the one-column cost (see the module docstring): a boolean mask of the clients that get
     bit 0, and the minimal cost."""
     a, b, c, d = (np.asarray(x, dtype=np.float64) for x in (a, b, c, d))
@@ -72,11 +73,12 @@ def optimise_column(alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: 
     ks_all = np.arange(n + 1)
     rows = max(1, _MAX_CELLS // (n + 1))
     for start in range(0, n + 1, rows):
-        ks = ks_all[start:start + rows]
+        ks = ks_all[start : start + rows]
         # A client at d-position p is new to the set of row k iff it is not among the top-k by b.
         new = rank_b_in_d[None, :] >= ks[:, None]  # (rows, N)
-        count = ks[:, None] + np.concatenate((np.zeros((len(ks), 1), dtype=np.int64),
-                                              np.cumsum(new, axis=1)), axis=1)  # (rows, N+1): n of (k, m)
+        count = ks[:, None] + np.concatenate(
+            (np.zeros((len(ks), 1), dtype=np.int64), np.cumsum(new, axis=1)), axis=1
+        )  # (rows, N+1): n of (k, m)
         first = np.maximum(alpha * count + np.maximum(pre_b_a[ks][:, None], pre_d_a[None, :]), next_b[ks][:, None])
         second = np.maximum(beta * count + np.maximum(pre_b_c[ks][:, None], pre_d_c[None, :]), next_d[None, :])
         bound = first + second
@@ -91,8 +93,9 @@ def optimise_column(alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: 
     return mask, column_cost(mask, alpha, a, b, beta, c, d)
 
 
-def column_cost(mask: np.ndarray, alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: np.ndarray,
-                d: np.ndarray) -> float:
+def column_cost(
+    mask: np.ndarray, alpha: float, a: np.ndarray, b: np.ndarray, beta: float, c: np.ndarray, d: np.ndarray
+) -> float:
     """The one-column cost of the set `mask` (True = bit 0), with max over an empty set = 0."""
     n = int(mask.sum())
 
@@ -105,8 +108,9 @@ def column_cost(mask: np.ndarray, alpha: float, a: np.ndarray, b: np.ndarray, be
     return first + second
 
 
-def column_problem(terms: LatencyTerms, column: int) -> tuple[float, np.ndarray, np.ndarray, float, np.ndarray,
-                                                               np.ndarray]:
+def column_problem(
+    terms: LatencyTerms, column: int
+) -> tuple[float, np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
     """(alpha, a, b, beta, c, d) of one column: its two phases' server coefficients and per-client times."""
     phases = [p for p in terms.phases if p.column == column]
     if len(phases) != 2:  # pragma: no cover - guaranteed by latency_terms

@@ -51,8 +51,13 @@ class ProfileSet:
         if n <= 0:
             raise ConfigError("the number of clients must be positive")
         k = len(self.clients)
-        return ProfileSet(self.server, tuple(self.clients[i % k] for i in range(n)),
-                          tuple(self.names[i % k] for i in range(n)), self.batch_size, self.cost_model)
+        return ProfileSet(
+            self.server,
+            tuple(self.clients[i % k] for i in range(n)),
+            tuple(self.names[i % k] for i in range(n)),
+            self.batch_size,
+            self.cost_model,
+        )
 
 
 def profile_presets() -> list[str]:
@@ -129,8 +134,13 @@ def parse_profiles(data: Any) -> ProfileSet:
 
 def _from_run_config(cfg: RunConfig) -> ProfileSet:
     n = cfg.scenario.total_clients
-    return ProfileSet(cfg.devices.server, tuple(cfg.devices.client_profiles(n)),
-                      tuple(cfg.devices.client_profile_names(n)), cfg.train.batch_size, cfg.train.cost_model)
+    return ProfileSet(
+        cfg.devices.server,
+        tuple(cfg.devices.client_profiles(n)),
+        tuple(cfg.devices.client_profile_names(n)),
+        cfg.train.batch_size,
+        cfg.train.cost_model,
+    )
 
 
 def _parse_text(text: str, source: str, suffix: str) -> Any:

@@ -138,8 +138,11 @@ def _payload_fields(cls: type) -> list[dataclasses.Field]:
 _ENVELOPE = {"v": int, "kind": str, "run": str, "round": int, "step": int, "sender": str, "msg_id": str}
 
 
-def decode(body: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS,
-           kinds: tuple[type[Message], ...] | None = None) -> Message:
+def decode(
+    body: bytes | bytearray | memoryview,
+    limits: Limits = DEFAULT_LIMITS,
+    kinds: tuple[type[Message], ...] | None = None,
+) -> Message:
     """Bytes -> message, or WireError. `kinds` restricts which message types the receiving queue accepts."""
     obj = unpack(body, limits)
     for key, typ in _ENVELOPE.items():
@@ -244,8 +247,11 @@ def _decode_value(value: Any, spec: Spec, where: str, limits: Limits, budget: _B
             raise WireError("non_finite", f"{where}: not finite")
         return tuple(float(x) for x in value)
     if k == "strs":
-        _check(isinstance(value, list) and all(isinstance(x, str) and len(x) <= 200 for x in value), where,
-               "a list of strings of at most 200 characters")
+        _check(
+            isinstance(value, list) and all(isinstance(x, str) and len(x) <= 200 for x in value),
+            where,
+            "a list of strings of at most 200 characters",
+        )
         return tuple(value)
     if k == "cuts":
         ok = isinstance(value, list) and all(
@@ -254,18 +260,27 @@ def _decode_value(value: Any, spec: Spec, where: str, limits: Limits, budget: _B
         _check(ok, where, "a list of four-bit lists")
         return tuple(tuple(c) for c in value)
     if k in ("metrics", "floatmap"):
-        _check(isinstance(value, dict) and all(isinstance(n, str) and _is_num(v) for n, v in value.items()),
-               where, "a map of names to numbers")
+        _check(
+            isinstance(value, dict) and all(isinstance(n, str) and _is_num(v) for n, v in value.items()),
+            where,
+            "a map of names to numbers",
+        )
         if spec.finite and not all(math.isfinite(v) for v in value.values()):
             raise WireError("non_finite", f"{where}: not finite")
         return {n: float(v) for n, v in value.items()}
     if k == "intmap":
-        _check(isinstance(value, dict) and all(isinstance(n, str) and _is_int(v) for n, v in value.items()),
-               where, "a map of names to integers")
+        _check(
+            isinstance(value, dict) and all(isinstance(n, str) and _is_int(v) for n, v in value.items()),
+            where,
+            "a map of names to integers",
+        )
         return dict(value)
     if k == "strmap":
-        _check(isinstance(value, dict) and all(isinstance(n, str) and isinstance(v, str) for n, v in value.items()),
-               where, "a map of names to strings")
+        _check(
+            isinstance(value, dict) and all(isinstance(n, str) and isinstance(v, str) for n, v in value.items()),
+            where,
+            "a map of names to strings",
+        )
         return dict(value)
     raise AssertionError(f"unknown spec kind {k}")  # pragma: no cover
 

@@ -112,24 +112,51 @@ class AggregatorRole(Role):
                 raise Reject(f"digest_mismatch: round {msg.round} cluster {msg.cluster}: {digest} != {recorded}")
         store.set_log_offset(run, msg.round + 1, updates.last_offset + 1)
         if self.hold is not None and self.hold[0] == msg.round:
-            self.ctx.log.warning("%s: test hook: holding job %s (round %d cluster %d) for %.1f s", self.name,
-                                 msg.msg_id, msg.round, msg.cluster, self.hold[1])
+            self.ctx.log.warning(
+                "%s: test hook: holding job %s (round %d cluster %d) for %.1f s",
+                self.name,
+                msg.msg_id,
+                msg.round,
+                msg.cluster,
+                self.hold[1],
+            )
             self.sleep(self.hold[1])
         env = self.envelope(msg.round)
         if msg.cluster < 0:
             self.send(SERVER, ServerModel(**env, state=server_layers(self.arch, model)))
         else:
             for c, bits in zip(msg.recipients, msg.cuts):
-                self.send(client_address(c), ModelAssignment(**env, client=c, cluster=msg.cluster,
-                                                             state=client_layers(self.arch, CutBits(*bits), model)))
-        self.send(COORDINATOR, AggregateDone(**env, cluster=msg.cluster, members=msg.members, digest=digest,
-                                             state=model, seen_updates=tuple(sorted(updates.clients) +
-                                                                             sorted(updates.server))))
+                self.send(
+                    client_address(c),
+                    ModelAssignment(
+                        **env, client=c, cluster=msg.cluster, state=client_layers(self.arch, CutBits(*bits), model)
+                    ),
+                )
+        self.send(
+            COORDINATOR,
+            AggregateDone(
+                **env,
+                cluster=msg.cluster,
+                members=msg.members,
+                digest=digest,
+                state=model,
+                seen_updates=tuple(sorted(updates.clients) + sorted(updates.server)),
+            ),
+        )
         self.jobs_done += 1
 
 
 def job_document(job: AggregateJob) -> str:
     """The ledger's record of a job (what replay needs to redo it)."""
-    return json.dumps({"cluster": job.cluster, "members": list(job.members), "weights": list(job.weights),
-                       "recipients": list(job.recipients), "cuts": [list(c) for c in job.cuts],
-                       "update_ids": dict(job.update_ids), "msg_id": job.msg_id}, sort_keys=True)
+    return json.dumps(
+        {
+            "cluster": job.cluster,
+            "members": list(job.members),
+            "weights": list(job.weights),
+            "recipients": list(job.recipients),
+            "cuts": [list(c) for c in job.cuts],
+            "update_ids": dict(job.update_ids),
+            "msg_id": job.msg_id,
+        },
+        sort_keys=True,
+    )

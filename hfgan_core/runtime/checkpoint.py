@@ -30,9 +30,16 @@ def round_dir(run_dir: str | Path, round: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"round_{round:04d}"
 
 
-def save_checkpoint(path: str | Path, *, role: str, round: int, config: dict[str, Any],
-                    state: dict[str, torch.Tensor], optimizers: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    role: str,
+    round: int,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    optimizers: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     path = Path(path)
     blob = {
         "format": FORMAT,
@@ -77,16 +84,23 @@ def models_from_checkpoint(blob: dict[str, Any]) -> tuple:
             global_model = global_model or {}
             global_model[key] = t
         else:
-            clusters.setdefault(int(head[len("cluster"):]), {})[key] = t
+            clusters.setdefault(int(head[len("cluster") :]), {})[key] = t
     extra = blob["extra"]
-    return (clusters, global_model, {int(c): int(k) for c, k in extra["assignment"].items()},
-            {int(c): CutBits.parse(b) for c, b in extra["cuts"].items()})
+    return (
+        clusters,
+        global_model,
+        {int(c): int(k) for c, k in extra["assignment"].items()},
+        {int(c): CutBits.parse(b) for c, b in extra["cuts"].items()},
+    )
 
 
 def write_manifest(run_dir: str | Path, round: int, config: dict[str, Any], files: list[str]) -> Path:
     path = round_dir(run_dir, round) / "manifest.json"
-    body = json.dumps({"format": FORMAT, "version": VERSION, "round": round, "config": config, "files": files},
-                      indent=2, sort_keys=True)
+    body = json.dumps(
+        {"format": FORMAT, "version": VERSION, "round": round, "config": config, "files": files},
+        indent=2,
+        sort_keys=True,
+    )
     return atomic_write(path, lambda f: f.write(body.encode()))
 
 

@@ -68,8 +68,15 @@ class ClientData(Protocol):
 
 
 # The client-side segments of one step, in order (the `delay` hook's second argument).
-SEGMENTS = ("g_head_fwd", "g_tail_fwd+d_head_fwd", "d_tail_d", "d_head_bwd+d_head_fwd", "d_tail_g",
-            "d_head_bwd+g_tail_bwd", "g_head_bwd")
+SEGMENTS = (
+    "g_head_fwd",
+    "g_tail_fwd+d_head_fwd",
+    "d_tail_d",
+    "d_head_bwd+d_head_fwd",
+    "d_tail_g",
+    "d_head_bwd+g_tail_bwd",
+    "g_head_bwd",
+)
 
 
 def client_seed(seed: int, client: int) -> int:
@@ -80,9 +87,17 @@ class ClientRole(Role):
     accepts = (RoundStart, RoundClose, GMidOut, DMidOut, DMidGrad, GMidGrad, StepDropped, ModelAssignment, RunEnd)
     step_timeout_factor = 5.0
 
-    def __init__(self, ctx: RoleContext, client: int, domain: int, data: ClientData,
-                 profile: DeviceProfile | None = None, device: str | None = None,
-                 run_dir: str | Path | None = None, delay=None):
+    def __init__(
+        self,
+        ctx: RoleContext,
+        client: int,
+        domain: int,
+        data: ClientData,
+        profile: DeviceProfile | None = None,
+        device: str | None = None,
+        run_dir: str | Path | None = None,
+        delay=None,
+    ):
         super().__init__(ctx)
         self.client = client
         self.domain = domain
@@ -113,8 +128,12 @@ class ClientRole(Role):
     def start(self) -> None:
         p = self.profile
         profile = {"cpu_mhz": p.cpu_mhz, "flops_per_cycle": p.flops_per_cycle, "data_rate": p.data_rate} if p else {}
-        self.send(COORDINATOR, Join(**self.envelope(0), client=self.client, domain=self.domain,
-                                    n_samples=int(self.data.n), profile=profile))
+        self.send(
+            COORDINATOR,
+            Join(
+                **self.envelope(0), client=self.client, domain=self.domain, n_samples=int(self.data.n), profile=profile
+            ),
+        )
 
     def _reset_round(self) -> None:
         self.in_round = False
@@ -195,8 +214,14 @@ class ClientRole(Role):
     def tick(self, now: float) -> None:
         limit = self.step_timeout_factor * self.ctx.cfg.runtime.step_deadline_s
         if self.in_round and self.phase not in ("idle", "done") and now - self._last_progress > limit:
-            self.ctx.log.warning("%s: no reply for step %d of round %d in %.0f s (phase %s); abandoning the step",
-                                 self.name, self.step, self.round, limit, self.phase)
+            self.ctx.log.warning(
+                "%s: no reply for step %d of round %d in %.0f s (phase %s); abandoning the step",
+                self.name,
+                self.step,
+                self.round,
+                limit,
+                self.phase,
+            )
             self.steps_dropped += 1
             self.steps_timed_out += 1
             self._finish_step(dropped=True)
@@ -222,8 +247,10 @@ class ClientRole(Role):
 
     def _expect(self, msg: Message, phase: str) -> None:
         if not self.in_round or msg.round != self.round or msg.step != self.step:
-            raise Reject(f"stale: {msg.KIND} for round {msg.round} step {msg.step}, "
-                         f"client is at round {self.round} step {self.step}")
+            raise Reject(
+                f"stale: {msg.KIND} for round {msg.round} step {msg.step}, "
+                f"client is at round {self.round} step {self.step}"
+            )
         if self.phase != phase:
             raise Reject(f"out_of_order: {msg.KIND} in phase {self.phase}")
 
@@ -242,8 +269,16 @@ class ClientRole(Role):
             t.update(g_tail_in=t_in, fake=fake, d_fake=d_fake, d_real=d_real)
             self.phase = "d_fwd"
             self._work("g_tail_fwd+d_head_fwd")
-            self.send(SERVER, DHeadOut(**self.envelope(self.round, self.step), client=self.client, phase="d",
-                                       fake=d_fake.detach(), real=d_real.detach()))
+            self.send(
+                SERVER,
+                DHeadOut(
+                    **self.envelope(self.round, self.step),
+                    client=self.client,
+                    phase="d",
+                    fake=d_fake.detach(),
+                    real=d_real.detach(),
+                ),
+            )
         elif isinstance(msg, DMidOut) and msg.phase == "d":
             self._expect(msg, "d_fwd")
             shape = (B, *d.tail_input_shape(cuts.d_tail))
@@ -263,16 +298,23 @@ class ClientRole(Role):
             self._losses["d_loss_real"].append(float(loss_r.detach()))
             self.phase = "d_bwd"
             self._work("d_tail_d")
-            self.send(SERVER, DTailGrad(**self.envelope(self.round, self.step), client=self.client, phase="d",
-                                        fake=in_f.grad, real=in_r.grad))
+            self.send(
+                SERVER,
+                DTailGrad(
+                    **self.envelope(self.round, self.step),
+                    client=self.client,
+                    phase="d",
+                    fake=in_f.grad,
+                    real=in_r.grad,
+                ),
+            )
         elif isinstance(msg, DMidGrad) and msg.phase == "d":
             self._expect(msg, "d_bwd")
             expect_shape("d_mid_grad.fake", msg.fake, tuple(t["d_fake"].shape))
             if msg.real is None:
                 raise Reject("malformed: d_mid_grad phase d without the real gradient")
             expect_shape("d_mid_grad.real", msg.real, tuple(t["d_real"].shape))
-            torch.autograd.backward([t["d_fake"], t["d_real"]],
-                                    [msg.fake.to(self.device), msg.real.to(self.device)])
+            torch.autograd.backward([t["d_fake"], t["d_real"]], [msg.fake.to(self.device), msg.real.to(self.device)])
             h.step("D")
             # G step: D (now updated) on the same fakes, keeping their graph back to the generator.
             h.zero_grad("D")
@@ -280,8 +322,10 @@ class ClientRole(Role):
             t["d_gen"] = d_gen
             self.phase = "g_dfwd"
             self._work("d_head_bwd+d_head_fwd")
-            self.send(SERVER, DHeadOut(**self.envelope(self.round, self.step), client=self.client, phase="g",
-                                       fake=d_gen.detach()))
+            self.send(
+                SERVER,
+                DHeadOut(**self.envelope(self.round, self.step), client=self.client, phase="g", fake=d_gen.detach()),
+            )
         elif isinstance(msg, DMidOut) and msg.phase == "g":
             self._expect(msg, "g_dfwd")
             expect_shape("d_mid_out.fake", msg.fake, (B, *d.tail_input_shape(cuts.d_tail)))
@@ -292,8 +336,9 @@ class ClientRole(Role):
             self._losses["g_loss"].append(float(g_loss.detach()))
             self.phase = "g_dbwd"
             self._work("d_tail_g")
-            self.send(SERVER, DTailGrad(**self.envelope(self.round, self.step), client=self.client, phase="g",
-                                        fake=in_g.grad))
+            self.send(
+                SERVER, DTailGrad(**self.envelope(self.round, self.step), client=self.client, phase="g", fake=in_g.grad)
+            )
         elif isinstance(msg, DMidGrad) and msg.phase == "g":
             self._expect(msg, "g_dbwd")
             expect_shape("d_mid_grad.fake", msg.fake, tuple(t["d_gen"].shape))
@@ -343,8 +388,13 @@ class ClientRole(Role):
         self.phase = "done"
         self.in_round = False
         state = self.holder.state()
-        update = ClientUpdate(**self.envelope(self.round), client=self.client, cuts=(tuple(self.cuts),),
-                              n_samples=int(self.data.n), state=state)
+        update = ClientUpdate(
+            **self.envelope(self.round),
+            client=self.client,
+            cuts=(tuple(self.cuts),),
+            n_samples=int(self.data.n),
+            state=state,
+        )
         body = update.encode()
         self.log_update(body, self.round, update.KIND)
         metrics = {k: sum(v) / len(v) for k, v in self._losses.items() if v}
@@ -352,8 +402,17 @@ class ClientRole(Role):
             metrics["step_s"] = sum(self._step_times) / len(self._step_times)
             metrics["compute_s"] = sorted(self._compute_times)[len(self._compute_times) // 2]
         metrics["steps_dropped"] = float(self.steps_dropped)
-        self.send(COORDINATOR, RoundDone(**self.envelope(self.round), client=self.client, n_samples=int(self.data.n),
-                                         steps_done=self.steps_done, update_digest=update.msg_id, metrics=metrics))
+        self.send(
+            COORDINATOR,
+            RoundDone(
+                **self.envelope(self.round),
+                client=self.client,
+                n_samples=int(self.data.n),
+                steps_done=self.steps_done,
+                update_digest=update.msg_id,
+                metrics=metrics,
+            ),
+        )
 
     def _on_assignment(self, msg: ModelAssignment) -> None:
         if msg.client != self.client:
@@ -364,8 +423,11 @@ class ClientRole(Role):
         # Checked against the blocks these cut bits give a client before anything changes: a rejected assignment
         # must leave the blocks this client holds (and their optimizer state) as they were.
         held = {spec.name: spec.client_blocks(*new_cuts.for_net(spec.name)) for spec in self.arch.nets}
-        shapes = {k: tuple(v.shape) for net, idxs in held.items()
-                  for k, v in canonical_state(net, {i: self._full[net][i] for i in idxs}).items()}
+        shapes = {
+            k: tuple(v.shape)
+            for net, idxs in held.items()
+            for k, v in canonical_state(net, {i: self._full[net][i] for i in idxs}).items()
+        }
         if set(msg.state) != set(shapes):
             raise Reject(f"bad_model: keys do not match the blocks held ({held})")
         for k, shape in shapes.items():
@@ -385,10 +447,17 @@ class ClientRole(Role):
             return
         ckpt.save_checkpoint(
             ckpt.round_dir(self.run_dir, round) / self.checkpoint_name(),
-            role="client", round=round, config=self.ctx.cfg.to_dict(include_runtime=False),
-            state=self.holder.state(), optimizers=self.holder.optimizer_states(),
-            extra={"client": self.client, "cuts": list(self.cuts), "cluster": self.cluster,
-                   "rng": self.rng.get_state()},
+            role="client",
+            round=round,
+            config=self.ctx.cfg.to_dict(include_runtime=False),
+            state=self.holder.state(),
+            optimizers=self.holder.optimizer_states(),
+            extra={
+                "client": self.client,
+                "cuts": list(self.cuts),
+                "cluster": self.cluster,
+                "rng": self.rng.get_state(),
+            },
         )
 
     def restore(self, blob: dict[str, Any]) -> None:

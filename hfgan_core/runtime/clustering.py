@@ -44,10 +44,13 @@ class ClusteringRole(Role):
         k = cfg.train.n_clusters(cfg.scenario)
         outcome = cluster_clients(summaries, k, seed=cfg.train.seed)
         self.results += 1
-        self.send(COORDINATOR, ClusterResult(
-            **self.envelope(msg.round),
-            assignment={str(c): int(v) for c, v in outcome.assignment.items()},
-            kld_intra={str(c): float(v) for c, v in outcome.kld_intra.items()},
-            kld_global={str(c): float(v) for c, v in outcome.kld_global.items()},
-            k=int(outcome.k),
-        ))
+        self.send(
+            COORDINATOR,
+            ClusterResult(
+                **self.envelope(msg.round),
+                assignment={str(c): int(v) for c, v in outcome.assignment.items()},
+                kld_intra={str(c): float(v) for c, v in outcome.kld_intra.items()},
+                kld_global={str(c): float(v) for c, v in outcome.kld_global.items()},
+                k=int(outcome.k),
+            ),
+        )

@@ -96,12 +96,16 @@ class CoordinatorRole(Role):
     accepts = (Join, RoundDone, ServerRoundDone, ClusterResult, AggregateDone)
     no_grad = True
 
-    def __init__(self, ctx: RoleContext, *, run_dir: str | Path | None = None,
-                 on_round_end: Callable[[RoundReport], dict[str, Any] | None] | None = None,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 planner: Callable[[list[DeviceProfile]], list[CutBits]] | None = None,
-                 replanner: Callable[[dict[int, float], dict[int, CutBits], list[DeviceProfile]], list[CutBits]]
-                 | None = None):
+    def __init__(
+        self,
+        ctx: RoleContext,
+        *,
+        run_dir: str | Path | None = None,
+        on_round_end: Callable[[RoundReport], dict[str, Any] | None] | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        planner: Callable[[list[DeviceProfile]], list[CutBits]] | None = None,
+        replanner: Callable[[dict[int, float], dict[int, CutBits], list[DeviceProfile]], list[CutBits]] | None = None,
+    ):
         super().__init__(ctx)
         cfg = ctx.cfg
         self.run_dir = Path(run_dir) if run_dir else None
@@ -168,8 +172,10 @@ class CoordinatorRole(Role):
     def _event(self, event: str, **detail: Any) -> None:
         if self.on_event is not None:
             self.on_event(event, {"round": self.round, **detail})
-        self.send(f"events.round.{event}", RoundEvent(**self.envelope(self.round), event=event,
-                                                      detail={k: str(v) for k, v in detail.items()}))
+        self.send(
+            f"events.round.{event}",
+            RoundEvent(**self.envelope(self.round), event=event, detail={k: str(v) for k, v in detail.items()}),
+        )
 
     # ------------------------------------------------------------------------------------------------ restore
     def restore(self, blob: dict[str, Any]) -> None:
@@ -209,8 +215,9 @@ class CoordinatorRole(Role):
         ctx, run = self.ctx, self.ctx.run
         r, phase = self._resume
         self._resume = None
-        ctx.log.info("coordinator: resuming run %s at round %d (%s) with %d member(s)", run, r, phase,
-                     len(self.members))
+        ctx.log.info(
+            "coordinator: resuming run %s at round %d (%s) with %d member(s)", run, r, phase, len(self.members)
+        )
         self._event("resumed", phase=phase)
         if phase == "admitting":
             self.phase = "admitting"
@@ -234,8 +241,12 @@ class CoordinatorRole(Role):
         self.deadline = start.deadline
         if self._restart_deadline and phase == "training":
             self.deadline = ctx.clock() + ctx.cfg.runtime.round_deadline_s
-            ctx.store.put_doc(run, r, ledger.START, ledger.start_doc(replace(start, deadline=self.deadline),
-                                                                     float(docs.start.get("started", 0.0))))
+            ctx.store.put_doc(
+                run,
+                r,
+                ledger.START,
+                ledger.start_doc(replace(start, deadline=self.deadline), float(docs.start.get("started", 0.0))),
+            )
         self.round_started = float(docs.start.get("started", ctx.clock()))
         self.round_wall0 = time.perf_counter() - max(0.0, ctx.clock() - self.round_started)
         self.cuts = {c: CutBits(*b) for c, b in enumerate(start.cuts) if c in self.members} or self.cuts
@@ -272,15 +283,23 @@ class CoordinatorRole(Role):
             model = compute_job(ctx, job, updates)
             digest = state_digest(model)
             if digest != agg["digest"] or recorded.get(k, digest) != digest:
-                raise RuntimeError(f"round {r} cluster {k}: recomputed model {digest[:12]} differs from the "
-                                   f"recorded {agg['digest'][:12]}")
-            self.results[k] = AggregateDone(**self.envelope(r), cluster=k, members=job.members, digest=digest,
-                                            state=model)
+                raise RuntimeError(
+                    f"round {r} cluster {k}: recomputed model {digest[:12]} differs from the "
+                    f"recorded {agg['digest'][:12]}"
+                )
+            self.results[k] = AggregateDone(
+                **self.envelope(r), cluster=k, members=job.members, digest=digest, state=model
+            )
         self._jobs_queued()
         self._event("aggregating", jobs=len(self.jobs), arrived=len(self.done), resumed=True)
         if len(self.results) == len(self.jobs):
-            self._finish_round(sorted(self.done), self._dropped, self._late,
-                               {k: res.state for k, res in self.results.items()}, aggregated=True)
+            self._finish_round(
+                sorted(self.done),
+                self._dropped,
+                self._late,
+                {k: res.state for k, res in self.results.items()},
+                aggregated=True,
+            )
 
     def _restore_weights(self) -> None:
         """The round's aggregation weights, for the round report (rebuilt from the recorded jobs)."""
@@ -323,8 +342,11 @@ class CoordinatorRole(Role):
             raise Reject(f"bad_sender: cluster results come from the clustering service, not {msg.sender!r}")
         if not 1 <= msg.k <= max(1, len(self.members)):
             raise Reject(f"malformed: cluster result with k = {msg.k} for {len(self.members)} member(s)")
-        for name, mapping in (("assignment", msg.assignment), ("kld_intra", msg.kld_intra),
-                              ("kld_global", msg.kld_global)):
+        for name, mapping in (
+            ("assignment", msg.assignment),
+            ("kld_intra", msg.kld_intra),
+            ("kld_global", msg.kld_global),
+        ):
             unknown = [c for c in mapping if not c.isdigit() or int(c) not in self.members]
             if unknown:
                 raise Reject(f"malformed: cluster result {name} names clients {unknown[:5]} that are not members")
@@ -343,8 +365,9 @@ class CoordinatorRole(Role):
         profile = None
         if msg.profile:
             try:
-                profile = DeviceProfile(msg.profile["cpu_mhz"], msg.profile["flops_per_cycle"],
-                                        msg.profile["data_rate"])
+                profile = DeviceProfile(
+                    msg.profile["cpu_mhz"], msg.profile["flops_per_cycle"], msg.profile["data_rate"]
+                )
             except KeyError as exc:
                 raise Reject(f"malformed: profile without {exc}") from None
             if min(profile.cpu_mhz, profile.flops_per_cycle, profile.data_rate) <= 0:
@@ -393,8 +416,9 @@ class CoordinatorRole(Role):
         steps = self.steps_per_round()
         n = self.expected
         cuts = tuple(tuple(self.cuts.get(c, CutBits(0, 0, 0, 0))) for c in range(n))
-        start = RoundStart(**self.envelope(r), participants=tuple(participants), cuts=cuts, steps=steps,
-                           deadline=deadline)
+        start = RoundStart(
+            **self.envelope(r), participants=tuple(participants), cuts=cuts, steps=steps, deadline=deadline
+        )
         # Recorded before the round exists in the ledger, so a restart in `training` always finds its start.
         ctx.store.put_doc(ctx.run, r, ledger.START, ledger.start_doc(start, now))
         if transition:
@@ -422,13 +446,17 @@ class CoordinatorRole(Role):
             return  # redelivered after a restart that had already recorded it
         if msg.round > self.round:
             # Nothing can be reported for a round that has not started: no mark in that round's ledger record.
-            raise Reject(f"stale: round_done of client {c} for round {msg.round}, which has not started (coordinator: "
-                         f"round {self.round} {self.phase})")
+            raise Reject(
+                f"stale: round_done of client {c} for round {msg.round}, which has not started (coordinator: "
+                f"round {self.round} {self.phase})"
+            )
         if msg.round != self.round or self.phase not in ("training", "closing") or c not in self.participants:
-            self.ctx.store.mark_client(self.ctx.run, msg.round, c, "late", "reported after its round closed",
-                                       self.ctx.clock())
-            raise Reject(f"late: round_done of client {c} for round {msg.round} (coordinator: round {self.round} "
-                         f"{self.phase})")
+            self.ctx.store.mark_client(
+                self.ctx.run, msg.round, c, "late", "reported after its round closed", self.ctx.clock()
+            )
+            raise Reject(
+                f"late: round_done of client {c} for round {msg.round} (coordinator: round {self.round} {self.phase})"
+            )
         self.ctx.store.put_doc(self.ctx.run, self.round, ledger.done_name(c), ledger.done_doc(msg))
         self.done[c] = msg
         self.ctx.store.mark_client(self.ctx.run, self.round, c, "arrived", "", self.ctx.clock())
@@ -453,26 +481,34 @@ class CoordinatorRole(Role):
                 self.cluster_wait_until = self.ctx.clock() + self.ctx.cfg.runtime.step_deadline_s * 4
             if self.ctx.clock() < self.cluster_wait_until:
                 return
-            self.ctx.log.warning("coordinator: no clustering result for round %d; keeping the previous clusters",
-                                 self.round)
+            self.ctx.log.warning(
+                "coordinator: no clustering result for round %d; keeping the previous clusters", self.round
+            )
         self._aggregate()
 
     def tick(self, now: float) -> None:
-        if self.phase == "admitting" and self.members and \
-                now >= self.admit_started + self.ctx.cfg.runtime.round_deadline_s:
+        if (
+            self.phase == "admitting"
+            and self.members
+            and now >= self.admit_started + self.ctx.cfg.runtime.round_deadline_s
+        ):
             # Admission has the round deadline too: with a quorum of the expected clients the run starts; the
             # others join a later round when they come.
             need = max(1, math.ceil(self.ctx.cfg.runtime.quorum * self.expected))
             if len(self.members) >= need:
-                self.ctx.log.warning("coordinator: admission deadline passed; starting with %d of %d clients",
-                                     len(self.members), self.expected)
+                self.ctx.log.warning(
+                    "coordinator: admission deadline passed; starting with %d of %d clients",
+                    len(self.members),
+                    self.expected,
+                )
                 self._admit()
             return
         if self.phase == "training" and now >= self.deadline:
             self.phase = "closing"
             missing = [c for c in self.participants if c not in self.done]
-            self.ctx.log.warning("coordinator: round %d deadline passed; %d client(s) missing", self.round,
-                                 len(missing))
+            self.ctx.log.warning(
+                "coordinator: round %d deadline passed; %d client(s) missing", self.round, len(missing)
+            )
             close = RoundClose(**self.envelope(self.round), reason="round deadline passed")
             self.send(SERVER, close)
             for c in missing:
@@ -484,12 +520,17 @@ class CoordinatorRole(Role):
         elif self.phase == "aggregating" and now >= self._requeue_at:
             missing = [k for k in sorted(self.jobs) if k not in self.results]
             if missing:
-                self.ctx.log.warning("coordinator: round %d: no result for job(s) %s after %.0f s; queueing them "
-                                     "again", self.round, missing, self._requeue_after)
+                self.ctx.log.warning(
+                    "coordinator: round %d: no result for job(s) %s after %.0f s; queueing them again",
+                    self.round,
+                    missing,
+                    self._requeue_after,
+                )
                 for k in missing:
                     self.send(AGGREGATE, self.jobs[k])
-            self._requeue_after = min(2 * self._requeue_after, max(self.ctx.cfg.runtime.round_deadline_s,
-                                                                   self._requeue_first()))
+            self._requeue_after = min(
+                2 * self._requeue_after, max(self.ctx.cfg.runtime.round_deadline_s, self._requeue_first())
+            )
             self._jobs_queued()
 
     # ------------------------------------------------------------------------------------------- aggregation
@@ -504,8 +545,14 @@ class CoordinatorRole(Role):
         late = {int(c): n for c, n in (self.server_done.late if self.server_done else {}).items()}
         for c, n in late.items():
             if c in self.done and n:
-                ctx.store.mark_client(ctx.run, self.round, c, "late", f"late for {n} step(s); served later or "
-                                      "dropped from those steps", now)
+                ctx.store.mark_client(
+                    ctx.run,
+                    self.round,
+                    c,
+                    "late",
+                    f"late for {n} step(s); served later or dropped from those steps",
+                    now,
+                )
         if self.server_done is not None:
             ctx.store.record_metrics(ctx.run, self.round, "server", self.server_done.metrics)
 
@@ -529,14 +576,23 @@ class CoordinatorRole(Role):
         untrained = [c for c in arrived if self.done[c].steps_done == 0]
         for c in untrained:
             ctx.store.mark_client(ctx.run, self.round, c, "late", "no completed step this round: not aggregated", now)
-        ledger.add_discarded(ctx.store, ctx.run, self.round, {
-            self.done[c].update_digest: f"client {c} completed no step in round {self.round}" for c in untrained})
+        ledger.add_discarded(
+            ctx.store,
+            ctx.run,
+            self.round,
+            {self.done[c].update_digest: f"client {c} completed no step in round {self.round}" for c in untrained},
+        )
         arrived = [c for c in arrived if c not in untrained]
         quorum_ok = len(arrived) >= max(1, math.ceil(cfg.runtime.quorum * len(self.participants)))
         if not quorum_ok or self.server_done is None or self.server_done.steps_done == 0:
             reason = "quorum not met" if not quorum_ok else "no training happened"
-            ctx.log.warning("coordinator: round %d not aggregated (%s: %d of %d arrived)", self.round, reason,
-                            len(arrived), len(self.participants))
+            ctx.log.warning(
+                "coordinator: round %d not aggregated (%s: %d of %d arrived)",
+                self.round,
+                reason,
+                len(arrived),
+                len(self.participants),
+            )
             why = f"round {self.round} not aggregated: {reason}"
             discarded = {self.done[c].update_digest: why for c in arrived}
             if self.server_done is not None:
@@ -557,9 +613,16 @@ class CoordinatorRole(Role):
             kld_intra = self._fill_missing_kld(arrived, kld_intra, "intra-cluster")
             kld_global = self._fill_missing_kld(arrived, kld_global, "global")
         w = aggregation_weights(
-            round=self.round, clients=arrived, n_samples=n_samples, assignment=self.assignment,
-            kld_intra=kld_intra, kld_global=kld_global, alpha=tr.alpha, kld_from_round=tr.kld_from_round,
-            kld_weighting=tr.kld_weighting, clustering=tr.clustering,
+            round=self.round,
+            clients=arrived,
+            n_samples=n_samples,
+            assignment=self.assignment,
+            kld_intra=kld_intra,
+            kld_global=kld_global,
+            alpha=tr.alpha,
+            kld_from_round=tr.kld_from_round,
+            kld_weighting=tr.kld_weighting,
+            clustering=tr.clustering,
         )
         self.weights = w
         next_cuts = self._next_cuts(arrived)
@@ -569,23 +632,36 @@ class CoordinatorRole(Role):
         offset = ctx.store.get_log_offset(ctx.run, self.round) or 0
         jobs: dict[int, AggregateJob] = {}
         # Clusters in rounds 1-2 (or without clustering) are the single cluster 0.
-        effective = {c: (self.assignment[c] if (tr.clustering and self.round >= tr.kld_from_round) else 0)
-                     for c in self.members}
+        effective = {
+            c: (self.assignment[c] if (tr.clustering and self.round >= tr.kld_from_round) else 0) for c in self.members
+        }
         for k, cw in sorted(w.clusters.items()):
             members = sorted(cw)
             recipients = sorted(c for c in self.members if effective[c] == k)
-            jobs[k] = AggregateJob(**env, cluster=k, members=tuple(members),
-                                   weights=tuple(cw[c] for c in members), recipients=tuple(recipients),
-                                   cuts=tuple(tuple(next_cuts[c]) for c in recipients),
-                                   update_ids={str(c): update_ids[str(c)] for c in members} | {
-                                       "server": update_ids["server"]}, log_offset=offset)
+            jobs[k] = AggregateJob(
+                **env,
+                cluster=k,
+                members=tuple(members),
+                weights=tuple(cw[c] for c in members),
+                recipients=tuple(recipients),
+                cuts=tuple(tuple(next_cuts[c]) for c in recipients),
+                update_ids={str(c): update_ids[str(c)] for c in members} | {"server": update_ids["server"]},
+                log_offset=offset,
+            )
         orphans = sorted(c for c in self.members if effective[c] not in w.clusters)
         if orphans:  # clients whose whole cluster missed the round keep their local models
             ctx.log.info("coordinator: clients %s belong to clusters with no update this round", orphans)
         gmembers = sorted(w.global_)
-        jobs[-1] = AggregateJob(**env, cluster=-1, members=tuple(gmembers),
-                                weights=tuple(w.global_[c] for c in gmembers), recipients=(), cuts=(),
-                                update_ids=update_ids, log_offset=offset)
+        jobs[-1] = AggregateJob(
+            **env,
+            cluster=-1,
+            members=tuple(gmembers),
+            weights=tuple(w.global_[c] for c in gmembers),
+            recipients=(),
+            cuts=(),
+            update_ids=update_ids,
+            log_offset=offset,
+        )
         # Every job is recorded (and the next cuts) before the round moves on, so a restart finds all of them.
         for k, job in jobs.items():
             ctx.store.set_weights(ctx.run, self.round, k, dict(zip(job.members, job.weights)))
@@ -610,8 +686,13 @@ class CoordinatorRole(Role):
         if not missing:
             return scores
         fill = max((scores[c] for c in arrived if c in scores), default=0.0)
-        self.ctx.log.warning("coordinator: round %d: no %s KLD score for client(s) %s; weighting them with %.4g",
-                             self.round, what, missing, fill)
+        self.ctx.log.warning(
+            "coordinator: round %d: no %s KLD score for client(s) %s; weighting them with %.4g",
+            self.round,
+            what,
+            missing,
+            fill,
+        )
         return {**scores, **{c: fill for c in missing}}
 
     def _next_cuts(self, arrived: list[int]) -> dict[int, CutBits]:
@@ -647,13 +728,22 @@ class CoordinatorRole(Role):
             return  # the same job's second answer (it was re-queued after a restart)
         if state_digest(msg.state) != msg.digest:
             raise Reject(f"digest_mismatch: the model of cluster {msg.cluster} does not have the digest it claims")
-        self.ctx.store.put_doc(self.ctx.run, self.round, ledger.agg_name(msg.cluster),
-                               ledger.agg_doc(msg.cluster, msg.digest, msg.members, msg.msg_id))
+        self.ctx.store.put_doc(
+            self.ctx.run,
+            self.round,
+            ledger.agg_name(msg.cluster),
+            ledger.agg_doc(msg.cluster, msg.digest, msg.members, msg.msg_id),
+        )
         self.results[msg.cluster] = msg
         if len(self.results) == len(self.jobs):
             self._discard_unused_updates()
-            self._finish_round(sorted(self.done), self._dropped, self._late,
-                               {k: r.state for k, r in self.results.items()}, aggregated=True)
+            self._finish_round(
+                sorted(self.done),
+                self._dropped,
+                self._late,
+                {k: r.state for k, r in self.results.items()},
+                aggregated=True,
+            )
 
     def _discard_unused_updates(self) -> None:
         """Updates of this round that are in the log but in no job (a client that logged its update and died
@@ -673,20 +763,31 @@ class CoordinatorRole(Role):
         global_model = models.pop(-1, None)
         w = self.weights
         report = RoundReport(
-            round=self.round, wall_s=time.perf_counter() - self.round_wall0, participants=list(self.participants),
-            arrived=list(arrived), dropped=dict(dropped), late=dict(late), assignment=dict(self.assignment),
+            round=self.round,
+            wall_s=time.perf_counter() - self.round_wall0,
+            participants=list(self.participants),
+            arrived=list(arrived),
+            dropped=dict(dropped),
+            late=dict(late),
+            assignment=dict(self.assignment),
             kld_intra={int(k): v for k, v in (self.cluster_result.kld_intra.items() if self.cluster_result else [])},
             kld_global={int(k): v for k, v in (self.cluster_result.kld_global.items() if self.cluster_result else [])},
             weights={k: dict(v) for k, v in (w.clusters.items() if w else [])},
             global_weights=dict(w.global_) if w else {},
-            digests=ctx.store.get_model_digests(ctx.run, self.round), cluster_models=models,
-            global_model=global_model, cuts=dict(self.cuts),
+            digests=ctx.store.get_model_digests(ctx.run, self.round),
+            cluster_models=models,
+            global_model=global_model,
+            cuts=dict(self.cuts),
             client_metrics={c: dict(d.metrics) for c, d in self.done.items()},
-            server_metrics=dict(self.server_done.metrics) if self.server_done else {}, aggregated=aggregated,
+            server_metrics=dict(self.server_done.metrics) if self.server_done else {},
+            aggregated=aggregated,
         )
         extra = self.on_round_end(report) if self.on_round_end else None
-        entry = {"round": self.round, "wall_s": report.wall_s, "clusters": {str(c): k for c, k in
-                                                                             self.assignment.items()}}
+        entry = {
+            "round": self.round,
+            "wall_s": report.wall_s,
+            "clusters": {str(c): k for c, k in self.assignment.items()},
+        }
         if extra:
             entry.update(extra)
         self.history.append(entry)
@@ -720,12 +821,20 @@ class CoordinatorRole(Role):
             state.update({f"cluster{k}/{name}": t for name, t in model.items()})
         if report.global_model is not None:
             state.update({f"global/{name}": t for name, t in report.global_model.items()})
-        ckpt.save_checkpoint(d / "coordinator.pt", role="coordinator", round=self.round,
-                             config=cfg.to_dict(include_runtime=False), state=state,
-                             extra={"cuts": {str(c): str(b) for c, b in self.cuts.items()},
-                                    "assignment": {str(c): k for c, k in self.assignment.items()},
-                                    "members": {str(c): [m.domain, m.n_samples] for c, m in self.members.items()},
-                                    "history": self.history, "aggregated": report.aggregated})
+        ckpt.save_checkpoint(
+            d / "coordinator.pt",
+            role="coordinator",
+            round=self.round,
+            config=cfg.to_dict(include_runtime=False),
+            state=state,
+            extra={
+                "cuts": {str(c): str(b) for c, b in self.cuts.items()},
+                "assignment": {str(c): k for c, k in self.assignment.items()},
+                "members": {str(c): [m.domain, m.n_samples] for c, m in self.members.items()},
+                "history": self.history,
+                "aggregated": report.aggregated,
+            },
+        )
         files = ["coordinator.pt", "server.pt"] + [f"client_{c}.pt" for c in sorted(self.members)]
         ckpt.write_manifest(self.run_dir, self.round, cfg.to_dict(), files)
         self.ctx.store.set_checkpoint(self.ctx.run, self.round, str(d))

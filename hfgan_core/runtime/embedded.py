@@ -46,8 +46,13 @@ def make_planner(cfg: RunConfig) -> tuple[Callable, Callable]:
 
     def replanner(measured: dict[int, float], cuts: dict[int, CutBits], profiles):
         clients = sorted(cuts)
-        eff = effective_profiles({clients.index(c): s for c, s in measured.items()},
-                                 [tuple(cuts[c]) for c in clients], costs, profiles, server)
+        eff = effective_profiles(
+            {clients.index(c): s for c, s in measured.items()},
+            [tuple(cuts[c]) for c in clients],
+            costs,
+            profiles,
+            server,
+        )
         return [CutBits(*c) for c in plan_cuts(costs, eff, server).cuts]
 
     return planner, replanner
@@ -84,8 +89,9 @@ class Progress:
             self.round = detail["round"]
             self.steps = int(detail.get("steps", 0))
         elif name == "done" and not self.tty:
-            print(f"round {detail['round']}/{self.rounds} done in {detail.get('wall_s')} s", file=self.stream,
-                  flush=True)
+            print(
+                f"round {detail['round']}/{self.rounds} done in {detail.get('wall_s')} s", file=self.stream, flush=True
+            )
         elif name == "finished" and self.tty:
             self.stream.write("\n")
             self.stream.flush()
@@ -97,17 +103,31 @@ class Progress:
         width = 30
         frac = min(1.0, windows / self.steps) if self.steps else 0.0
         bar = "#" * int(frac * width) + "." * (width - int(frac * width))
-        self.stream.write(f"\rround {self.round}/{self.rounds} [{bar}] step {windows}/{self.steps} "
-                          f"{time.perf_counter() - self.t0:7.1f} s")
+        self.stream.write(
+            f"\rround {self.round}/{self.rounds} [{bar}] step {windows}/{self.steps} "
+            f"{time.perf_counter() - self.t0:7.1f} s"
+        )
         self.stream.flush()
 
 
 class EmbeddedRunner:
-    def __init__(self, cfg: RunConfig, clients: list[ClientData], domains: list[int], *, run_id: str,
-                 run_dir: str | Path | None = None, transport: Transport | None = None,
-                 store: RoundStore | None = None, on_round_end: Callable[[RoundReport], Any] | None = None,
-                 progress: Progress | None = None, aggregators: int = 1, strict: bool = True,
-                 resume_round: int | None = None, log: logging.Logger | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        clients: list[ClientData],
+        domains: list[int],
+        *,
+        run_id: str,
+        run_dir: str | Path | None = None,
+        transport: Transport | None = None,
+        store: RoundStore | None = None,
+        on_round_end: Callable[[RoundReport], Any] | None = None,
+        progress: Progress | None = None,
+        aggregators: int = 1,
+        strict: bool = True,
+        resume_round: int | None = None,
+        log: logging.Logger | None = None,
+    ):
         self.cfg = cfg
         self.run_id = run_id
         self.run_dir = Path(run_dir) if run_dir else None
@@ -120,9 +140,14 @@ class EmbeddedRunner:
             return RoleContext(run=run_id, cfg=cfg, transport=self.transport, store=self.store, log=self.log)
 
         planner, replanner = make_planner(cfg) if cfg.train.cuts == "plan" else (None, None)
-        self.coordinator = CoordinatorRole(ctx(), run_dir=self.run_dir, on_round_end=on_round_end,
-                                           on_event=progress.event if progress else None, planner=planner,
-                                           replanner=replanner)
+        self.coordinator = CoordinatorRole(
+            ctx(),
+            run_dir=self.run_dir,
+            on_round_end=on_round_end,
+            on_event=progress.event if progress else None,
+            planner=planner,
+            replanner=replanner,
+        )
         self.server = ServerRole(ctx(), run_dir=self.run_dir)
         self.clustering = ClusteringRole(ctx())
         self.aggregators = [AggregatorRole(ctx(), i) for i in range(aggregators)]
@@ -132,9 +157,18 @@ class EmbeddedRunner:
             from ..planning import run_costs
 
             costs = run_costs(cfg)
-        self.clients = [ClientRole(ctx(), client=i, domain=domains[i], data=d, profile=profiles[i],
-                                   run_dir=self.run_dir, delay=emulator_for(cfg, i, profiles[i], costs))
-                        for i, d in enumerate(clients)]
+        self.clients = [
+            ClientRole(
+                ctx(),
+                client=i,
+                domain=domains[i],
+                data=d,
+                profile=profiles[i],
+                run_dir=self.run_dir,
+                delay=emulator_for(cfg, i, profiles[i], costs),
+            )
+            for i, d in enumerate(clients)
+        ]
         if resume_round:
             self._restore(resume_round)
         self.roles: list[Role] = [self.coordinator, self.server, self.clustering, *self.aggregators, *self.clients]
@@ -182,8 +216,10 @@ class EmbeddedRunner:
             if idle_since is None:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > stall_limit:
-                raise RunStalled(f"nothing happened for {stall_limit:.0f} s in round {self.coordinator.round} "
-                                 f"({self.coordinator.phase})")
+                raise RunStalled(
+                    f"nothing happened for {stall_limit:.0f} s in round {self.coordinator.round} "
+                    f"({self.coordinator.phase})"
+                )
             if memory:
                 time.sleep(0.01)
         # Let the last messages (run_end, late checkpoints) land.

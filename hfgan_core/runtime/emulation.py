@@ -52,8 +52,15 @@ def modelled_seconds(costs: Any, profile: DeviceProfile, cuts: CutBits, segment:
 class DeviceEmulator:
     """The `delay` hook of one client (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, client: int, profile: DeviceProfile | None, *,
-                 sleep: Callable[[float], None] = time.sleep, costs: Any = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        client: int,
+        profile: DeviceProfile | None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        costs: Any = None,
+    ):
         from ..planning import run_costs
 
         rt = cfg.runtime
@@ -85,7 +92,8 @@ class DeviceEmulator:
             self.slept += s
 
 
-def emulator_for(cfg: RunConfig, client: int, profile: DeviceProfile | None, costs: Any = None
-                 ) -> DeviceEmulator | None:
+def emulator_for(
+    cfg: RunConfig, client: int, profile: DeviceProfile | None, costs: Any = None
+) -> DeviceEmulator | None:
     """The client's delay hook, or None when nothing is emulated for it."""
     return DeviceEmulator(cfg, client, profile, costs=costs) if DeviceEmulator.wanted(cfg, client) else None

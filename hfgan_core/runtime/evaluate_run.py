@@ -23,11 +23,13 @@ def run_config(run_dir: Path) -> RunConfig:
     return apply_env(load_config(path))
 
 
-def latest_models(run_dir: Path) -> tuple[RunConfig, int, dict[int, dict], dict | None, dict[int, int],
-                                          dict[int, CutBits]]:
+def latest_models(
+    run_dir: Path,
+) -> tuple[RunConfig, int, dict[int, dict], dict | None, dict[int, int], dict[int, CutBits]]:
     rounds = ckpt.complete_rounds(run_dir)
-    candidates = rounds or sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("round_*")
-                                  if (p / "coordinator.pt").is_file())
+    candidates = rounds or sorted(
+        int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("round_*") if (p / "coordinator.pt").is_file()
+    )
     if not candidates:
         raise ConfigError(f"no checkpoint in {run_dir}")
     rnd = candidates[-1]
@@ -41,8 +43,9 @@ def latest_models(run_dir: Path) -> tuple[RunConfig, int, dict[int, dict], dict 
     return cfg, rnd, clusters, global_model, assignment, cuts
 
 
-def evaluate_run(run_dir: Path, *, utility: bool = True, data_dir: str | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: Path, *, utility: bool = True, data_dir: str | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     from ..data import load_scenario_data
 
     if read_run_marker(run_dir) is None:
@@ -64,16 +67,19 @@ def evaluate_run(run_dir: Path, *, utility: bool = True, data_dir: str | None = 
     data = load_scenario_data(cfg, allow_synthetic_fallback=allow)
     for dom, src in data.sources.items():
         if src == "synthetic" and sources.get(dom, "synthetic") != "synthetic":
-            raise ConfigError(f"{dom} was trained on real data but is not available in {cfg.runtime.data_dir}; "
-                              "pass the data directory of the run (HFGAN_DATA_DIR)")
+            raise ConfigError(
+                f"{dom} was trained on real data but is not available in {cfg.runtime.data_dir}; "
+                "pass the data directory of the run (HFGAN_DATA_DIR)"
+            )
     for notice in data.notices:
         log(f"NOTICE: {notice}")
     classifiers = ensure_classifiers(cfg, data.train_sets, data.test_sets, data.sources, log=log)
     gens = {}
     for dom, (cluster, rep) in domain_clusters(cfg, assignment).items():
         gens[dom] = compose_generator(cfg, clusters[cluster], global_model, cuts[rep], cfg.runtime.device)
-    results = evaluate_generators(gens, classifiers, data.test_sets, EvalSettings.from_config(cfg, utility=utility),
-                                  log=log)
+    results = evaluate_generators(
+        gens, classifiers, data.test_sets, EvalSettings.from_config(cfg, utility=utility), log=log
+    )
     out = {"round": rnd, "domains": results}
     write_json_atomic(run_dir / "eval.json", out)
     return out

@@ -17,8 +17,9 @@ from ..model import canonical_state, load_canonical
 
 
 class BlockHolder:
-    def __init__(self, cfg: RunConfig, full: dict[str, list[nn.Module]], held: dict[str, list[int]],
-                 device: str = "cpu"):
+    def __init__(
+        self, cfg: RunConfig, full: dict[str, list[nn.Module]], held: dict[str, list[int]], device: str = "cpu"
+    ):
         self.cfg = cfg
         self.device = torch.device(device)
         self.blocks: dict[str, dict[int, nn.Module]] = {net: {} for net in ("G", "D")}
@@ -29,8 +30,12 @@ class BlockHolder:
     def held(self) -> dict[str, list[int]]:
         return {net: sorted(b) for net, b in self.blocks.items()}
 
-    def set_held(self, source: dict[str, list[nn.Module]] | None, held: dict[str, list[int]],
-                 state: dict[str, torch.Tensor] | None = None) -> None:
+    def set_held(
+        self,
+        source: dict[str, list[nn.Module]] | None,
+        held: dict[str, list[int]],
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Hold exactly `held` blocks. New blocks come from `source` modules (copied) or are created and then
         filled from `state`; blocks no longer held are dropped with their optimizer state."""
         old_state = {net: self._named_state(net) for net in self.optim}
@@ -80,8 +85,9 @@ class BlockHolder:
         """Copy values in place (parameters stay the same objects, so optimizer state stays attached)."""
         for net in ("G", "D"):
             if self.blocks[net]:
-                load_canonical(net, self.blocks[net], {k: v.to(self.device) for k, v in state.items()
-                                                       if k.startswith(net + ".")})
+                load_canonical(
+                    net, self.blocks[net], {k: v.to(self.device) for k, v in state.items() if k.startswith(net + ".")}
+                )
 
     def expected_keys(self) -> set[str]:
         return set(self.state())
@@ -89,8 +95,10 @@ class BlockHolder:
     def optimizer_states(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for net in ("G", "D"):
-            out[net] = {name: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-                        for name, st in self._named_state(net).items()}
+            out[net] = {
+                name: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                for name, st in self._named_state(net).items()
+            }
         return out
 
     def load_optimizer_states(self, states: dict[str, Any]) -> None:
@@ -99,8 +107,10 @@ class BlockHolder:
             saved = states.get(net, {})
             for name, p in self._named_params(net):
                 if name in saved:
-                    opt.state[p] = {k: (v.to(self.device) if torch.is_tensor(v) and k != "step" else v)
-                                    for k, v in saved[name].items()}
+                    opt.state[p] = {
+                        k: (v.to(self.device) if torch.is_tensor(v) and k != "step" else v)
+                        for k, v in saved[name].items()
+                    }
 
     def zero_grad(self, net: str) -> None:
         self.optim[net].zero_grad(set_to_none=True)

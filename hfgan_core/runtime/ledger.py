@@ -62,12 +62,21 @@ class RoundDocs:
         self.server_done = _load(raw.get(SERVER_DONE))
         self.cluster_result = _load(raw.get(CLUSTER_RESULT))
         self.discarded: dict[str, str] = _load(raw.get(DISCARDED)) or {}
-        self.done = {int(k.split(".", 1)[1]): _load(v) for k, v in raw.items()
-                     if k.startswith("done.") and k.split(".", 1)[1].lstrip("-").isdigit()}
-        self.jobs = {int(k.split(".", 1)[1]): _load(v) for k, v in raw.items()
-                     if k.startswith("job.") and k.split(".", 1)[1].lstrip("-").isdigit()}
-        self.aggs = {int(k.split(".", 1)[1]): _load(v) for k, v in raw.items()
-                     if k.startswith("agg.") and k.split(".", 1)[1].lstrip("-").isdigit()}
+        self.done = {
+            int(k.split(".", 1)[1]): _load(v)
+            for k, v in raw.items()
+            if k.startswith("done.") and k.split(".", 1)[1].lstrip("-").isdigit()
+        }
+        self.jobs = {
+            int(k.split(".", 1)[1]): _load(v)
+            for k, v in raw.items()
+            if k.startswith("job.") and k.split(".", 1)[1].lstrip("-").isdigit()
+        }
+        self.aggs = {
+            int(k.split(".", 1)[1]): _load(v)
+            for k, v in raw.items()
+            if k.startswith("agg.") and k.split(".", 1)[1].lstrip("-").isdigit()
+        }
 
     @staticmethod
     def read(store: RoundStore, run: str, round: int) -> RoundDocs:
@@ -84,9 +93,13 @@ def members_doc(members: dict[int, Any]) -> str:
     out = {}
     for c, m in sorted(members.items()):
         p = m.profile
-        out[str(c)] = {"domain": m.domain, "n_samples": m.n_samples,
-                       "profile": None if p is None else {"cpu_mhz": p.cpu_mhz, "flops_per_cycle": p.flops_per_cycle,
-                                                          "data_rate": p.data_rate}}
+        out[str(c)] = {
+            "domain": m.domain,
+            "n_samples": m.n_samples,
+            "profile": None
+            if p is None
+            else {"cpu_mhz": p.cpu_mhz, "flops_per_cycle": p.flops_per_cycle, "data_rate": p.data_rate},
+        }
     return _dump(out)
 
 
@@ -103,52 +116,108 @@ def parse_members(text: str | None) -> dict[int, tuple[int, int, DeviceProfile |
 
 
 def start_doc(msg: RoundStart, started: float) -> str:
-    return _dump({"participants": list(msg.participants), "steps": msg.steps, "steps_from": msg.steps_from,
-                  "deadline": msg.deadline, "started": started, "cuts": [list(c) for c in msg.cuts],
-                  "msg_id": msg.msg_id})
+    return _dump(
+        {
+            "participants": list(msg.participants),
+            "steps": msg.steps,
+            "steps_from": msg.steps_from,
+            "deadline": msg.deadline,
+            "started": started,
+            "cuts": [list(c) for c in msg.cuts],
+            "msg_id": msg.msg_id,
+        }
+    )
 
 
 def round_start_from_doc(run: str, round: int, doc: dict[str, Any]) -> RoundStart:
     """The round_start the coordinator sent (same msg_id, so a redelivered copy is recognised as a duplicate)."""
-    return RoundStart(run=run, round=round, sender="coordinator", msg_id=doc["msg_id"],
-                      participants=tuple(int(c) for c in doc["participants"]),
-                      cuts=tuple(tuple(int(b) for b in c) for c in doc["cuts"]), steps=int(doc["steps"]),
-                      deadline=float(doc["deadline"]), steps_from=int(doc.get("steps_from", 0)))
+    return RoundStart(
+        run=run,
+        round=round,
+        sender="coordinator",
+        msg_id=doc["msg_id"],
+        participants=tuple(int(c) for c in doc["participants"]),
+        cuts=tuple(tuple(int(b) for b in c) for c in doc["cuts"]),
+        steps=int(doc["steps"]),
+        deadline=float(doc["deadline"]),
+        steps_from=int(doc.get("steps_from", 0)),
+    )
 
 
 def done_doc(msg: RoundDone) -> str:
-    return _dump({"n_samples": msg.n_samples, "steps_done": msg.steps_done, "update_digest": msg.update_digest,
-                  "metrics": dict(msg.metrics), "msg_id": msg.msg_id})
+    return _dump(
+        {
+            "n_samples": msg.n_samples,
+            "steps_done": msg.steps_done,
+            "update_digest": msg.update_digest,
+            "metrics": dict(msg.metrics),
+            "msg_id": msg.msg_id,
+        }
+    )
 
 
 def round_done_from_doc(run: str, round: int, client: int, doc: dict[str, Any]) -> RoundDone:
-    return RoundDone(run=run, round=round, sender=client_address(client), msg_id=doc["msg_id"], client=client,
-                     n_samples=int(doc["n_samples"]), steps_done=int(doc["steps_done"]),
-                     update_digest=doc["update_digest"], metrics={k: float(v) for k, v in doc["metrics"].items()})
+    return RoundDone(
+        run=run,
+        round=round,
+        sender=client_address(client),
+        msg_id=doc["msg_id"],
+        client=client,
+        n_samples=int(doc["n_samples"]),
+        steps_done=int(doc["steps_done"]),
+        update_digest=doc["update_digest"],
+        metrics={k: float(v) for k, v in doc["metrics"].items()},
+    )
 
 
 def server_done_doc(msg: ServerRoundDone) -> str:
-    return _dump({"steps_done": msg.steps_done, "update_digest": msg.update_digest, "metrics": dict(msg.metrics),
-                  "late": dict(msg.late), "msg_id": msg.msg_id})
+    return _dump(
+        {
+            "steps_done": msg.steps_done,
+            "update_digest": msg.update_digest,
+            "metrics": dict(msg.metrics),
+            "late": dict(msg.late),
+            "msg_id": msg.msg_id,
+        }
+    )
 
 
 def server_done_from_doc(run: str, round: int, doc: dict[str, Any]) -> ServerRoundDone:
-    return ServerRoundDone(run=run, round=round, sender="server", msg_id=doc["msg_id"],
-                           steps_done=int(doc["steps_done"]), update_digest=doc["update_digest"],
-                           metrics={k: float(v) for k, v in doc["metrics"].items()},
-                           late={k: int(v) for k, v in doc.get("late", {}).items()})
+    return ServerRoundDone(
+        run=run,
+        round=round,
+        sender="server",
+        msg_id=doc["msg_id"],
+        steps_done=int(doc["steps_done"]),
+        update_digest=doc["update_digest"],
+        metrics={k: float(v) for k, v in doc["metrics"].items()},
+        late={k: int(v) for k, v in doc.get("late", {}).items()},
+    )
 
 
 def cluster_result_doc(msg: ClusterResult) -> str:
-    return _dump({"assignment": dict(msg.assignment), "kld_intra": dict(msg.kld_intra),
-                  "kld_global": dict(msg.kld_global), "k": msg.k, "msg_id": msg.msg_id})
+    return _dump(
+        {
+            "assignment": dict(msg.assignment),
+            "kld_intra": dict(msg.kld_intra),
+            "kld_global": dict(msg.kld_global),
+            "k": msg.k,
+            "msg_id": msg.msg_id,
+        }
+    )
 
 
 def cluster_result_from_doc(run: str, round: int, doc: dict[str, Any]) -> ClusterResult:
-    return ClusterResult(run=run, round=round, sender="clustering", msg_id=doc.get("msg_id") or "restored",
-                         assignment={k: int(v) for k, v in doc["assignment"].items()},
-                         kld_intra={k: float(v) for k, v in doc["kld_intra"].items()},
-                         kld_global={k: float(v) for k, v in doc["kld_global"].items()}, k=int(doc["k"]))
+    return ClusterResult(
+        run=run,
+        round=round,
+        sender="clustering",
+        msg_id=doc.get("msg_id") or "restored",
+        assignment={k: int(v) for k, v in doc["assignment"].items()},
+        kld_intra={k: float(v) for k, v in doc["kld_intra"].items()},
+        kld_global={k: float(v) for k, v in doc["kld_global"].items()},
+        k=int(doc["k"]),
+    )
 
 
 def add_discarded(store: RoundStore, run: str, round: int, updates: dict[str, str]) -> None:
@@ -166,12 +235,19 @@ def agg_doc(cluster: int, digest: str, members: tuple[int, ...], msg_id: str) ->
 
 def job_from_doc(run: str, round: int, doc: dict[str, Any], log_offset: int) -> AggregateJob:
     """The aggregation job a `job.<k>` document records (same msg_id as the job the coordinator queued)."""
-    return AggregateJob(run=run, round=round, sender="coordinator", msg_id=doc["msg_id"], cluster=int(doc["cluster"]),
-                        members=tuple(int(c) for c in doc["members"]),
-                        weights=tuple(float(w) for w in doc["weights"]),
-                        recipients=tuple(int(c) for c in doc["recipients"]),
-                        cuts=tuple(tuple(int(b) for b in c) for c in doc["cuts"]),
-                        update_ids={str(k): str(v) for k, v in doc["update_ids"].items()}, log_offset=int(log_offset))
+    return AggregateJob(
+        run=run,
+        round=round,
+        sender="coordinator",
+        msg_id=doc["msg_id"],
+        cluster=int(doc["cluster"]),
+        members=tuple(int(c) for c in doc["members"]),
+        weights=tuple(float(w) for w in doc["weights"]),
+        recipients=tuple(int(c) for c in doc["recipients"]),
+        cuts=tuple(tuple(int(b) for b in c) for c in doc["cuts"]),
+        update_ids={str(k): str(v) for k, v in doc["update_ids"].items()},
+        log_offset=int(log_offset),
+    )
 
 
 __all__ = [

@@ -46,8 +46,13 @@ from .coordinator import RoundReport
 RUN_MARKER = "hfgan-run.json"
 
 
-def compose_generator(cfg: RunConfig, cluster_model: dict[str, torch.Tensor],
-                      global_model: dict[str, torch.Tensor] | None, cuts: CutBits, device: str = "cpu"):
+def compose_generator(
+    cfg: RunConfig,
+    cluster_model: dict[str, torch.Tensor],
+    global_model: dict[str, torch.Tensor] | None,
+    cuts: CutBits,
+    device: str = "cpu",
+):
     """A `generate(labels, z)` callable (eval mode, no grad) for a client with `cuts` after the round."""
     arch = architecture(cfg.model)
     spec = arch.generator
@@ -56,7 +61,7 @@ def compose_generator(cfg: RunConfig, cluster_model: dict[str, torch.Tensor],
     for i, block in blocks.items():
         source = cluster_model if (i in own or global_model is None) else global_model
         prefix = f"G.{i}."
-        block.load_state_dict({k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}, strict=True)
+        block.load_state_dict({k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}, strict=True)
         block.eval()
 
     @torch.no_grad()
@@ -81,9 +86,16 @@ def domain_clusters(cfg: RunConfig, assignment: dict[int, int]) -> dict[str, tup
 class RunRecorder:
     """Evaluates each round and writes the run directory. Used by the coordinator's `on_round_end` hook."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, test_sets: dict[str, Any],
-                 classifiers: dict[str, torch.nn.Module], log: Callable[[str], None] = print,
-                 resume_from: int = 0):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        *,
+        test_sets: dict[str, Any],
+        classifiers: dict[str, torch.nn.Module],
+        log: Callable[[str], None] = print,
+        resume_from: int = 0,
+    ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.test_sets = test_sets
@@ -96,8 +108,12 @@ class RunRecorder:
         for rec in self.metrics.records:
             for dom, s in (rec.get("generation_score") or {}).items():
                 self.scores.setdefault(dom, []).append((int(rec["round"]), float(s)))
-        self.last_models: tuple[dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None,
-                                dict[int, int], dict[int, CutBits]] | None = None
+        self.last_models: (
+            tuple[
+                dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None, dict[int, int], dict[int, CutBits]
+            ]
+            | None
+        ) = None
         self.t0 = time.perf_counter()
         self.settings = EvalSettings.from_config(cfg, utility=False)
 
@@ -105,8 +121,9 @@ class RunRecorder:
         gens = {}
         for dom, (cluster, rep) in domain_clusters(self.cfg, assignment).items():
             if cluster in report_models:
-                gens[dom] = compose_generator(self.cfg, report_models[cluster], global_model, cuts[rep],
-                                              self.cfg.runtime.device)
+                gens[dom] = compose_generator(
+                    self.cfg, report_models[cluster], global_model, cuts[rep], self.cfg.runtime.device
+                )
         return gens
 
     def on_round_end(self, report: RoundReport) -> dict[str, Any]:
@@ -126,8 +143,7 @@ class RunRecorder:
         if report.kld_intra:
             entry["kld_intra"] = {str(c): v for c, v in report.kld_intra.items()}
         if report.aggregated and report.cluster_models:
-            self.last_models = (report.cluster_models, report.global_model, dict(report.assignment),
-                                dict(report.cuts))
+            self.last_models = (report.cluster_models, report.global_model, dict(report.assignment), dict(report.cuts))
             r, every = report.round, self.cfg.train.eval_every
             if r % every == 0 or r == self.cfg.train.rounds:
                 gens = self.generators(report.cluster_models, report.global_model, report.assignment, report.cuts)
@@ -137,13 +153,20 @@ class RunRecorder:
                     self.scores.setdefault(d, []).append((r, res["generation_score"]))
                 self._samples(report)
                 plot_scores(self.scores, self.run_dir / "plots" / "generation_score.png")
-        record = {"round": report.round, "wall_s": round(report.wall_s, 3),
-                  "clusters": {str(c): k for c, k in sorted(report.assignment.items())}, **entry}
+        record = {
+            "round": report.round,
+            "wall_s": round(report.wall_s, 3),
+            "clusters": {str(c): k for c, k in sorted(report.assignment.items())},
+            **entry,
+        }
         self.metrics.append(record)
         scores = record.get("generation_score")
         if scores:
-            self.log(f"round {report.round}: " + ", ".join(f"{d} score {s:.2f}" for d, s in scores.items()) +
-                     f" | clusters {_fmt_clusters(report.assignment)} | {report.wall_s:.1f} s")
+            self.log(
+                f"round {report.round}: "
+                + ", ".join(f"{d} score {s:.2f}" for d, s in scores.items())
+                + f" | clusters {_fmt_clusters(report.assignment)} | {report.wall_s:.1f} s"
+            )
         return {k: record[k] for k in ("generation_score",) if k in record}
 
     def _samples(self, report: RoundReport) -> None:
@@ -153,13 +176,22 @@ class RunRecorder:
         for k, model in sorted(report.cluster_models.items()):
             if k not in reps:
                 continue
-            gen = compose_generator(self.cfg, model, report.global_model, report.cuts[reps[k]],
-                                    self.cfg.runtime.device)
-            save_class_grid(gen, self.run_dir / "samples" / f"round_{report.round:03d}_cluster_{k}.png",
-                            seed=self.cfg.train.seed, z_dim=self.cfg.model.z_dim)
+            gen = compose_generator(self.cfg, model, report.global_model, report.cuts[reps[k]], self.cfg.runtime.device)
+            save_class_grid(
+                gen,
+                self.run_dir / "samples" / f"round_{report.round:03d}_cluster_{k}.png",
+                seed=self.cfg.train.seed,
+                z_dim=self.cfg.model.z_dim,
+            )
 
-    def finalize(self, *, modelled_latency_s: float | None, bytes_sent: int, utility: bool = True,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def finalize(
+        self,
+        *,
+        modelled_latency_s: float | None,
+        bytes_sent: int,
+        utility: bool = True,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """summary.json: per domain the final generation score and (if `utility`) the utility metrics."""
         domains: dict[str, Any] = {}
         if self.last_models is not None:
@@ -168,12 +200,16 @@ class RunRecorder:
             settings = EvalSettings.from_config(self.cfg, utility=utility)
             results = evaluate_generators(gens, self.classifiers, self.test_sets, settings, log=self.log)
             for d, res in results.items():
-                domains[d] = {"generation_score": res["generation_score"], "cluster": domain_clusters(
-                    self.cfg, assignment)[d][0]}
+                domains[d] = {
+                    "generation_score": res["generation_score"],
+                    "cluster": domain_clusters(self.cfg, assignment)[d][0],
+                }
                 if "utility" in res:
-                    domains[d]["utility"] = {k: res["utility"][k] for k in
-                                             ("accuracy", "precision", "recall", "f1", "fpr", "n_samples", "epochs")
-                                             if k in res["utility"]}
+                    domains[d]["utility"] = {
+                        k: res["utility"][k]
+                        for k in ("accuracy", "precision", "recall", "f1", "fpr", "n_samples", "epochs")
+                        if k in res["utility"]
+                    }
         summary = {
             "rounds": len(self.metrics.records),
             "domains": domains,
@@ -208,9 +244,14 @@ def classifier_dir(data_dir: str | Path) -> Path:
     return cache / "classifiers" / digest
 
 
-def ensure_classifiers(cfg: RunConfig, train_sets: dict[str, Any], test_sets: dict[str, Any],
-                       sources: dict[str, str], log: Callable[[str], None] = print,
-                       epochs: int | None = None) -> dict[str, torch.nn.Module]:
+def ensure_classifiers(
+    cfg: RunConfig,
+    train_sets: dict[str, Any],
+    test_sets: dict[str, Any],
+    sources: dict[str, str],
+    log: Callable[[str], None] = print,
+    epochs: int | None = None,
+) -> dict[str, torch.nn.Module]:
     """Load each domain's scoring classifier, fitting (and caching) it when missing or fitted on other data."""
     out: dict[str, torch.nn.Module] = {}
     store_dir = classifier_dir(cfg.runtime.data_dir)
@@ -231,8 +272,7 @@ def ensure_classifiers(cfg: RunConfig, train_sets: dict[str, Any], test_sets: di
         if not fresh:
             log(f"fitting the {stored_as} scoring classifier (cached in {path}) ...")
             kwargs = {"epochs": epochs} if epochs else {}
-            fit_classifiers({stored_as: (train, test_sets[name])}, path.parent, log=log, seed=cfg.train.seed,
-                            **kwargs)
+            fit_classifiers({stored_as: (train, test_sets[name])}, path.parent, log=log, seed=cfg.train.seed, **kwargs)
         out[name] = load_classifier(path, stored_as, device=cfg.runtime.device)
     return out
 
@@ -248,8 +288,10 @@ def same_run_marker(run_dir: Path, cfg: RunConfig, hint: str = "choose another -
     """The directory's run marker if it holds this run, None if it holds none; ConfigError for a different run."""
     marker = read_run_marker(run_dir)
     if marker is not None and marker.get("digest") != cfg.digest():
-        raise ConfigError(f"run directory {run_dir} already holds a different run (config digest "
-                          f"{str(marker.get('digest'))[:12]}); {hint}")
+        raise ConfigError(
+            f"run directory {run_dir} already holds a different run (config digest "
+            f"{str(marker.get('digest'))[:12]}); {hint}"
+        )
     return marker
 
 

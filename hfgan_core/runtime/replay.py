@@ -26,8 +26,7 @@ DEFAULT_STATE = "redis://127.0.0.1:6379/0"
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("replay", help="rebuild a round's aggregated models from the update log and check their "
-                       "digests")
+    p = sub.add_parser("replay", help="rebuild a round's aggregated models from the update log and check their digests")
     p.add_argument("--run", required=True, help="a run id, or a run directory")
     p.add_argument("--round", type=int, required=True, help="the round to replay")
     p.add_argument("--broker", help=f"broker URL ($HFGAN_BROKER_URL, default {DEFAULT_BROKER})")
@@ -62,8 +61,9 @@ def config_from_ledger(info: dict[str, str]) -> RunConfig:
     return cfg
 
 
-def replay_round(transport: Any, store: Any, run: str, round: int,
-                 log: logging.Logger | None = None) -> list[ClusterCheck]:
+def replay_round(
+    transport: Any, store: Any, run: str, round: int, log: logging.Logger | None = None
+) -> list[ClusterCheck]:
     """Recompute every job of `round`; ConfigError for an unknown run or a round without jobs."""
     from ..federation import state_digest
     from . import ledger
@@ -117,9 +117,26 @@ def run(args: argparse.Namespace) -> int:
         store.close()
     ok = all(c.match for c in checks)
     if args.json:
-        print(json.dumps({"run": run_id, "round": args.round, "match": ok,
-                          "clusters": [{"cluster": c.cluster, "recorded": c.recorded, "replayed": c.replayed,
-                                        "match": c.match, "error": c.error} for c in checks]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "run": run_id,
+                    "round": args.round,
+                    "match": ok,
+                    "clusters": [
+                        {
+                            "cluster": c.cluster,
+                            "recorded": c.recorded,
+                            "replayed": c.replayed,
+                            "match": c.match,
+                            "error": c.error,
+                        }
+                        for c in checks
+                    ],
+                },
+                indent=2,
+            )
+        )
     else:
         for c in checks:
             name = "global" if c.cluster < 0 else f"cluster {c.cluster}"
@@ -129,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name:>10}: FAILED   {c.error}")
             else:
                 print(f"{name:>10}: MISMATCH replayed {c.replayed} != recorded {c.recorded}")
-        print(f"round {args.round} of run {run_id}: " + ("every model matches its recorded digest" if ok else
-                                                         "MISMATCH"), file=sys.stderr)
+        print(
+            f"round {args.round} of run {run_id}: " + ("every model matches its recorded digest" if ok else "MISMATCH"),
+            file=sys.stderr,
+        )
     return 0 if ok else 1

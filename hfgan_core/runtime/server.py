@@ -159,8 +159,10 @@ class ServerRole(Role):
 
     def _check_sender(self, msg: Message, client: int) -> None:
         if not self.in_round or msg.round != self.round:
-            raise Reject(f"stale: {msg.KIND} for round {msg.round}, server is at round {self.round}"
-                         f"{'' if self.in_round else ' (between rounds)'}")
+            raise Reject(
+                f"stale: {msg.KIND} for round {msg.round}, server is at round {self.round}"
+                f"{'' if self.in_round else ' (between rounds)'}"
+            )
         if client not in self.last_step:
             raise Reject(f"unknown_client: client {client} does not take part in round {self.round}")
         if msg.sender != client_address(client):
@@ -250,8 +252,9 @@ class ServerRole(Role):
         w.t["g_in"], w.t["g_out"] = g_in, g_out
         self._to_phase(w, "d_fwd", now)
         for c in members:
-            self.send(client_address(c), GMidOut(**self.envelope(self.round, w.steps[c]), client=c,
-                                                 act=g_out[c].detach()))
+            self.send(
+                client_address(c), GMidOut(**self.envelope(self.round, w.steps[c]), client=c, act=g_out[c].detach())
+            )
 
     def _to_phase(self, w: _Window, phase: str, now: float) -> None:
         w.phase = phase
@@ -283,8 +286,10 @@ class ServerRole(Role):
             w.t.update(d_in_f=in_f, d_in_r=in_r, d_out_f=out_f, d_out_r=out_r)
             self._to_phase(w, "d_bwd", now)
             for c in members:
-                self.send(client_address(c), DMidOut(**env[c], client=c, phase="d", fake=out_f[c].detach(),
-                                                     real=out_r[c].detach()))
+                self.send(
+                    client_address(c),
+                    DMidOut(**env[c], client=c, phase="d", fake=out_f[c].detach(), real=out_r[c].detach()),
+                )
         elif w.phase == "d_bwd":
             outs, grads = [], []
             for c in members:
@@ -294,8 +299,10 @@ class ServerRole(Role):
             self.holder.step("D")
             self._to_phase(w, "g_dfwd", now)
             for c in members:
-                self.send(client_address(c), DMidGrad(**env[c], client=c, phase="d", fake=w.t["d_in_f"][c].grad,
-                                                      real=w.t["d_in_r"][c].grad))
+                self.send(
+                    client_address(c),
+                    DMidGrad(**env[c], client=c, phase="d", fake=w.t["d_in_f"][c].grad, real=w.t["d_in_r"][c].grad),
+                )
             for key in ("d_in_f", "d_in_r", "d_out_f", "d_out_r"):
                 w.t.pop(key)
         elif w.phase == "g_dfwd":
@@ -307,16 +314,18 @@ class ServerRole(Role):
             for c in members:
                 self.send(client_address(c), DMidOut(**env[c], client=c, phase="g", fake=out_g[c].detach()))
         elif w.phase == "g_dbwd":
-            torch.autograd.backward([w.t["dg_out"][c] for c in members],
-                                    [inbox[c].fake.to(self.device) for c in members])
+            torch.autograd.backward(
+                [w.t["dg_out"][c] for c in members], [inbox[c].fake.to(self.device) for c in members]
+            )
             self._to_phase(w, "g_bwd", now)
             for c in members:
                 self.send(client_address(c), DMidGrad(**env[c], client=c, phase="g", fake=w.t["dg_in"][c].grad))
             w.t.pop("dg_in")
             w.t.pop("dg_out")
         elif w.phase == "g_bwd":
-            torch.autograd.backward([w.t["g_out"][c] for c in members],
-                                    [inbox[c].grad.to(self.device) for c in members])
+            torch.autograd.backward(
+                [w.t["g_out"][c] for c in members], [inbox[c].grad.to(self.device) for c in members]
+            )
             self.holder.step("G")
             for c in members:
                 self.send(client_address(c), GMidGrad(**env[c], client=c, grad=w.t["g_in"][c].grad))
@@ -366,24 +375,37 @@ class ServerRole(Role):
 
     # ---------------------------------------------------------------------------------------------- round end
     def _maybe_finish_round(self) -> None:
-        if self.in_round and self.window is None and not self.pending and \
-                all(c in self.done_clients for c in self.participants):
+        if (
+            self.in_round
+            and self.window is None
+            and not self.pending
+            and all(c in self.done_clients for c in self.participants)
+        ):
             self._finish_round()
 
     def _finish_round(self) -> None:
         self.in_round = False
         env = self.envelope(self.round)
         if self.summaries:
-            self.send(CLUSTERING, ActivationSummaries(**env, summaries={str(c): s for c, s in
-                                                                      sorted(self.summaries.items())}))
+            self.send(
+                CLUSTERING, ActivationSummaries(**env, summaries={str(c): s for c, s in sorted(self.summaries.items())})
+            )
         update = ServerUpdate(**env, state=self.holder.state())
         self.log_update(update.encode(), self.round, update.KIND)
         metrics = {"windows": float(self.windows_run)}
         if self.windows_run:
             metrics["window_s"] = self.window_seconds / self.windows_run
         self.windows_run, self.window_seconds = 0, 0.0
-        self.send(COORDINATOR, ServerRoundDone(**env, steps_done=int(metrics["windows"]), update_digest=update.msg_id,
-                                               metrics=metrics, late={str(c): n for c, n in self.late.items()}))
+        self.send(
+            COORDINATOR,
+            ServerRoundDone(
+                **env,
+                steps_done=int(metrics["windows"]),
+                update_digest=update.msg_id,
+                metrics=metrics,
+                late={str(c): n for c, n in self.late.items()},
+            ),
+        )
 
     def _on_model(self, msg: ServerModel) -> None:
         if msg.round < self.round or (msg.round == self.round and self.in_round):
@@ -401,9 +423,14 @@ class ServerRole(Role):
     def save_checkpoint(self, round: int) -> None:
         if self.run_dir is None:
             return
-        ckpt.save_checkpoint(ckpt.round_dir(self.run_dir, round) / "server.pt", role="server", round=round,
-                             config=self.ctx.cfg.to_dict(include_runtime=False), state=self.holder.state(),
-                             optimizers=self.holder.optimizer_states())
+        ckpt.save_checkpoint(
+            ckpt.round_dir(self.run_dir, round) / "server.pt",
+            role="server",
+            round=round,
+            config=self.ctx.cfg.to_dict(include_runtime=False),
+            state=self.holder.state(),
+            optimizers=self.holder.optimizer_states(),
+        )
 
     def restore(self, blob: dict[str, Any]) -> None:
         self.holder.load(blob["state"])

@@ -94,14 +94,23 @@ def resolve(opts: WorkerOptions, environ: dict[str, str] | None = None) -> tuple
     if not source:
         raise ConfigError("no configuration: pass --config PRESET_OR_TOML or set HFGAN_CONFIG")
     cfg = apply_env(load_config(source), env)
-    cfg = cfg.with_overrides("runtime", run_id=opts.run_id, broker_url=opts.broker, state_url=opts.state,
-                             data_dir=opts.data_dir, run_dir=opts.run_dir, device=opts.device,
-                             torch_threads=opts.threads).validate()
+    cfg = cfg.with_overrides(
+        "runtime",
+        run_id=opts.run_id,
+        broker_url=opts.broker,
+        state_url=opts.state,
+        data_dir=opts.data_dir,
+        run_dir=opts.run_dir,
+        device=opts.device,
+        torch_threads=opts.threads,
+    ).validate()
     run_id = cfg.runtime.run_id
     if not run_id:
         if not (opts.run_dir or env.get("HFGAN_RUN_DIR")):
-            raise ConfigError("no run id: pass --run-id (HFGAN_RUN_ID), or --run-dir (HFGAN_RUN_DIR) to name the run "
-                              "after its directory")
+            raise ConfigError(
+                "no run id: pass --run-id (HFGAN_RUN_ID), or --run-dir (HFGAN_RUN_DIR) to name the run "
+                "after its directory"
+            )
         run_id = Path(cfg.runtime.run_dir).resolve().name
     if not RUN_ID.fullmatch(run_id):
         raise ConfigError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-'")
@@ -132,8 +141,12 @@ def serve(opts: WorkerOptions, settings: WorkerSettings | None = None) -> int:
         code = classify(exc)
         if code == EXIT_INTERNAL and not isinstance(exc, WorkerExit):
             log.exception("%s: internal error", opts.role)
-        log.error("%s: exiting with code %d: %s", opts.role, code, str(exc).splitlines()[0] if str(exc) else
-                  type(exc).__name__)
+        log.error(
+            "%s: exiting with code %d: %s",
+            opts.role,
+            code,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
         return code
     finally:
         stop.restore()
@@ -216,8 +229,10 @@ def resume_server(role, store, run: str, run_dir: str | Path) -> None:
         role.restore(ckpt.load_checkpoint(latest[1], role="server"))
         log.info("server: restored %s (round %d)", latest[1], latest[0])
     elif r > 1:
-        log.warning("server: no checkpoint of an earlier round in %s; the server's layers restart from their "
-                    "initial values", run_dir)
+        log.warning(
+            "server: no checkpoint of an earlier round in %s; the server's layers restart from their initial values",
+            run_dir,
+        )
     if phase == "training":
         docs = ledger.RoundDocs.read(store, run, r)
         if docs.start is not None:
@@ -232,8 +247,11 @@ def _serve_server(opts, cfg, run_id, settings, stop) -> int:
 
     transport, store = open_backends(cfg.runtime.broker_url, cfg.runtime.state_url, settings, "server")
     try:
-        role = ServerRole(_context(cfg, run_id, transport, store), device=cfg.runtime.resolved_server_device,
-                          run_dir=cfg.runtime.run_dir)
+        role = ServerRole(
+            _context(cfg, run_id, transport, store),
+            device=cfg.runtime.resolved_server_device,
+            run_dir=cfg.runtime.run_dir,
+        )
         resume_server(role, store, run_id, cfg.runtime.run_dir)
 
         def info() -> str:
@@ -247,8 +265,9 @@ def _serve_server(opts, cfg, run_id, settings, stop) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- client
-def claim_client_slot(store, run: str, n_slots: int, owner: str, settings: WorkerSettings, stop: StopFlag
-                      ) -> int | None:
+def claim_client_slot(
+    store, run: str, n_slots: int, owner: str, settings: WorkerSettings, stop: StopFlag
+) -> int | None:
     """The slot this process holds (waiting as a spare while all are taken); None if stopped first."""
     waited = False
     while not stop.requested:
@@ -291,10 +310,16 @@ def _serve_client(opts, cfg, run_id, settings, stop) -> int:
             log.warning("%s: NOTICE: %s", name, notice)
         transport = open_broker(cfg.runtime.broker_url.replace("{slot}", str(slot)), settings, name)
         profile = cfg.devices.client_profiles(n)[slot]
-        role = ClientRole(_context(cfg, run_id, transport, store), client=slot,
-                          domain=cfg.scenario.client_domains()[slot], data=data, profile=profile,
-                          device=cfg.runtime.device, run_dir=cfg.runtime.run_dir,
-                          delay=emulator_for(cfg, slot, profile))
+        role = ClientRole(
+            _context(cfg, run_id, transport, store),
+            client=slot,
+            domain=cfg.scenario.client_domains()[slot],
+            data=data,
+            profile=profile,
+            device=cfg.runtime.device,
+            run_dir=cfg.runtime.run_dir,
+            delay=emulator_for(cfg, slot, profile),
+        )
         resume = _ClientResume(role, store, run_id, cfg.runtime.run_dir)
         resume.before_bind()
         names = (name, owner) if claimed else (name,)
@@ -313,8 +338,15 @@ def _serve_client(opts, cfg, run_id, settings, stop) -> int:
         def info() -> str:
             return f"slot {slot} owner {owner} round {role.round} {role.phase} step {max(role.step, 0)}"
 
-        loop = WorkerLoop(role, settings, stop, beat_names=names, info=info, after_bind=resume.after_bind,
-                          on_beat=keep_slot if claimed else None)
+        loop = WorkerLoop(
+            role,
+            settings,
+            stop,
+            beat_names=names,
+            info=info,
+            after_bind=resume.after_bind,
+            on_beat=keep_slot if claimed else None,
+        )
         if role.delay is not None:
             role.delay.sleep = loop.sliced_sleep  # an emulated slow segment must not let the heartbeat lapse
         reason = loop.run()
@@ -361,24 +393,28 @@ def _check_shared(cfg: RunConfig) -> None:
 
     for what, url in (("broker", cfg.runtime.broker_url), ("state", cfg.runtime.state_url)):
         if urlparse(url).scheme == "memory":
-            raise WorkerExit(EXIT_CONFIG, f"a worker process needs a shared {what}: {url} is in-process only "
-                             "(use amqp:// and redis://, or `hfgan train` for one process)")
+            raise WorkerExit(
+                EXIT_CONFIG,
+                f"a worker process needs a shared {what}: {url} is in-process only "
+                "(use amqp:// and redis://, or `hfgan train` for one process)",
+            )
 
 
 # -------------------------------------------------------------------------------------------- coordinator
 def check_coordinator_run_dir(run_dir: Path, cfg: RunConfig, known_in_ledger: bool) -> str:
-    """"new" (an empty directory, or one holding only logs/), "resume" (this run); ConfigError otherwise."""
+    """ "new" (an empty directory, or one holding only logs/), "resume" (this run); ConfigError otherwise."""
     from .recorder import same_run_marker
 
     marker = same_run_marker(run_dir, cfg, "choose another run directory")
     if marker is not None:
         if marker.get("run_id") not in (None, cfg.runtime.run_id):
-            raise ConfigError(f"run directory {run_dir} holds run {marker.get('run_id')!r}, not "
-                              f"{cfg.runtime.run_id!r}")
+            raise ConfigError(f"run directory {run_dir} holds run {marker.get('run_id')!r}, not {cfg.runtime.run_id!r}")
         return "resume"
     if known_in_ledger:
-        raise ConfigError(f"run {cfg.runtime.run_id!r} already exists in the state store but {run_dir} does not hold "
-                          "it; choose another run id, or point --run-dir at the run's directory")
+        raise ConfigError(
+            f"run {cfg.runtime.run_id!r} already exists in the state store but {run_dir} does not hold "
+            "it; choose another run id, or point --run-dir at the run's directory"
+        )
     if run_dir.exists() and any(p.name not in ALLOWED_IN_NEW_RUN_DIR for p in run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} is not empty and holds no hfgan run; choose another one")
     return "new"
@@ -403,13 +439,18 @@ class Lease:
                 self.held = True
                 return True
             if not announced:
-                log.info("coordinator: another coordinator leads run %s; %s", self.run,
-                         "waiting as its standby" if standby_ok else
-                         f"waiting up to {s.lease_ttl_s + s.heartbeat_s:.0f} s for its lease to expire")
+                log.info(
+                    "coordinator: another coordinator leads run %s; %s",
+                    self.run,
+                    "waiting as its standby"
+                    if standby_ok
+                    else f"waiting up to {s.lease_ttl_s + s.heartbeat_s:.0f} s for its lease to expire",
+                )
                 announced = True
             if not standby_ok and time.monotonic() > give_up:
-                raise WorkerExit(EXIT_CONFIG, f"another coordinator leads run {self.run} (pass --standby-ok to wait "
-                                 "as its standby)")
+                raise WorkerExit(
+                    EXIT_CONFIG, f"another coordinator leads run {self.run} (pass --standby-ok to wait as its standby)"
+                )
             self.store.heartbeat(self.run, f"coordinator.standby.{self.owner}", s.heartbeat_ttl_s, "standby")
             stop.sleep(min(s.heartbeat_s, 1.0))
         return False
@@ -440,6 +481,7 @@ def _serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
     transport = None
     lease = Lease(store, run_id, owner_id(), settings)
     try:
+
         def say(line: str) -> None:
             log.info("coordinator: %s", line)
 
@@ -475,24 +517,41 @@ def _serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
                 blob = ckpt.load_checkpoint(path, role="coordinator")
         if info is not None or mode == "resume":
             MetricsLog(run_dir).drop_after(resume_from)  # records of a round that is being redone
-        recorder = RunRecorder(cfg, run_dir, test_sets=data.test_sets, classifiers=classifiers, log=say,
-                               resume_from=resume_from)
+        recorder = RunRecorder(
+            cfg, run_dir, test_sets=data.test_sets, classifiers=classifiers, log=say, resume_from=resume_from
+        )
         if blob is not None and blob["extra"].get("aggregated", True):
             # The models the final evaluation uses until a round ends in this process.
             recorder.last_models = ckpt.models_from_checkpoint(blob)
         planner, replanner = make_planner(cfg) if cfg.train.cuts == "plan" else (None, None)
+
         def on_round_end(report: RoundReport):
             return recorder.on_round_end(report)
 
         def on_event(event: str, detail: dict[str, Any]) -> None:
-            if event in ("admitting", "admitted", "started", "closing", "aggregating", "done", "finished",
-                         "resumed", "skipped", "replanned"):
-                log.info("coordinator: round %s %s %s", detail.get("round"), event,
-                         " ".join(f"{k}={v}" for k, v in detail.items() if k != "round"))
+            if event in (
+                "admitting",
+                "admitted",
+                "started",
+                "closing",
+                "aggregating",
+                "done",
+                "finished",
+                "resumed",
+                "skipped",
+                "replanned",
+            ):
+                log.info(
+                    "coordinator: round %s %s %s",
+                    detail.get("round"),
+                    event,
+                    " ".join(f"{k}={v}" for k, v in detail.items() if k != "round"),
+                )
 
         ctx = _context(cfg, run_id, transport, store)
-        role = CoordinatorRole(ctx, run_dir=run_dir, on_round_end=on_round_end, on_event=on_event,
-                               planner=planner, replanner=replanner)
+        role = CoordinatorRole(
+            ctx, run_dir=run_dir, on_round_end=on_round_end, on_event=on_event, planner=planner, replanner=replanner
+        )
         if info is not None:
             # A run stopped on purpose gets its round deadline again; after a crash the deadline continues.
             role.resume_from_ledger(blob, restart_deadline=info.get("status") == "stopped")
@@ -500,12 +559,24 @@ def _serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
             role.restore(blob)  # the ledger lost the run: carry on from the checkpoint, as `train --resume`
             log.info("coordinator: resuming run %s from the checkpoint of round %d", run_id, resume_from)
         sizes = ", ".join(str(len(s.indices)) for s in data.shards)
-        log.info("coordinator: run %s: %d clients (%s samples), %d rounds, broker %s, state %s", run_id,
-                 cfg.scenario.total_clients, sizes, cfg.train.rounds, _safe_url(rt.broker_url),
-                 _safe_url(rt.state_url))
+        log.info(
+            "coordinator: run %s: %d clients (%s samples), %d rounds, broker %s, state %s",
+            run_id,
+            cfg.scenario.total_clients,
+            sizes,
+            cfg.train.rounds,
+            _safe_url(rt.broker_url),
+            _safe_url(rt.state_url),
+        )
 
-        loop = WorkerLoop(role, settings, stop, info=lambda: f"leader {lease.owner} {_round_info(role)}",
-                          on_beat=lease.renew, watch_run_status=False)
+        loop = WorkerLoop(
+            role,
+            settings,
+            stop,
+            info=lambda: f"leader {lease.owner} {_round_info(role)}",
+            on_beat=lease.renew,
+            watch_run_status=False,
+        )
         reason = loop.run()
         if reason != "finished":
             if role.phase != "finished":
@@ -515,11 +586,15 @@ def _serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
         lease.release()
         close_quietly(transport)
         transport = None
-        summary = finalize_run(cfg, store, run_id, recorder, role, data, utility=opts.utility,
-                               latency=modelled_latency(cfg, role.cuts))
-        log.info("coordinator: run %s finished; summary in %s (%s)", run_id, run_dir / "summary.json",
-                 ", ".join(f"{d}: score {v.get('generation_score', math.nan):.3f}"
-                           for d, v in summary["domains"].items()))
+        summary = finalize_run(
+            cfg, store, run_id, recorder, role, data, utility=opts.utility, latency=modelled_latency(cfg, role.cuts)
+        )
+        log.info(
+            "coordinator: run %s finished; summary in %s (%s)",
+            run_id,
+            run_dir / "summary.json",
+            ", ".join(f"{d}: score {v.get('generation_score', math.nan):.3f}" for d, v in summary["domains"].items()),
+        )
         return EXIT_OK
     finally:
         try:
@@ -529,8 +604,9 @@ def _serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
         close_quietly(transport, store)
 
 
-def finalize_run(cfg: RunConfig, store, run_id: str, recorder, role, data, *, utility: bool,
-                 latency: float | None) -> dict[str, Any]:
+def finalize_run(
+    cfg: RunConfig, store, run_id: str, recorder, role, data, *, utility: bool, latency: float | None
+) -> dict[str, Any]:
     """summary.json as `hfgan train` writes it, with what the ledger knows of the whole run."""
     rounds = range(1, role.round + 1)
     window_s = []

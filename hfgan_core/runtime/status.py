@@ -71,25 +71,30 @@ def collect(store: Any, run: str, now: float | None = None) -> dict[str, Any]:
     for c in range(n_clients):
         rec = records.get(c)
         m = metrics.get(f"client.{c}", {})
-        clients.append({
-            "client": c,
-            "state": rec.state if rec else ("joined" if c in members else "absent"),
-            "reason": rec.reason if rec else "",
-            "since_s": round(now - rec.ts, 1) if rec else None,
-            "alive": f"client.{c}" in alive,
-            "heartbeat": alive.get(f"client.{c}", ""),
-            "domain": members[c][0] if c in members else None,
-            "n_samples": members[c][1] if c in members else None,
-            "cuts": cuts.get(c),
-            "cluster": assignment.get(c),
-            "kld_intra": kld_intra.get(c),
-            "kld_global": kld_global.get(c),
-            "g_loss": m.get("g_loss"),
-            "step_s": m.get("step_s"),
-        })
+        clients.append(
+            {
+                "client": c,
+                "state": rec.state if rec else ("joined" if c in members else "absent"),
+                "reason": rec.reason if rec else "",
+                "since_s": round(now - rec.ts, 1) if rec else None,
+                "alive": f"client.{c}" in alive,
+                "heartbeat": alive.get(f"client.{c}", ""),
+                "domain": members[c][0] if c in members else None,
+                "n_samples": members[c][1] if c in members else None,
+                "cuts": cuts.get(c),
+                "cluster": assignment.get(c),
+                "kld_intra": kld_intra.get(c),
+                "kld_global": kld_global.get(c),
+                "g_loss": m.get("g_loss"),
+                "step_s": m.get("step_s"),
+            }
+        )
     # A claimed client slot is kept by a second heartbeat under its process's name: shown once, as client.<k>.
-    slot_owners = {info.split()[3] for name, info in alive.items()
-                   if name.startswith("client.") and info.startswith("slot ") and len(info.split()) > 3}
+    slot_owners = {
+        info.split()[3]
+        for name, info in alive.items()
+        if name.startswith("client.") and info.startswith("slot ") and len(info.split()) > 3
+    }
     stragglers = []
     for past in range(max(1, r - 2), r + 1):
         for c, rec in sorted(store.round_clients(run, past).items()):
@@ -111,15 +116,18 @@ def collect(store: Any, run: str, now: float | None = None) -> dict[str, Any]:
         "rounds": rounds,
         "phase": phase,
         "steps": start.get("steps"),
-        "deadline_in_s": round(start["deadline"] - now, 1) if start.get("deadline") and phase == "training"
-        else None,
+        "deadline_in_s": round(start["deadline"] - now, 1) if start.get("deadline") and phase == "training" else None,
         "arrived": sum(1 for c in clients if c["state"] in ("arrived", "late")),
         "participants": len(start.get("participants", [])),
         "clients": clients,
         "clusters": {"round": clusters_round, "assignment": {str(c): k for c, k in sorted(assignment.items())}},
         "stragglers": stragglers,
-        "server": {"alive": "server" in alive, "windows": server.get("windows"), "window_s": server.get("window_s"),
-                   "late": (docs.server_done or {}).get("late", {})},
+        "server": {
+            "alive": "server" in alive,
+            "windows": server.get("windows"),
+            "window_s": server.get("window_s"),
+            "late": (docs.server_done or {}).get("late", {}),
+        },
         "jobs": {str(k): ("done" if k in docs.aggs else "queued") for k in sorted(docs.jobs)},
         "digests": digests,
         "workers": {name: info for name, info in sorted(alive.items()) if name not in slot_owners},
@@ -134,27 +142,38 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 
 def render(doc: dict[str, Any]) -> str:
-    lines = [f"run {doc['run']} ({doc['scenario']}): {doc['status']}, round {doc['round']}/{doc['rounds']} "
-             f"{doc['phase']}" + (f", {doc['arrived']}/{doc['participants']} arrived" if doc["participants"] else "")
-             + (f", deadline in {doc['deadline_in_s']:.0f} s" if doc["deadline_in_s"] is not None else "")]
+    lines = [
+        f"run {doc['run']} ({doc['scenario']}): {doc['status']}, round {doc['round']}/{doc['rounds']} "
+        f"{doc['phase']}"
+        + (f", {doc['arrived']}/{doc['participants']} arrived" if doc["participants"] else "")
+        + (f", deadline in {doc['deadline_in_s']:.0f} s" if doc["deadline_in_s"] is not None else "")
+    ]
     lines.append("")
-    head = f"{'client':>6} {'state':<9} {'alive':<5} {'cuts':<4} {'clu':>3} {'domain':>6} {'samples':>7} " \
-           f"{'g_loss':>7} {'step_s':>7}  reason"
+    head = (
+        f"{'client':>6} {'state':<9} {'alive':<5} {'cuts':<4} {'clu':>3} {'domain':>6} {'samples':>7} "
+        f"{'g_loss':>7} {'step_s':>7}  reason"
+    )
     lines.append(head)
     for c in doc["clients"]:
-        lines.append(f"{c['client']:>6} {c['state']:<9} {'yes' if c['alive'] else 'no':<5} {_fmt(c['cuts']):<4} "
-                     f"{_fmt(c['cluster']):>3} {_fmt(c['domain']):>6} {_fmt(c['n_samples']):>7} "
-                     f"{_fmt(c['g_loss'], '.3f'):>7} {_fmt(c['step_s'], '.2f'):>7}  {c['reason']}")
+        lines.append(
+            f"{c['client']:>6} {c['state']:<9} {'yes' if c['alive'] else 'no':<5} {_fmt(c['cuts']):<4} "
+            f"{_fmt(c['cluster']):>3} {_fmt(c['domain']):>6} {_fmt(c['n_samples']):>7} "
+            f"{_fmt(c['g_loss'], '.3f'):>7} {_fmt(c['step_s'], '.2f'):>7}  {c['reason']}"
+        )
     lines.append("")
     groups: dict[int, list[str]] = {}
     for c, k in doc["clusters"]["assignment"].items():
         groups.setdefault(k, []).append(c)
     if groups:
-        lines.append(f"clusters (round {doc['clusters']['round']}): " +
-                     " ".join("{" + ",".join(v) + "}" for _, v in sorted(groups.items())))
+        lines.append(
+            f"clusters (round {doc['clusters']['round']}): "
+            + " ".join("{" + ",".join(v) + "}" for _, v in sorted(groups.items()))
+        )
     s = doc["server"]
-    lines.append(f"server: {'alive' if s['alive'] else 'not alive'}, windows {_fmt(s['windows'], '.0f')}, "
-                 f"{_fmt(s['window_s'], '.2f')} s per window" + (f", late {s['late']}" if s["late"] else ""))
+    lines.append(
+        f"server: {'alive' if s['alive'] else 'not alive'}, windows {_fmt(s['windows'], '.0f')}, "
+        f"{_fmt(s['window_s'], '.2f')} s per window" + (f", late {s['late']}" if s["late"] else "")
+    )
     if doc["jobs"]:
         lines.append("jobs: " + ", ".join(f"cluster {k}: {v}" for k, v in doc["jobs"].items()))
     if doc["stragglers"]:
@@ -164,8 +183,10 @@ def render(doc: dict[str, Any]) -> str:
     else:
         lines.append("stragglers: none")
     for rnd, d in doc["digests"].items():
-        lines.append(f"digests round {rnd}: " + ", ".join(f"{'global' if k == '-1' else 'cluster ' + k} "
-                                                          f"{v[:16]}" for k, v in d.items()))
+        lines.append(
+            f"digests round {rnd}: "
+            + ", ".join(f"{'global' if k == '-1' else 'cluster ' + k} {v[:16]}" for k, v in d.items())
+        )
     lines.append("workers alive: " + (", ".join(doc["workers"]) or "none"))
     if "dead_letters" in doc:
         dl = doc["dead_letters"]

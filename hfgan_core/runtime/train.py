@@ -24,8 +24,10 @@ def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> int:
     marker = same_run_marker(run_dir, cfg)
     if marker is not None:
         if not resume:
-            raise ConfigError(f"run directory {run_dir} already holds this run; pass --resume to continue it or "
-                              "choose another --run-dir")
+            raise ConfigError(
+                f"run directory {run_dir} already holds this run; pass --resume to continue it or "
+                "choose another --run-dir"
+            )
         rounds = ckpt.complete_rounds(run_dir)
         return rounds[-1] if rounds else 0
     if resume:
@@ -42,13 +44,24 @@ def modelled_latency(cfg: RunConfig, cuts: dict[int, CutBits]) -> float | None:
         return None
     clients = sorted(cuts)
     profiles = cfg.devices.client_profiles(cfg.scenario.total_clients)
-    return float(iteration_latency(run_costs(cfg), [profiles[c] for c in clients], cfg.devices.server,
-                                   [tuple(cuts[c]) for c in clients]))
+    return float(
+        iteration_latency(
+            run_costs(cfg), [profiles[c] for c in clients], cfg.devices.server, [tuple(cuts[c]) for c in clients]
+        )
+    )
 
 
-def train(cfg: RunConfig, *, resume: bool = False, allow_synthetic_fallback: bool = True, utility: bool = True,
-          progress: bool = True, log: Callable[[str], None] = print, aggregators: int = 1,
-          classifier_epochs: int | None = None) -> dict[str, Any]:
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    allow_synthetic_fallback: bool = True,
+    utility: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    aggregators: int = 1,
+    classifier_epochs: int | None = None,
+) -> dict[str, Any]:
     """Run (or resume) a training run as `cfg` describes; returns summary.json's content."""
     from ..data import load_scenario_data
 
@@ -67,22 +80,34 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_synthetic_fallback: boo
     data = load_scenario_data(cfg, allow_synthetic_fallback=allow_synthetic_fallback)
     for notice in data.notices:
         log(f"NOTICE: {notice}")
-    classifiers = ensure_classifiers(cfg, data.train_sets, data.test_sets, data.sources, log=log,
-                                     epochs=classifier_epochs)
+    classifiers = ensure_classifiers(
+        cfg, data.train_sets, data.test_sets, data.sources, log=log, epochs=classifier_epochs
+    )
     # Inputs are good: from here on the run directory is ours.
     if not resume:
         write_run_marker(run_dir, cfg, run_id)
     sizes = ", ".join(f"{c.n}" for c in data.clients)
-    log(f"run {run_id}: {cfg.scenario.total_clients} clients ({sizes} samples), {cfg.train.rounds} rounds x "
+    log(
+        f"run {run_id}: {cfg.scenario.total_clients} clients ({sizes} samples), {cfg.train.rounds} rounds x "
         f"{cfg.train.local_epochs} local epochs, broker {rt.broker_url}, state {rt.state_url}"
-        + (f", resuming after round {resume_round}" if resume_round else ""))
-    recorder = RunRecorder(cfg, run_dir, test_sets=data.test_sets, classifiers=classifiers, log=log,
-                           resume_from=resume_round)
+        + (f", resuming after round {resume_round}" if resume_round else "")
+    )
+    recorder = RunRecorder(
+        cfg, run_dir, test_sets=data.test_sets, classifiers=classifiers, log=log, resume_from=resume_round
+    )
     domains = [s.domain for s in data.shards]
-    runner = EmbeddedRunner(cfg, data.clients, domains, run_id=run_id, run_dir=run_dir,
-                            on_round_end=recorder.on_round_end,
-                            progress=Progress(cfg.train.rounds, enabled=progress), aggregators=aggregators,
-                            resume_round=resume_round or None, log=logging.getLogger("hfgan"))
+    runner = EmbeddedRunner(
+        cfg,
+        data.clients,
+        domains,
+        run_id=run_id,
+        run_dir=run_dir,
+        on_round_end=recorder.on_round_end,
+        progress=Progress(cfg.train.rounds, enabled=progress),
+        aggregators=aggregators,
+        resume_round=resume_round or None,
+        log=logging.getLogger("hfgan"),
+    )
     result: EmbeddedResult = runner.run()
     cuts = runner.coordinator.cuts
     latency = modelled_latency(cfg, cuts)
@@ -100,6 +125,5 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_synthetic_fallback: boo
     }
     if utility:
         log("final evaluation: generation score and utility metrics per domain ...")
-    summary = recorder.finalize(modelled_latency_s=latency, bytes_sent=result.bytes_sent, utility=utility,
-                                extra=extra)
+    summary = recorder.finalize(modelled_latency_s=latency, bytes_sent=result.bytes_sent, utility=utility, extra=extra)
     return summary

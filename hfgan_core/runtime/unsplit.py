@@ -32,10 +32,12 @@ class UnsplitGAN:
         self.G = {i: b.to(self.device) for i, b in enumerate(nets["G"])}
         self.D = {i: b.to(self.device) for i, b in enumerate(nets["D"])}
         tr = cfg.train
-        self.opt_g = torch.optim.Adam([p for b in self.G.values() for p in b.parameters()], lr=tr.lr,
-                                      betas=tuple(tr.betas))
-        self.opt_d = torch.optim.Adam([p for b in self.D.values() for p in b.parameters()], lr=tr.lr,
-                                      betas=tuple(tr.betas))
+        self.opt_g = torch.optim.Adam(
+            [p for b in self.G.values() for p in b.parameters()], lr=tr.lr, betas=tuple(tr.betas)
+        )
+        self.opt_d = torch.optim.Adam(
+            [p for b in self.D.values() for p in b.parameters()], lr=tr.lr, betas=tuple(tr.betas)
+        )
         # Optional hook called as hook("D" | "G", modules) right before each optimizer step (tests record grads).
         self.before_step = None
 

@@ -52,18 +52,26 @@ def add_parser(sub: Any, run_options) -> argparse.ArgumentParser:
             action.help = f"broker URL ($HFGAN_BROKER_URL, default {DEFAULT_BROKER}; {{slot}}: a client's slot)"
         elif action.dest == "state":
             action.help = f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE})"
-    p.add_argument("--clients", type=int, help="client processes (default: the scenario's clients; more are "
-                   "spares that take over a dead client's slot)")
+    p.add_argument(
+        "--clients",
+        type=int,
+        help="client processes (default: the scenario's clients; more are spares that take over a dead client's slot)",
+    )
     p.add_argument("--aggregators", type=int, default=1, help="aggregator processes (0: jobs wait in the queue)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--synthetic", action="store_true", help="use the synthetic dataset for every domain")
-    p.add_argument("--no-fallback", action="store_true", help="fail instead of using synthetic data for a missing "
-                   "dataset")
+    p.add_argument(
+        "--no-fallback", action="store_true", help="fail instead of using synthetic data for a missing dataset"
+    )
     p.add_argument("--no-utility", action="store_true", help="skip the final utility metrics")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--namespace", help="AMQP namespace of the run's queues ($HFGAN_BROKER_NAMESPACE, hfgan)")
-    p.add_argument("--role-users", action="store_true", help="log in as the role users of broker_config "
-                   "(development passwords; clients as client-<slot>) instead of the broker URL's user")
+    p.add_argument(
+        "--role-users",
+        action="store_true",
+        help="log in as the role users of broker_config "
+        "(development passwords; clients as client-<slot>) instead of the broker URL's user",
+    )
     p.add_argument("--standby", action="store_true", help="also start a standby coordinator")
     return p
 
@@ -124,51 +132,60 @@ class Up:
         n = self.cfg.scenario.total_clients
         clients = self.args.clients if self.args.clients is not None else n
         if clients < n:
-            raise ConfigError(f"--clients {clients}: the scenario has {n} clients and admission waits for all of "
-                              "them")
+            raise ConfigError(f"--clients {clients}: the scenario has {n} clients and admission waits for all of them")
         if self.args.aggregators < 0:
             raise ConfigError("--aggregators must not be negative")
         self.n_clients = clients
         for what, url in (("--broker", self.cfg.runtime.broker_url), ("--state", self.cfg.runtime.state_url)):
             if url.startswith("memory:"):
-                raise ConfigError(f"{what} {url}: worker processes need amqp:// and redis:// (hfgan train runs "
-                                  "everything in one process)")
+                raise ConfigError(
+                    f"{what} {url}: worker processes need amqp:// and redis:// (hfgan train runs "
+                    "everything in one process)"
+                )
         marker = read_run_marker(self.run_dir)
         if marker is not None:
             if marker.get("digest") != self.cfg.digest():
-                raise ConfigError(f"run directory {self.run_dir} already holds a different run; choose another "
-                                  "--run-dir")
+                raise ConfigError(
+                    f"run directory {self.run_dir} already holds a different run; choose another --run-dir"
+                )
             if not self.args.resume:
-                raise ConfigError(f"run directory {self.run_dir} already holds this run; pass --resume to continue "
-                                  "it or choose another --run-dir")
+                raise ConfigError(
+                    f"run directory {self.run_dir} already holds this run; pass --resume to continue "
+                    "it or choose another --run-dir"
+                )
         elif self.args.resume:
             raise ConfigError(f"nothing to resume in {self.run_dir} (no run there)")
         elif self.run_dir.exists() and any(p.name not in ALLOWED_IN_NEW_RUN_DIR for p in self.run_dir.iterdir()):
-            raise ConfigError(f"run directory {self.run_dir} is not empty and holds no hfgan run; choose another "
-                              "--run-dir")
+            raise ConfigError(
+                f"run directory {self.run_dir} is not empty and holds no hfgan run; choose another --run-dir"
+            )
         store = open_store(self.cfg.runtime.state_url, retry_timeout=5.0)
         try:
             info = store.run_info(self.run_id)
         finally:
             store.close()
         if info is not None and not self.args.resume:
-            raise ConfigError(f"run {self.run_id!r} already exists in the state store {self.cfg.runtime.state_url}; "
-                              "choose another --run-id")
+            raise ConfigError(
+                f"run {self.run_id!r} already exists in the state store {self.cfg.runtime.state_url}; "
+                "choose another --run-id"
+            )
         self.store_url = self.cfg.runtime.state_url
 
     # ---------------------------------------------------------------------------------------------- start
     def environment(self) -> dict[str, str]:
         rt = self.cfg.runtime
         env = dict(os.environ)
-        env.update({
-            "HFGAN_CONFIG": str(self.config_path),
-            "HFGAN_RUN_ID": self.run_id,
-            "HFGAN_BROKER_URL": rt.broker_url,
-            "HFGAN_STATE_URL": rt.state_url,
-            "HFGAN_DATA_DIR": str(Path(rt.data_dir).resolve()),
-            "HFGAN_RUN_DIR": str(self.run_dir),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "HFGAN_CONFIG": str(self.config_path),
+                "HFGAN_RUN_ID": self.run_id,
+                "HFGAN_BROKER_URL": rt.broker_url,
+                "HFGAN_STATE_URL": rt.state_url,
+                "HFGAN_DATA_DIR": str(Path(rt.data_dir).resolve()),
+                "HFGAN_RUN_DIR": str(self.run_dir),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         # One intra-op thread per worker unless told otherwise: several processes on few cores with OpenMP's
         # spinning thread pools are many times slower than single-threaded ones.
         threads = str(rt.torch_threads or 1)
@@ -196,8 +213,14 @@ class Up:
         if url:
             env["HFGAN_BROKER_URL"] = url
         # A session of its own: the terminal's Ctrl-C reaches `up` only, which stops the workers in order.
-        popen = subprocess.Popen([sys.executable, "-m", f"workers.{role}", *flags], env=env, stdout=fh,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", f"workers.{role}", *flags],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         proc = Proc(name, role, popen, path, fh)
         self.procs.append(proc)
         return proc
@@ -218,8 +241,10 @@ class Up:
             self.spawn(f"aggregator.{i}", "aggregator", ["--index", str(i)], env)
         for i in range(self.n_clients):
             self.spawn(f"client.{i}", "client", [], env)
-        self.say(f"run {self.run_id}: started {len(self.procs)} workers (coordinator, server, clustering, "
-                 f"{self.args.aggregators} aggregator(s), {self.n_clients} client(s)); logs in {self.log_dir}")
+        self.say(
+            f"run {self.run_id}: started {len(self.procs)} workers (coordinator, server, clustering, "
+            f"{self.args.aggregators} aggregator(s), {self.n_clients} client(s)); logs in {self.log_dir}"
+        )
 
     # ---------------------------------------------------------------------------------------------- watch
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -361,6 +386,15 @@ def run(args: argparse.Namespace, load_run_config) -> int:
     if code == 0:
         summary_path = up.run_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        print(json.dumps({"run_dir": str(up.run_dir), "run_id": up.run_id, "domains": summary.get("domains"),
-                          "wall_s": round(time.monotonic() - up.t0, 3)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "run_dir": str(up.run_dir),
+                    "run_id": up.run_id,
+                    "domains": summary.get("domains"),
+                    "wall_s": round(time.monotonic() - up.t0, 3),
+                },
+                indent=2,
+            )
+        )
     return code

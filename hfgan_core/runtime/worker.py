@@ -67,8 +67,12 @@ class WorkerSettings:
     def from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for var, name in (("HFGAN_HEARTBEAT_S", "heartbeat_s"), ("HFGAN_HEARTBEAT_TTL_S", "heartbeat_ttl_s"),
-                          ("HFGAN_LEASE_TTL_S", "lease_ttl_s"), ("HFGAN_CONNECT_TIMEOUT_S", "connect_timeout_s")):
+        for var, name in (
+            ("HFGAN_HEARTBEAT_S", "heartbeat_s"),
+            ("HFGAN_HEARTBEAT_TTL_S", "heartbeat_ttl_s"),
+            ("HFGAN_LEASE_TTL_S", "lease_ttl_s"),
+            ("HFGAN_CONNECT_TIMEOUT_S", "connect_timeout_s"),
+        ):
             if env.get(var):
                 try:
                     values[name] = float(env[var])
@@ -145,8 +149,11 @@ def classify(exc: BaseException) -> int:
 
 def _shared(what: str, url: str) -> None:
     if urlparse(url).scheme == "memory":
-        raise WorkerExit(EXIT_CONFIG, f"a worker process needs a shared {what}: {url} is in-process only "
-                         f"(use amqp:// and redis://, or `hfgan train` for one process)")
+        raise WorkerExit(
+            EXIT_CONFIG,
+            f"a worker process needs a shared {what}: {url} is in-process only "
+            f"(use amqp:// and redis://, or `hfgan train` for one process)",
+        )
 
 
 def open_state(state_url: str, settings: WorkerSettings) -> RoundStore:
@@ -182,8 +189,7 @@ def open_broker(broker_url: str, settings: WorkerSettings, name: str) -> Transpo
     return transport
 
 
-def open_backends(broker_url: str, state_url: str, settings: WorkerSettings, name: str
-                  ) -> tuple[Transport, RoundStore]:
+def open_backends(broker_url: str, state_url: str, settings: WorkerSettings, name: str) -> tuple[Transport, RoundStore]:
     """Transport and store of a worker, connected (broker topology declared, Redis answering), or WorkerExit."""
     _shared("broker", broker_url)
     store = open_state(state_url, settings)
@@ -218,10 +224,18 @@ class WorkerLoop:
     """Runs one bound role until it is done or stopped. `beat()` hooks run with every heartbeat (the coordinator
     renews its lease there and raises WorkerExit when it lost it)."""
 
-    def __init__(self, role: Role, settings: WorkerSettings, stop: StopFlag, *,
-                 beat_names: tuple[str, ...] | None = None, info: Callable[[], str] | None = None,
-                 on_beat: Callable[[], None] | None = None, after_bind: Callable[[], None] | None = None,
-                 watch_run_status: bool = True):
+    def __init__(
+        self,
+        role: Role,
+        settings: WorkerSettings,
+        stop: StopFlag,
+        *,
+        beat_names: tuple[str, ...] | None = None,
+        info: Callable[[], str] | None = None,
+        on_beat: Callable[[], None] | None = None,
+        after_bind: Callable[[], None] | None = None,
+        watch_run_status: bool = True,
+    ):
         self.role = role
         self.ctx = role.ctx
         self.settings = settings
@@ -251,8 +265,12 @@ class WorkerLoop:
         """What this worker sent so far, in the ledger (round 0 metrics `traffic.<role>`), when it changed."""
         traffic = (sum(self.role.bytes_sent.values()), sum(self.role.messages_sent.values()))
         if traffic != self._traffic:
-            self.ctx.store.record_metrics(self.ctx.run, 0, f"traffic.{self.role.name}",
-                                          {"bytes_sent": float(traffic[0]), "messages_sent": float(traffic[1])})
+            self.ctx.store.record_metrics(
+                self.ctx.run,
+                0,
+                f"traffic.{self.role.name}",
+                {"bytes_sent": float(traffic[0]), "messages_sent": float(traffic[1])},
+            )
             self._traffic = traffic
 
     def run_over(self) -> bool:

@@ -102,8 +102,14 @@ class RoundStore(abc.ABC):
     def get_cuts(self, run: str) -> dict[int, str]: ...
 
     @abc.abstractmethod
-    def set_clusters(self, run: str, round: int, assignment: dict[int, int], kld_intra: dict[int, float],
-                     kld_global: dict[int, float]) -> None: ...
+    def set_clusters(
+        self,
+        run: str,
+        round: int,
+        assignment: dict[int, int],
+        kld_intra: dict[int, float],
+        kld_global: dict[int, float],
+    ) -> None: ...
 
     @abc.abstractmethod
     def get_clusters(self, run: str, round: int) -> tuple[dict[int, int], dict[int, float], dict[int, float]]: ...

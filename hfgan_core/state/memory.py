@@ -36,8 +36,12 @@ class MemoryRoundStore(RoundStore):
                 if info["digest"] != config_digest:
                     raise StateError(f"run {run!r} already exists with a different configuration")
                 return False
-            self._runs[run] = {"digest": config_digest, "config": config_json, "status": "created",
-                               "created": repr(self._clock())}
+            self._runs[run] = {
+                "digest": config_digest,
+                "config": config_json,
+                "status": "created",
+                "created": repr(self._clock()),
+            }
             self._round[run] = (0, "admitting")
             return True
 

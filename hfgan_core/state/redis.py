@@ -156,15 +156,29 @@ class RedisRoundStore(RoundStore):
         self.retry_timeout = float(retry_timeout)
         try:
             # redis-py's own retries are off: ours (below) are the only ones, capped and logged in one place.
-            self._r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout,
-                                           socket_connect_timeout=socket_timeout, health_check_interval=30,
-                                           retry=Retry(NoBackoff(), 0))
+            self._r = redis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                health_check_interval=30,
+                retry=Retry(NoBackoff(), 0),
+            )
         except ValueError as exc:
             raise StateError(f"bad Redis URL {url!r}: {exc}") from exc
-        self._scripts = {name: self._r.register_script(src) for name, src in (
-            ("init_run", _INIT_RUN), ("set_status", _SET_STATUS), ("transition", _TRANSITION),
-            ("claim_slot", _CLAIM_SLOT), ("release_slot", _RELEASE_SLOT), ("alive", _ALIVE),
-            ("acquire_leader", _ACQUIRE_LEADER), ("release_if_owner", _RELEASE_IF_OWNER))}
+        self._scripts = {
+            name: self._r.register_script(src)
+            for name, src in (
+                ("init_run", _INIT_RUN),
+                ("set_status", _SET_STATUS),
+                ("transition", _TRANSITION),
+                ("claim_slot", _CLAIM_SLOT),
+                ("release_slot", _RELEASE_SLOT),
+                ("alive", _ALIVE),
+                ("acquire_leader", _ACQUIRE_LEADER),
+                ("release_if_owner", _RELEASE_IF_OWNER),
+            )
+        }
 
     # ---------------------------------------------------------------------------------------------- plumbing
     @staticmethod
@@ -174,9 +188,12 @@ class RedisRoundStore(RoundStore):
         return ":".join([f"hfgan:{{{run}}}", *map(str, parts)])
 
     def _call(self, fn: Callable[[], T]) -> T:
-        retrying = Retrying(retry=retry_if_exception_type(_TRANSIENT),
-                            wait=wait_exponential(multiplier=0.05, max=2.0),
-                            stop=stop_after_delay(self.retry_timeout), reraise=False)
+        retrying = Retrying(
+            retry=retry_if_exception_type(_TRANSIENT),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self.retry_timeout),
+            reraise=False,
+        )
         try:
             return retrying(fn)
         except RetryError as exc:
@@ -209,8 +226,11 @@ class RedisRoundStore(RoundStore):
     # ------------------------------------------------------------------------------------------------- run
     def init_run(self, run: str, config_digest: str, config_json: str) -> bool:
         token = uuid.uuid4().hex
-        res = self._script("init_run", [self.key(run, "run"), self.key(run, "round")],
-                           [config_digest, config_json, repr(time.time()), token])
+        res = self._script(
+            "init_run",
+            [self.key(run, "run"), self.key(run, "round")],
+            [config_digest, config_json, repr(time.time()), token],
+        )
         if int(res) < 0:
             raise StateError(f"run {run!r} already exists with a different configuration")
         return int(res) == 1
@@ -236,8 +256,15 @@ class RedisRoundStore(RoundStore):
         if from_phase not in PHASES or to_phase not in PHASES:
             raise StateError(f"unknown phase in {from_phase!r} -> {to_phase!r}")
         token = uuid.uuid4().hex
-        return bool(int(self._script("transition", [self.key(run, "round")],
-                                     [int(round), from_phase, int(to_round), to_phase, token, repr(time.time())])))
+        return bool(
+            int(
+                self._script(
+                    "transition",
+                    [self.key(run, "round")],
+                    [int(round), from_phase, int(to_round), to_phase, token, repr(time.time())],
+                )
+            )
+        )
 
     # ------------------------------------------------------------------------------------------------ clients
     @staticmethod
@@ -271,8 +298,13 @@ class RedisRoundStore(RoundStore):
         return out
 
     def claim_slot(self, run: str, n_slots: int, owner: str, ttl_s: float) -> SlotClaim | None:
-        slot = int(self._script("claim_slot", [self.key(run, "slots"), self.key(run, "workers")],
-                                [int(n_slots), owner, _ms(ttl_s), self.key(run, "hb", "")]))
+        slot = int(
+            self._script(
+                "claim_slot",
+                [self.key(run, "slots"), self.key(run, "workers")],
+                [int(n_slots), owner, _ms(ttl_s), self.key(run, "hb", "")],
+            )
+        )
         return None if slot < 0 else SlotClaim(slot, owner)
 
     def release_slot(self, run: str, slot: int, owner: str) -> None:
@@ -319,16 +351,27 @@ class RedisRoundStore(RoundStore):
         raw = self._call(lambda: self._r.hgetall(self.key(run, "cuts")))
         return {int(k): v for k, v in raw.items()}
 
-    def set_clusters(self, run: str, round: int, assignment: dict[int, int], kld_intra: dict[int, float],
-                     kld_global: dict[int, float]) -> None:
+    def set_clusters(
+        self,
+        run: str,
+        round: int,
+        assignment: dict[int, int],
+        kld_intra: dict[int, float],
+        kld_global: dict[int, float],
+    ) -> None:
         def floats(d: dict[int, float]) -> dict[str, str]:
             return {str(int(k)): repr(float(v)) for k, v in d.items()}
 
-        self._replace_hashes([
-            (self.key(run, "round", int(round), "clusters"), {str(int(k)): str(int(v)) for k, v in assignment.items()}),
-            (self.key(run, "round", int(round), "kld_intra"), floats(kld_intra)),
-            (self.key(run, "round", int(round), "kld_global"), floats(kld_global)),
-        ])
+        self._replace_hashes(
+            [
+                (
+                    self.key(run, "round", int(round), "clusters"),
+                    {str(int(k)): str(int(v)) for k, v in assignment.items()},
+                ),
+                (self.key(run, "round", int(round), "kld_intra"), floats(kld_intra)),
+                (self.key(run, "round", int(round), "kld_global"), floats(kld_global)),
+            ]
+        )
 
     def get_clusters(self, run: str, round: int) -> tuple[dict[int, int], dict[int, float], dict[int, float]]:
         def run_() -> list[dict[str, str]]:
@@ -338,8 +381,11 @@ class RedisRoundStore(RoundStore):
             return pipe.execute()
 
         a, i, g = self._call(run_)
-        return ({int(k): int(v) for k, v in a.items()}, {int(k): float(v) for k, v in i.items()},
-                {int(k): float(v) for k, v in g.items()})
+        return (
+            {int(k): int(v) for k, v in a.items()},
+            {int(k): float(v) for k, v in i.items()},
+            {int(k): float(v) for k, v in g.items()},
+        )
 
     def set_weights(self, run: str, round: int, cluster: int, weights: dict[int, float]) -> None:
         value = json.dumps({str(int(k)): float(v) for k, v in weights.items()})

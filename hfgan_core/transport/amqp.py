@@ -148,8 +148,12 @@ _WORK_KEYS = (COORDINATOR, CLUSTERING, AGGREGATE)
 
 # Errors after which the connection is unusable and worth re-opening. Authentication and access errors are not:
 # retrying them for a minute would only hide a configuration mistake.
-_FATAL_CONN = (pex.ProbableAuthenticationError, pex.ProbableAccessDeniedError, pex.AuthenticationError,
-               pex.IncompatibleProtocolError)
+_FATAL_CONN = (
+    pex.ProbableAuthenticationError,
+    pex.ProbableAccessDeniedError,
+    pex.AuthenticationError,
+    pex.IncompatibleProtocolError,
+)
 _LOST_CONN = (pex.AMQPConnectionError, pex.ConnectionWrongStateError, ConnectionError, OSError)
 
 
@@ -209,8 +213,13 @@ class Names:
         return self.x(address)
 
     def exchanges(self) -> list[tuple[str, str]]:
-        return [(self.split, "direct"), (self.work, "direct"), (self.events, "topic"), (self.log, "direct"),
-                (self.dlx, "fanout")]
+        return [
+            (self.split, "direct"),
+            (self.work, "direct"),
+            (self.events, "topic"),
+            (self.log, "direct"),
+            (self.dlx, "fanout"),
+        ]
 
     def work_queue_args(self, single_consumer: bool) -> dict[str, Any]:
         args: dict[str, Any] = {"x-queue-type": "classic", "x-dead-letter-exchange": self.dlx}
@@ -219,8 +228,12 @@ class Names:
         return args
 
     def stream_args(self) -> dict[str, Any]:
-        return {"x-queue-type": "stream", "x-max-age": STREAM_MAX_AGE, "x-max-length-bytes": STREAM_MAX_BYTES,
-                "x-stream-max-segment-size-bytes": STREAM_SEGMENT_BYTES}
+        return {
+            "x-queue-type": "stream",
+            "x-max-age": STREAM_MAX_AGE,
+            "x-max-length-bytes": STREAM_MAX_BYTES,
+            "x-stream-max-segment-size-bytes": STREAM_SEGMENT_BYTES,
+        }
 
     def dead_args(self) -> dict[str, Any]:
         return {"x-queue-type": "classic", "x-max-length": DEAD_MAX_LENGTH}
@@ -246,12 +259,32 @@ class Names:
 
 
 def _definition_entities(names: Names, vhost: str) -> dict[str, list[dict[str, Any]]]:
-    exchanges = [{"name": n, "vhost": vhost, "type": t, "durable": True, "auto_delete": False, "internal": False,
-                  "arguments": {}} for n, t in names.exchanges()]
-    queues = [{"name": n, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": a}
-              for n, a in names.queues()]
-    bindings = [{"source": ex, "vhost": vhost, "destination": q, "destination_type": "queue", "routing_key": rk,
-                 "arguments": {}} for ex, q, rk in names.bindings()]
+    exchanges = [
+        {
+            "name": n,
+            "vhost": vhost,
+            "type": t,
+            "durable": True,
+            "auto_delete": False,
+            "internal": False,
+            "arguments": {},
+        }
+        for n, t in names.exchanges()
+    ]
+    queues = [
+        {"name": n, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": a} for n, a in names.queues()
+    ]
+    bindings = [
+        {
+            "source": ex,
+            "vhost": vhost,
+            "destination": q,
+            "destination_type": "queue",
+            "routing_key": rk,
+            "arguments": {},
+        }
+        for ex, q, rk in names.bindings()
+    ]
     return {"exchanges": exchanges, "queues": queues, "bindings": bindings}
 
 
@@ -285,8 +318,10 @@ def role_permissions(names: Names) -> dict[str, dict[str, str]]:
         "clustering": [n.queue(CLUSTERING)],
         "aggregator": [n.queue(AGGREGATE), n.updates],
     }
-    return {role: {"configure": configure, "write": write, "read": _alt(*ex, *qs) + "|" + _SERVER_NAMED}
-            for role, qs in reads.items()}
+    return {
+        role: {"configure": configure, "write": write, "read": _alt(*ex, *qs) + "|" + _SERVER_NAMED}
+        for role, qs in reads.items()
+    }
 
 
 def client_permissions(names: Names, client: int) -> dict[str, str]:
@@ -316,13 +351,23 @@ def check_password_hash(password: str, password_hash: str) -> bool:
 
 
 def _user(name: str, password: str, tags: list[str]) -> dict[str, Any]:
-    return {"name": name, "password_hash": hash_password(password),
-            "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": tags, "limits": {}}
+    return {
+        "name": name,
+        "password_hash": hash_password(password),
+        "hashing_algorithm": "rabbit_password_hashing_sha256",
+        "tags": tags,
+        "limits": {},
+    }
 
 
-def topology_definitions(*, namespace: str = DEFAULT_NAMESPACE, vhost: str = "/",
-                         role_passwords: Mapping[str, str] | None = None, admin: tuple[str, str] | None = None,
-                         clients: Mapping[int, str] | None = None) -> dict[str, Any]:
+def topology_definitions(
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    vhost: str = "/",
+    role_passwords: Mapping[str, str] | None = None,
+    admin: tuple[str, str] | None = None,
+    clients: Mapping[int, str] | None = None,
+) -> dict[str, Any]:
     """A RabbitMQ definitions document: the topology, and optionally the role users (`role_passwords`: role ->
     password), an administrator (`admin`: (user, password)) and per-client users (`clients`: k -> password)."""
     names = Names(namespace)
@@ -336,8 +381,16 @@ def topology_definitions(*, namespace: str = DEFAULT_NAMESPACE, vhost: str = "/"
             user = role_username(role, namespace)
             users.append(_user(user, role_passwords[role], []))
             perms.append({"user": user, "vhost": vhost, **regexes})
-    doc = {"users": users, "vhosts": [{"name": vhost}], "permissions": perms, "topic_permissions": [],
-           "parameters": [], "global_parameters": [], "policies": [], **_definition_entities(names, vhost)}
+    doc = {
+        "users": users,
+        "vhosts": [{"name": vhost}],
+        "permissions": perms,
+        "topic_permissions": [],
+        "parameters": [],
+        "global_parameters": [],
+        "policies": [],
+        **_definition_entities(names, vhost),
+    }
     if clients:
         extra = client_definitions(clients, namespace=namespace, vhost=vhost)
         for key in ("users", "permissions", "queues", "bindings"):
@@ -366,8 +419,9 @@ def derive_client_password(secret: str, username: str) -> str:
     return base64.urlsafe_b64encode(mac[:24]).decode()
 
 
-def client_definitions(clients: Mapping[int, str], *, namespace: str = DEFAULT_NAMESPACE,
-                       vhost: str = "/") -> dict[str, list[dict[str, Any]]]:
+def client_definitions(
+    clients: Mapping[int, str], *, namespace: str = DEFAULT_NAMESPACE, vhost: str = "/"
+) -> dict[str, list[dict[str, Any]]]:
     """Users, permissions, queues and bindings of the given clients (k -> password)."""
     names = Names(namespace)
     out: dict[str, list[dict[str, Any]]] = {"users": [], "permissions": [], "queues": [], "bindings": []}
@@ -376,10 +430,17 @@ def client_definitions(clients: Mapping[int, str], *, namespace: str = DEFAULT_N
         out["users"].append(_user(user, password, []))
         out["permissions"].append({"user": user, "vhost": vhost, **client_permissions(names, k)})
         qname, qargs, (ex, _, rk) = names.client_queue(k)
-        out["queues"].append({"name": qname, "vhost": vhost, "durable": True, "auto_delete": False,
-                              "arguments": qargs})
-        out["bindings"].append({"source": ex, "vhost": vhost, "destination": qname, "destination_type": "queue",
-                                "routing_key": rk, "arguments": {}})
+        out["queues"].append({"name": qname, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": qargs})
+        out["bindings"].append(
+            {
+                "source": ex,
+                "vhost": vhost,
+                "destination": qname,
+                "destination_type": "queue",
+                "routing_key": rk,
+                "arguments": {},
+            }
+        )
     return out
 
 
@@ -409,8 +470,14 @@ def import_definitions(doc: Mapping[str, Any], admin_url: str, *, timeout: float
     if admin_url in ("rabbitmqctl", "rabbitmqctl:"):
         # Through stdin (no file argument): a file would have to be readable by the broker's user, hashes and all.
         try:
-            res = subprocess.run(["rabbitmqctl", "-q", "import_definitions", "--format", "json"],
-                                 input=body.decode(), capture_output=True, text=True, timeout=timeout, check=False)
+            res = subprocess.run(
+                ["rabbitmqctl", "-q", "import_definitions", "--format", "json"],
+                input=body.decode(),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise TransportError(f"rabbitmqctl import_definitions failed: {exc}") from exc
         if res.returncode != 0:
@@ -421,10 +488,12 @@ def import_definitions(doc: Mapping[str, Any], admin_url: str, *, timeout: float
     if p.scheme not in ("http", "https"):
         raise TransportError(f"admin URL must be http(s)://user:pass@host:15672 or 'rabbitmqctl', not {admin_url!r}")
     base = f"{p.scheme}://{p.hostname}:{p.port or (443 if p.scheme == 'https' else 15672)}{p.path.rstrip('/')}"
-    req = urllib.request.Request(base + "/api/definitions", data=body, method="POST",
-                                 headers={"content-type": "application/json"})
-    token = base64.b64encode(f"{urllib.parse.unquote(p.username or '')}:"
-                             f"{urllib.parse.unquote(p.password or '')}".encode()).decode()
+    req = urllib.request.Request(
+        base + "/api/definitions", data=body, method="POST", headers={"content-type": "application/json"}
+    )
+    token = base64.b64encode(
+        f"{urllib.parse.unquote(p.username or '')}:{urllib.parse.unquote(p.password or '')}".encode()
+    ).decode()
     req.add_header("authorization", f"Basic {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - an operator-given URL
@@ -435,9 +504,17 @@ def import_definitions(doc: Mapping[str, Any], admin_url: str, *, timeout: float
         raise TransportError(f"management API unreachable at {base}: {exc}") from exc
 
 
-def provision_client_users(clients: int | Iterable[int], admin_url: str, *, namespace: str = DEFAULT_NAMESPACE,
-                           vhost: str = "/", passwords: Mapping[int, str] | None = None, secret: str | None = None,
-                           verify_url: str | None = None, verify_timeout: float = 30.0) -> dict[int, ClientCredentials]:
+def provision_client_users(
+    clients: int | Iterable[int],
+    admin_url: str,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    vhost: str = "/",
+    passwords: Mapping[int, str] | None = None,
+    secret: str | None = None,
+    verify_url: str | None = None,
+    verify_timeout: float = 30.0,
+) -> dict[int, ClientCredentials]:
     """Create (or update) one broker user per client with least-privilege permissions, and its queue and binding.
 
     `clients`: a count n (clients 0..n-1) or explicit ids. Passwords come from `passwords`, else are derived from
@@ -482,8 +559,9 @@ def _wait_usable(url: str, queue: str, timeout: float) -> None:
                     conn.close()
         except pex.AMQPError as exc:
             if time.monotonic() > deadline:
-                raise TransportError(f"provisioned user {params.credentials.username!r} is not usable after "
-                                     f"{timeout:.0f} s: {exc!r}") from exc
+                raise TransportError(
+                    f"provisioned user {params.credentials.username!r} is not usable after {timeout:.0f} s: {exc!r}"
+                ) from exc
             time.sleep(0.1)
 
 
@@ -538,9 +616,19 @@ class AmqpTransport(Transport):
     URL query parameters (`heartbeat`, `blocked_connection_timeout`, `socket_timeout`, ...) are pika's.
     """
 
-    def __init__(self, url: str, *, namespace: str = DEFAULT_NAMESPACE, max_frame_body: int = DEFAULT_MAX_FRAME_BODY,
-                 topology: str = "auto", reconnect_timeout: float = 60.0, reconnect_max_wait: float = 5.0,
-                 chunk_timeout: float = 120.0, log_idle: float = 0.25, name: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        max_frame_body: int = DEFAULT_MAX_FRAME_BODY,
+        topology: str = "auto",
+        reconnect_timeout: float = 60.0,
+        reconnect_max_wait: float = 5.0,
+        chunk_timeout: float = 120.0,
+        log_idle: float = 0.25,
+        name: str | None = None,
+    ):
         if topology not in ("auto", "declare", "passive"):
             raise TransportError(f"topology must be auto, declare or passive, not {topology!r}")
         if int(max_frame_body) < 1024:
@@ -662,20 +750,27 @@ class AmqpTransport(Transport):
         def before_sleep(state: Any) -> None:
             self.reconnects += 1
             exc = state.outcome.exception() if state.outcome else None
-            log.warning("broker connection lost during %s (%s); reconnecting (attempt %d)", what, exc,
-                        state.attempt_number)
+            log.warning(
+                "broker connection lost during %s (%s); reconnecting (attempt %d)", what, exc, state.attempt_number
+            )
             self._drop_connection()
 
-        retrying = Retrying(retry=retry_if_exception_type(_ConnectionLost),
-                            wait=wait_exponential(multiplier=0.1, min=0.05, max=self.reconnect_max_wait),
-                            stop=stop_after_delay(self.reconnect_timeout), before_sleep=before_sleep, reraise=False)
+        retrying = Retrying(
+            retry=retry_if_exception_type(_ConnectionLost),
+            wait=wait_exponential(multiplier=0.1, min=0.05, max=self.reconnect_max_wait),
+            stop=stop_after_delay(self.reconnect_timeout),
+            before_sleep=before_sleep,
+            reraise=False,
+        )
         try:
             return retrying(attempt)
         except RetryError as exc:
             self._drop_connection()
             cause = exc.last_attempt.exception()
-            raise TransportError(f"broker unreachable at {self._params.host}:{self._params.port} "
-                                 f"for {self.reconnect_timeout:.0f} s during {what}: {cause}") from cause
+            raise TransportError(
+                f"broker unreachable at {self._params.host}:{self._params.port} "
+                f"for {self.reconnect_timeout:.0f} s during {what}: {cause}"
+            ) from cause
 
     # -------------------------------------------------------------------------------------------- topology
     def declare(self) -> None:
@@ -711,17 +806,23 @@ class AmqpTransport(Transport):
         except pex.ChannelClosedByBroker as exc:
             self._decl = None
             if exc.reply_code == 404:
-                raise TransportError(f"broker topology incomplete: {exc.reply_text}; import "
-                                     f"broker_config/definitions.json or start a role that may declare it") from exc
+                raise TransportError(
+                    f"broker topology incomplete: {exc.reply_text}; import "
+                    f"broker_config/definitions.json or start a role that may declare it"
+                ) from exc
             raise _amqp_error(exc) from exc
 
     def _declare_exchange(self, name: str, kind: str) -> None:
-        self._declare_op(lambda ch: ch.exchange_declare(name, exchange_type=kind, durable=True),
-                         lambda ch: ch.exchange_declare(name, passive=True))
+        self._declare_op(
+            lambda ch: ch.exchange_declare(name, exchange_type=kind, durable=True),
+            lambda ch: ch.exchange_declare(name, passive=True),
+        )
 
     def _declare_queue(self, name: str, args: dict[str, Any]) -> None:
-        self._declare_op(lambda ch: ch.queue_declare(name, durable=True, arguments=args),
-                         lambda ch: ch.queue_declare(name, passive=True))
+        self._declare_op(
+            lambda ch: ch.queue_declare(name, durable=True, arguments=args),
+            lambda ch: ch.queue_declare(name, passive=True),
+        )
 
     def _bind(self, exchange: str, queue: str, key: str) -> None:
         self._declare_op(lambda ch: ch.queue_bind(queue, exchange, routing_key=key), None)
@@ -771,7 +872,7 @@ class AmqpTransport(Transport):
         if address in _WORK_KEYS:
             return self.names.work, address, True
         if address.startswith(EVENTS_PREFIX):
-            return self.names.events, address[len(EVENTS_PREFIX):], False  # nobody listening is fine for events
+            return self.names.events, address[len(EVENTS_PREFIX) :], False  # nobody listening is fine for events
         raise TransportError(f"unknown address {address!r}")
 
     def _frames(self, body: bytes, headers: dict[str, Any]) -> list[tuple[dict[str, Any], bytes | memoryview]]:
@@ -780,19 +881,32 @@ class AmqpTransport(Transport):
         view = memoryview(body)
         count = -(-len(body) // self.max_frame_body)
         cid = uuid.uuid4().hex
-        return [({**headers, H_CHUNK_ID: cid, H_CHUNK_INDEX: i, H_CHUNK_COUNT: count},
-                 view[i * self.max_frame_body:(i + 1) * self.max_frame_body]) for i in range(count)]
+        return [
+            (
+                {**headers, H_CHUNK_ID: cid, H_CHUNK_INDEX: i, H_CHUNK_COUNT: count},
+                view[i * self.max_frame_body : (i + 1) * self.max_frame_body],
+            )
+            for i in range(count)
+        ]
 
     def _props(self, headers: dict[str, Any], persistent: bool) -> pika.BasicProperties:
-        return pika.BasicProperties(delivery_mode=2 if persistent else 1, headers=headers, user_id=self._username,
-                                    message_id=uuid.uuid4().hex, timestamp=int(time.time()), app_id="hfgan")
+        return pika.BasicProperties(
+            delivery_mode=2 if persistent else 1,
+            headers=headers,
+            user_id=self._username,
+            message_id=uuid.uuid4().hex,
+            timestamp=int(time.time()),
+            app_id="hfgan",
+        )
 
-    def _send(self, exchange: str, key: str, frames: list[tuple[dict[str, Any], Any]], persistent: bool,
-              mandatory: bool) -> None:
+    def _send(
+        self, exchange: str, key: str, frames: list[tuple[dict[str, Any], Any]], persistent: bool, mandatory: bool
+    ) -> None:
         for headers, piece in frames:
             try:
-                self._pub.basic_publish(exchange, key, bytes(piece), self._props(headers, persistent),
-                                        mandatory=mandatory)
+                self._pub.basic_publish(
+                    exchange, key, bytes(piece), self._props(headers, persistent), mandatory=mandatory
+                )
             except pex.UnroutableError as exc:
                 raise TransportError(f"message to {exchange}/{key} is unroutable (no queue bound)") from exc
             except pex.NackError as exc:
@@ -809,9 +923,11 @@ class AmqpTransport(Transport):
             raise TransportError("message bodies are bytes")
         body = bytes(body)
         if address in NO_CHUNK_ADDRESSES and len(body) > self.max_frame_body:
-            raise TransportError(f"message of {len(body)} bytes to {address!r} exceeds max_frame_body "
-                                 f"({self.max_frame_body}); competing consumers cannot reassemble chunks: send a "
-                                 f"reference to the update log instead")
+            raise TransportError(
+                f"message of {len(body)} bytes to {address!r} exceeds max_frame_body "
+                f"({self.max_frame_body}); competing consumers cannot reassemble chunks: send a "
+                f"reference to the update log instead"
+            )
         exchange, key, mandatory = self._route(address)
         frames = self._frames(body, {H_ADDRESS: address})
 
@@ -869,7 +985,7 @@ class AmqpTransport(Transport):
             if not queue:
                 # A private subscription: lives as long as this consumer's connection.
                 queue = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
-                ch.queue_bind(queue, self.names.events, routing_key=address[len(EVENTS_PREFIX):])
+                ch.queue_bind(queue, self.names.events, routing_key=address[len(EVENTS_PREFIX) :])
             cons.qos = cons.prefetch
             # One consumer per channel, so the channel-wide limit is this consumer's prefetch, and unlike a
             # per-consumer limit it can be raised while a chunked message is being reassembled.
@@ -950,16 +1066,31 @@ class AmqpTransport(Transport):
                 if delivery is None:
                     continue
             else:
-                delivery = self._delivery(cons, [method.delivery_tag], body, headers, props.user_id,
-                                          bool(method.redelivered), method.routing_key)
+                delivery = self._delivery(
+                    cons,
+                    [method.delivery_tag],
+                    body,
+                    headers,
+                    props.user_id,
+                    bool(method.redelivered),
+                    method.routing_key,
+                )
             handled += 1
             cons.handler(delivery)
         for cons in list(self._consumers.values()):
             self._expire_partials(cons)
         return handled
 
-    def _delivery(self, cons: _Consumer, tags: list[int], body: bytes, headers: dict[str, Any], user_id: str | None,
-                  redelivered: bool, routing_key: str) -> Delivery:
+    def _delivery(
+        self,
+        cons: _Consumer,
+        tags: list[int],
+        body: bytes,
+        headers: dict[str, Any],
+        user_id: str | None,
+        redelivered: bool,
+        routing_key: str,
+    ) -> Delivery:
         address = cons.address
         if address.startswith(EVENTS_PREFIX):
             address = EVENTS_PREFIX + routing_key  # the concrete event, not the subscription pattern
@@ -976,18 +1107,34 @@ class AmqpTransport(Transport):
 
         return Delivery(body, address, redelivered=redelivered, headers=shown, _settle=settle)
 
-    def _settle(self, cons: _Consumer, epoch: int, key: int, tags: list[int], address: str, body: bytes,
-                headers: dict[str, Any], how: str, reason: str | None) -> None:
+    def _settle(
+        self,
+        cons: _Consumer,
+        epoch: int,
+        key: int,
+        tags: list[int],
+        address: str,
+        body: bytes,
+        headers: dict[str, Any],
+        how: str,
+        reason: str | None,
+    ) -> None:
         ch = cons.channel
         if self._closed or epoch != cons.epoch or ch is None or not ch.is_open:
-            log.warning("%s of a delivery from %s ignored: its channel is gone, the broker delivers it again", how,
-                        address)
+            log.warning(
+                "%s of a delivery from %s ignored: its channel is gone, the broker delivers it again", how, address
+            )
             return
         try:
             if how == "reject":
                 dead_headers = {k: v for k, v in headers.items() if k not in _CHUNK_HEADERS}
-                dead_headers.update({H_ADDRESS: address, H_REASON: (reason or "rejected").splitlines()[0][:1000],
-                                     H_REJECTED_BY: self._username})
+                dead_headers.update(
+                    {
+                        H_ADDRESS: address,
+                        H_REASON: (reason or "rejected").splitlines()[0][:1000],
+                        H_REJECTED_BY: self._username,
+                    }
+                )
                 # Confirmed before the ack: a crash in between leaves a duplicate dead letter, never a lost one.
                 with self._guard():
                     self._send(self.names.dlx, "", self._frames(body, dead_headers), True, True)
@@ -1000,8 +1147,9 @@ class AmqpTransport(Transport):
             cons.unsettled_extra.pop(key, None)
         self._update_qos(cons)
 
-    def _add_chunk(self, cons: _Consumer, method: Any, props: Any, headers: dict[str, Any],
-                   body: bytes) -> Delivery | None:
+    def _add_chunk(
+        self, cons: _Consumer, method: Any, props: Any, headers: dict[str, Any], body: bytes
+    ) -> Delivery | None:
         cid = str(headers[H_CHUNK_ID])
         try:
             index, count = int(headers[H_CHUNK_INDEX]), int(headers[H_CHUNK_COUNT])
@@ -1028,8 +1176,9 @@ class AmqpTransport(Transport):
         while len(cons.done) > 1024:
             cons.done.popitem(last=False)
         full = b"".join(part.pieces[i] for i in range(part.count))
-        delivery = self._delivery(cons, part.tags, full, part.headers, part.user_id, part.redelivered,
-                                  method.routing_key)
+        delivery = self._delivery(
+            cons, part.tags, full, part.headers, part.user_id, part.redelivered, method.routing_key
+        )
         self._update_qos(cons)
         return delivery
 
@@ -1053,8 +1202,7 @@ class AmqpTransport(Transport):
                 continue
             del cons.partials[cid]
             present = sorted(part.pieces)
-            reason = (f"incomplete_chunked_message: chunks {present} of {part.count} after "
-                      f"{self.chunk_timeout:.1f} s")
+            reason = f"incomplete_chunked_message: chunks {present} of {part.count} after {self.chunk_timeout:.1f} s"
             log.warning("%s on %s: dead-lettering what arrived", reason, cons.address)
             ch = cons.channel
             # The dead letter holds the chunks that arrived, concatenated in order (the reason says which).
@@ -1078,8 +1226,9 @@ class AmqpTransport(Transport):
         self._retrying(lambda: self._send(self.names.log, "updates", frames, True, True), "append_log")
         self.published_bytes += len(body)
 
-    def _read_stream(self, offset: int | str, *, first_wait: float, idle: float, stop_at: int | None,
-                     follow_s: float | None = None) -> list[tuple[int, dict[str, Any], bytes]]:
+    def _read_stream(
+        self, offset: int | str, *, first_wait: float, idle: float, stop_at: int | None, follow_s: float | None = None
+    ) -> list[tuple[int, dict[str, Any], bytes]]:
         """(offset, headers, body) of the stream's messages from `offset`: waits up to `first_wait` for the first,
         then stops after `idle` seconds without one, or once `stop_at` was reached and nothing followed briefly.
 
@@ -1108,8 +1257,7 @@ class AmqpTransport(Transport):
                 if flow["ack"]:
                     c.basic_ack(method.delivery_tag)
 
-            ch.basic_consume(self.names.updates, on_message, auto_ack=False,
-                             arguments={"x-stream-offset": offset})
+            ch.basic_consume(self.names.updates, on_message, auto_ack=False, arguments={"x-stream-offset": offset})
             start = last = time.monotonic()
             seen = 0
             while True:
@@ -1196,8 +1344,9 @@ class AmqpTransport(Transport):
             # Without its first chunk the record began before from_offset (expected when a round's offset follows
             # the previous round's last chunk); with it, chunks are missing (retention, or a writer that died).
             if 0 in pieces:
-                log.warning("update log record at %d (chunks %s) is incomplete: %d of %d chunks", first, cid,
-                            len(pieces), count)
+                log.warning(
+                    "update log record at %d (chunks %s) is incomplete: %d of %d chunks", first, cid, len(pieces), count
+                )
         records.sort(key=lambda r: r.offset)
         return [r for r in records if round is None or r.round == round]
 
@@ -1241,7 +1390,7 @@ class AmqpTransport(Transport):
         death = deaths[0] if isinstance(deaths, list) and deaths else {}
         queue = str(death.get("queue", "?"))
         prefix = self.names.namespace + "."
-        address = queue[len(prefix):] if queue.startswith(prefix) else queue
+        address = queue[len(prefix) :] if queue.startswith(prefix) else queue
         return str(headers.get(H_ADDRESS, address)), f"broker:{death.get('reason', 'unknown')}"
 
     # ---------------------------------------------------------------------------------------------- closing
@@ -1273,12 +1422,17 @@ def dev_client_passwords(n: int = DEV_CLIENTS) -> dict[int, str]:
     return {k: f"client-{k}-dev" for k in range(n)}
 
 
-def broker_definitions_document(role_passwords: Mapping[str, str] | None = None,
-                                admin: tuple[str, str] = DEV_ADMIN,
-                                clients: Mapping[int, str] | None = None) -> str:
+def broker_definitions_document(
+    role_passwords: Mapping[str, str] | None = None,
+    admin: tuple[str, str] = DEV_ADMIN,
+    clients: Mapping[int, str] | None = None,
+) -> str:
     """The text of broker_config/definitions.json (the development credentials unless told otherwise)."""
-    doc = topology_definitions(role_passwords=dev_role_passwords() if role_passwords is None else role_passwords,
-                               admin=admin, clients=dev_client_passwords() if clients is None else clients)
+    doc = topology_definitions(
+        role_passwords=dev_role_passwords() if role_passwords is None else role_passwords,
+        admin=admin,
+        clients=dev_client_passwords() if clients is None else clients,
+    )
     return json.dumps(doc, indent=2) + "\n"
 
 
@@ -1301,8 +1455,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(broker_definitions_document())
         return 0
     try:
-        creds = provision_client_users(args.clients, args.admin_url, namespace=args.namespace,
-                                       secret=os.environ.get("HFGAN_PROVISION_SECRET"))
+        creds = provision_client_users(
+            args.clients, args.admin_url, namespace=args.namespace, secret=os.environ.get("HFGAN_PROVISION_SECRET")
+        )
     except TransportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

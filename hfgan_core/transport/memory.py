@@ -89,7 +89,7 @@ class MemoryTransport(Transport):
         if self.spy is not None:
             self.spy(address, body)
         if address.startswith(EVENTS_PREFIX):
-            key = address[len(EVENTS_PREFIX):]
+            key = address[len(EVENTS_PREFIX) :]
             targets = [q for pat, q in self._event_bindings.items() if _topic_match(pat, key)]
         else:
             targets = [address]
@@ -106,7 +106,7 @@ class MemoryTransport(Transport):
         if not is_valid_address(address):
             raise TransportError(f"unknown address {address!r}")
         if address.startswith(EVENTS_PREFIX):
-            pattern = address[len(EVENTS_PREFIX):]
+            pattern = address[len(EVENTS_PREFIX) :]
             name = f"{address}#sub{len(self._event_bindings)}"
             self._event_bindings[pattern] = name
             self._handlers[name] = handler
@@ -122,7 +122,7 @@ class MemoryTransport(Transport):
             self._handlers.pop(name, None)
             self._requeue_unsettled(name)
         if address.startswith(EVENTS_PREFIX):
-            pattern = address[len(EVENTS_PREFIX):]
+            pattern = address[len(EVENTS_PREFIX) :]
             self._event_bindings.pop(pattern, None)
 
     def _requeue_unsettled(self, name: str) -> None:

@@ -215,8 +215,10 @@ class StoreContract:
         store.record_metrics(run, 1, "client-0", {"loss_d": 0.5, "loss_g": 1.25})
         store.record_metrics(run, 1, "client-0", {"loss_g": 1.0, "step_s": 0.03})
         store.record_metrics(run, 1, "server", {"step_s": 0.01})
-        assert store.get_metrics(run, 1) == {"client-0": {"loss_d": 0.5, "loss_g": 1.0, "step_s": 0.03},
-                                             "server": {"step_s": 0.01}}
+        assert store.get_metrics(run, 1) == {
+            "client-0": {"loss_d": 0.5, "loss_g": 1.0, "step_s": 0.03},
+            "server": {"step_s": 0.01},
+        }
         assert store.get_metrics(run, 2) == {}
 
     def test_round_documents(self, store: RoundStore) -> None:

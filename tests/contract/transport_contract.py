@@ -112,8 +112,10 @@ class TransportContract:
         t.consume("coordinator", handler)
         drain(t, got, 1)
         dead = t.dead_letters()
-        assert any(x.address == "coordinator" and x.body == b"poison" and x.reason == "bad_shape: GHeadOut.h is 3x3"
-                   for x in dead), dead
+        assert any(
+            x.address == "coordinator" and x.body == b"poison" and x.reason == "bad_shape: GHeadOut.h is 3x3"
+            for x in dead
+        ), dead
         # A rejected message is settled: it does not come back.
         t.cancel("coordinator")
         handler2, got2 = collect()

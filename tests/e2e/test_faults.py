@@ -11,6 +11,8 @@ acknowledged lost.
   and `hfgan replay` rebuilds it bit for bit;
 - a client slowed 10x by emulation (`emulate_slowdown`): the step windows and the round deadline keep the others
   going, the slow one is marked late or dropped;
+- the server killed with SIGKILL mid-round and the coordinator killed while a later round trains: each restarted
+  process picks the run up from the ledger and the last checkpoint, and the run completes and replays;
 - RabbitMQ restarted mid-run (`rabbitmqctl stop_app` / `start_app`: the node and its disk state stay): every
   worker reconnects, durable queues and persistent messages survive, the run completes;
 - accounting, after each run: every model update in the update log is either named by an aggregation job in the
@@ -131,9 +133,15 @@ class Run:
     def start(self, name: str, role: str, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         self.logs.mkdir(exist_ok=True)
         out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        p = subprocess.Popen([sys.executable, "-m", f"workers.{role}", *flags], env={**self.env, **(env or {})},
-                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            [sys.executable, "-m", f"workers.{role}", *flags],
+            env={**self.env, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         out.close()
         self.procs[name] = p
         return p
@@ -201,12 +209,30 @@ class Run:
         return codes
 
     def hfgan(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "hfgan_core.cli", *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout, cwd=ROOT)
+        return subprocess.run(
+            [sys.executable, "-m", "hfgan_core.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
 
     def replay(self, r: int) -> subprocess.CompletedProcess:
-        return self.hfgan("replay", "--run", self.run, "--round", str(r), "--state", self.redis, "--broker",
-                          self.amqp, "--namespace", self.namespace, "--json")
+        return self.hfgan(
+            "replay",
+            "--run",
+            self.run,
+            "--round",
+            str(r),
+            "--state",
+            self.redis,
+            "--broker",
+            self.amqp,
+            "--namespace",
+            self.namespace,
+            "--json",
+        )
 
     def close(self) -> None:
         for p in self.procs.values():
@@ -222,17 +248,47 @@ class Run:
         self.store.close()
 
 
-def make_run(tmp: Path, amqp: str, redis: str, classifiers: Path, *, rounds: int, steps: int, step_deadline: float,
-             round_deadline: float, batch: int = 16, extra: str = "") -> Run:
+def make_run(
+    tmp: Path,
+    amqp: str,
+    redis: str,
+    classifiers: Path,
+    *,
+    rounds: int,
+    steps: int,
+    step_deadline: float,
+    round_deadline: float,
+    batch: int = 16,
+    extra: str = "",
+) -> Run:
     namespace, run = new_namespace(), f"faults-{uuid.uuid4().hex[:10]}"
     config = tmp / "faults.toml"
-    config.write_text(CONFIG.format(rounds=rounds, steps=steps, step_deadline=step_deadline,
-                                    round_deadline=round_deadline, batch=batch, extra=extra))
+    config.write_text(
+        CONFIG.format(
+            rounds=rounds,
+            steps=steps,
+            step_deadline=step_deadline,
+            round_deadline=round_deadline,
+            batch=batch,
+            extra=extra,
+        )
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("HFGAN_")}
-    env.update(HFGAN_CONFIG=str(config), HFGAN_RUN_ID=run, HFGAN_BROKER_URL=amqp, HFGAN_STATE_URL=redis,
-               HFGAN_RUN_DIR=str(tmp / "run"), HFGAN_DATA_DIR=str(tmp / "data"), HFGAN_BROKER_NAMESPACE=namespace,
-               HFGAN_CLASSIFIER_DIR=str(classifiers), HFGAN_NO_UTILITY="1", HFGAN_HEARTBEAT_S="0.5",
-               HFGAN_HEARTBEAT_TTL_S="4", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(
+        HFGAN_CONFIG=str(config),
+        HFGAN_RUN_ID=run,
+        HFGAN_BROKER_URL=amqp,
+        HFGAN_STATE_URL=redis,
+        HFGAN_RUN_DIR=str(tmp / "run"),
+        HFGAN_DATA_DIR=str(tmp / "data"),
+        HFGAN_BROKER_NAMESPACE=namespace,
+        HFGAN_CLASSIFIER_DIR=str(classifiers),
+        HFGAN_NO_UTILITY="1",
+        HFGAN_HEARTBEAT_S="0.5",
+        HFGAN_HEARTBEAT_TTL_S="4",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     return Run(tmp, amqp, redis, namespace, run, config, env)
 
 
@@ -269,8 +325,11 @@ class Accounts:
 
     @property
     def unaccounted(self) -> dict[str, str]:
-        return {m: f"{type(u).__name__} round {u.round} from {u.sender}" for m, u in self.published.items()
-                if m not in self.aggregated and m not in self.dead}
+        return {
+            m: f"{type(u).__name__} round {u.round} from {u.sender}"
+            for m, u in self.published.items()
+            if m not in self.aggregated and m not in self.dead
+        }
 
 
 def account(run: Run, rounds: int) -> Accounts:
@@ -352,8 +411,7 @@ def bad_inputs(run: Run, rnd: int) -> list[Bad]:
     arch, full = architecture(cfg.model), build_networks(cfg.model, cfg.train.seed)
 
     def keys(held: dict[str, list[int]]) -> set[str]:
-        return {k for net, idxs in held.items()
-                for k in canonical_state(net, {i: full[net][i] for i in idxs})}
+        return {k for net, idxs in held.items() for k in canonical_state(net, {i: full[net][i] for i in idxs})}
 
     server_keys = keys({spec.name: spec.server_blocks() for spec in arch.nets})
     cuts0 = CutBits.parse(run.store.get_cuts(run.run)[0])
@@ -367,62 +425,159 @@ def bad_inputs(run: Run, rnd: int) -> list[Bad]:
         return b"\xc1 this is not msgpack, for " + address.encode()
 
     act = torch.zeros(16, 256, 7, 7)
-    job = dict(run=R, round=far, sender="coordinator", cluster=0, members=(0,), weights=(1.0,), recipients=(0,),
-               cuts=((0, 0, 0, 0),), update_ids={"0": "nope", "server": "nope"})
+    job = dict(
+        run=R,
+        round=far,
+        sender="coordinator",
+        cluster=0,
+        members=(0,),
+        weights=(1.0,),
+        recipients=(0,),
+        cuts=((0, 0, 0, 0),),
+        update_ids={"0": "nope", "server": "nope"},
+    )
     huge_job = AggregateJob(**{**job, "update_ids": {str(i): "x" for i in range(DEFAULT_LIMITS.max_collection + 1)}})
     return [
         Bad("server", "malformed", junk("server"), ("malformed",)),
-        Bad("server", "oversized", _claim_huge(GHeadOut(run=R, round=rnd, sender="client.0", client=0,
-                                                        act=act).encode(), "act"), ("too_large",)),
-        Bad("server", "wrong_shape", ServerModel(run=R, round=far, sender="aggregator.0",
-                                                 state=_wrong_shapes(server_keys)).encode(), ("bad_shape",)),
-        Bad("server", "wrong_round", GHeadOut(run=R, round=far, sender="client.0", client=0, act=act).encode(),
-            ("stale",)),
+        Bad(
+            "server",
+            "oversized",
+            _claim_huge(GHeadOut(run=R, round=rnd, sender="client.0", client=0, act=act).encode(), "act"),
+            ("too_large",),
+        ),
+        Bad(
+            "server",
+            "wrong_shape",
+            ServerModel(run=R, round=far, sender="aggregator.0", state=_wrong_shapes(server_keys)).encode(),
+            ("bad_shape",),
+        ),
+        Bad(
+            "server",
+            "wrong_round",
+            GHeadOut(run=R, round=far, sender="client.0", client=0, act=act).encode(),
+            ("stale",),
+        ),
         Bad("server", "unknown_kind", unknown("client.0"), ("unknown_kind",)),
-
         Bad("coordinator", "malformed", junk("coordinator"), ("malformed",)),
-        Bad("coordinator", "oversized", _claim_huge(AggregateDone(
-            run=R, round=rnd, sender="aggregator.0", cluster=0, members=(0,), digest="x",
-            state={"G.0.w": torch.zeros(3)}).encode(), "state", "G.0.w"), ("too_large",)),
+        Bad(
+            "coordinator",
+            "oversized",
+            _claim_huge(
+                AggregateDone(
+                    run=R,
+                    round=rnd,
+                    sender="aggregator.0",
+                    cluster=0,
+                    members=(0,),
+                    digest="x",
+                    state={"G.0.w": torch.zeros(3)},
+                ).encode(),
+                "state",
+                "G.0.w",
+            ),
+            ("too_large",),
+        ),
         # A clustering result of the current round that names a client the run does not have.
-        Bad("coordinator", "wrong_shape", ClusterResult(run=R, round=rnd, sender="clustering",
-                                                        assignment={"0": 0, "99": 1}, kld_intra={"0": 0.1},
-                                                        kld_global={"0": 0.1}, k=2).encode(), ("malformed",)),
-        Bad("coordinator", "wrong_round", ClusterResult(run=R, round=far, sender="clustering", assignment={"0": 0},
-                                                        kld_intra={"0": 0.0}, kld_global={"0": 0.0},
-                                                        k=1).encode(), ("stale",)),
+        Bad(
+            "coordinator",
+            "wrong_shape",
+            ClusterResult(
+                run=R,
+                round=rnd,
+                sender="clustering",
+                assignment={"0": 0, "99": 1},
+                kld_intra={"0": 0.1},
+                kld_global={"0": 0.1},
+                k=2,
+            ).encode(),
+            ("malformed",),
+        ),
+        Bad(
+            "coordinator",
+            "wrong_round",
+            ClusterResult(
+                run=R,
+                round=far,
+                sender="clustering",
+                assignment={"0": 0},
+                kld_intra={"0": 0.0},
+                kld_global={"0": 0.0},
+                k=1,
+            ).encode(),
+            ("stale",),
+        ),
         Bad("coordinator", "unknown_kind", unknown("client.0"), ("unknown_kind",)),
         # A round report for a round that has not started (the ledger must not record anything for it).
-        Bad("coordinator", "future_round_done", RoundDone(run=R, round=far, sender="client.0", client=0,
-                                                          n_samples=64, steps_done=1, update_digest="nope",
-                                                          metrics={}).encode(), ("stale",)),
-
+        Bad(
+            "coordinator",
+            "future_round_done",
+            RoundDone(
+                run=R,
+                round=far,
+                sender="client.0",
+                client=0,
+                n_samples=64,
+                steps_done=1,
+                update_digest="nope",
+                metrics={},
+            ).encode(),
+            ("stale",),
+        ),
         Bad("clustering", "malformed", junk("clustering"), ("malformed",)),
-        Bad("clustering", "oversized", _claim_huge(ActivationSummaries(
-            run=R, round=rnd, sender="server", summaries={"0": torch.zeros(128, 7, 7)}).encode(),
-            "summaries", "0"), ("too_large",)),
-        Bad("clustering", "wrong_shape", ActivationSummaries(run=R, round=rnd, sender="server",
-                                                             summaries={"0": torch.zeros(3, 3)}).encode(),
-            ("bad_shape",)),
-        Bad("clustering", "wrong_round", ActivationSummaries(
-            run=R, round=far, sender="server", summaries={str(c): torch.rand(128, 7, 7) for c in range(4)}).encode(),
-            ("stale",)),
+        Bad(
+            "clustering",
+            "oversized",
+            _claim_huge(
+                ActivationSummaries(
+                    run=R, round=rnd, sender="server", summaries={"0": torch.zeros(128, 7, 7)}
+                ).encode(),
+                "summaries",
+                "0",
+            ),
+            ("too_large",),
+        ),
+        Bad(
+            "clustering",
+            "wrong_shape",
+            ActivationSummaries(run=R, round=rnd, sender="server", summaries={"0": torch.zeros(3, 3)}).encode(),
+            ("bad_shape",),
+        ),
+        Bad(
+            "clustering",
+            "wrong_round",
+            ActivationSummaries(
+                run=R, round=far, sender="server", summaries={str(c): torch.rand(128, 7, 7) for c in range(4)}
+            ).encode(),
+            ("stale",),
+        ),
         Bad("clustering", "unknown_kind", unknown("server"), ("unknown_kind",)),
-
         Bad("aggregate", "malformed", junk("aggregate"), ("malformed",)),
         # Competing consumers take no chunked bodies: "oversized" here is a collection above the decoder's bound.
         Bad("aggregate", "oversized", huge_job.encode(), ("malformed",)),
         Bad("aggregate", "wrong_shape", AggregateJob(**{**job, "recipients": (0, 1)}).encode(), ("malformed",)),
         Bad("aggregate", "wrong_round", AggregateJob(**job).encode(), ("unknown_job",)),
         Bad("aggregate", "unknown_kind", unknown("coordinator"), ("unknown_kind",)),
-
         Bad("client.0", "malformed", junk("client.0"), ("malformed",)),
-        Bad("client.0", "oversized", _claim_huge(GMidOut(run=R, round=rnd, sender="server", client=0,
-                                                         act=act).encode(), "act"), ("too_large",)),
-        Bad("client.0", "wrong_shape", ModelAssignment(run=R, round=far, sender="aggregator.0", client=0, cluster=0,
-                                                       state=_wrong_shapes(client0_keys)).encode(), ("bad_shape",)),
-        Bad("client.0", "wrong_round", GMidOut(run=R, round=far, sender="server", client=0, act=act).encode(),
-            ("stale",)),
+        Bad(
+            "client.0",
+            "oversized",
+            _claim_huge(GMidOut(run=R, round=rnd, sender="server", client=0, act=act).encode(), "act"),
+            ("too_large",),
+        ),
+        Bad(
+            "client.0",
+            "wrong_shape",
+            ModelAssignment(
+                run=R, round=far, sender="aggregator.0", client=0, cluster=0, state=_wrong_shapes(client0_keys)
+            ).encode(),
+            ("bad_shape",),
+        ),
+        Bad(
+            "client.0",
+            "wrong_round",
+            GMidOut(run=R, round=far, sender="server", client=0, act=act).encode(),
+            ("stale",),
+        ),
         Bad("client.0", "unknown_kind", unknown("server"), ("unknown_kind",)),
     ]
 
@@ -456,8 +611,9 @@ def check_bad_inputs_dead_lettered(run: Run, bad: list[Bad]) -> None:
         d = found[0]
         code = d.reason.split(":", 1)[0]
         if d.address != b.address or code not in b.reasons:
-            wrong.append(f"{b.address} {b.what}: dead-lettered from {d.address} with {d.reason[:160]!r}, expected "
-                         f"{b.reasons}")
+            wrong.append(
+                f"{b.address} {b.what}: dead-lettered from {d.address} with {d.reason[:160]!r}, expected {b.reasons}"
+            )
     assert not missing and not wrong, f"not dead-lettered: {missing}; wrong reason: {wrong}"
     huge = [d for d in dead if len(d.body) == HUGE]
     assert [(d.address, d.reason.split(":", 1)[0]) for d in huge] == [("clustering", "too_large")]
@@ -514,8 +670,11 @@ def test_killed_client_killed_aggregator_and_bad_input_lose_nothing(faults):
         return None
 
     victim = run.wait("an aggregator holding a round-3 job", holder, timeout=240, poll=0.1)
-    held = [line.split("holding job ")[1].split()[0] for line in run.log(victim).splitlines()
-            if "test hook: holding job" in line]
+    held = [
+        line.split("holding job ")[1].split()[0]
+        for line in run.log(victim).splitlines()
+        if "test hook: holding job" in line
+    ]
     run.kill(victim)
     survivor = "aggregator.1" if victim == "aggregator.0" else "aggregator.0"
 
@@ -536,8 +695,10 @@ def test_killed_client_killed_aggregator_and_bad_input_lose_nothing(faults):
 
     # Nothing acknowledged is lost: every update in the log was aggregated or dead-lettered with a reason.
     acc = check_accounts(run, rounds)
-    print(f"updates: {len(acc.published)} published, {len(acc.aggregated)} aggregated, {len(acc.dead)} "
-          f"dead-lettered ({sorted(set(acc.dead.values()))})")
+    print(
+        f"updates: {len(acc.published)} published, {len(acc.aggregated)} aggregated, {len(acc.dead)} "
+        f"dead-lettered ({sorted(set(acc.dead.values()))})"
+    )
     assert len(acc.aggregated) == 3 + 1 + (4 + 1) * 2  # round 1 without client 1, rounds 2 and 3 complete
 
     # Every round is rebuilt bit for bit from the update log, the one with the killed aggregator included.
@@ -552,17 +713,30 @@ def test_a_client_slowed_ten_times_is_late_and_the_others_carry_on(faults):
     # Client 1 (cut bits 1111: the most client-side compute) sleeps 9x each of its segments' compute time. Batches
     # of 64 (the paper's) make its slowest segments take a few tenths of a second, so slowed they miss the step
     # deadline while the other clients' replies stay far below it.
-    run = faults(rounds=rounds, steps=steps, step_deadline=2.0, round_deadline=45.0, batch=64,
-                 extra="emulate_slowdown = [[1, 10.0]]")
+    run = faults(
+        rounds=rounds,
+        steps=steps,
+        step_deadline=2.0,
+        round_deadline=45.0,
+        batch=64,
+        extra="emulate_slowdown = [[1, 10.0]]",
+    )
     t0 = time.monotonic()
     run.start_all()
     codes = run.finish(timeout=300)
     print(f"run with a slowed client: {time.monotonic() - t0:.1f} s")
     for r in range(1, rounds + 1):
         m = run.store.get_metrics(run.run, r)
-        print(f"round {r}: " + ", ".join(f"{who} compute_s {v.get('compute_s', 0):.2f} step_s {v.get('step_s', 0):.2f}"
-                                         for who, v in sorted(m.items()) if who.startswith("client")),
-              f"server windows {m.get('server', {}).get('windows')}", (run.docs(r).server_done or {}).get("late"))
+        print(
+            f"round {r}: "
+            + ", ".join(
+                f"{who} compute_s {v.get('compute_s', 0):.2f} step_s {v.get('step_s', 0):.2f}"
+                for who, v in sorted(m.items())
+                if who.startswith("client")
+            ),
+            f"server windows {m.get('server', {}).get('windows')}",
+            (run.docs(r).server_done or {}).get("late"),
+        )
     assert codes == {name: 0 for name in codes}, run.tails()
     assert run.store.run_info(run.run)["status"] == "finished"
 
@@ -583,6 +757,49 @@ def test_a_client_slowed_ten_times_is_late_and_the_others_carry_on(faults):
     assert all(reason for _, _, reason in slow_marks)
     print(f"slowed client: {slow_marks}")
     check_accounts(run, rounds)
+
+
+def test_a_killed_server_and_a_killed_coordinator_restart_and_the_run_continues(faults):
+    rounds, steps = 3, 5
+    run = faults(rounds=rounds, steps=steps, step_deadline=3.0, round_deadline=60.0)
+    t0 = time.monotonic()
+    run.start_all()
+
+    # 1. SIGKILL the server in the middle of round 2 (it has run a window of it), then start a new one: it restores
+    # the round-1 checkpoint, rejoins round 2 from the ledger, and the clients whose step was lost time it out.
+    def server_mid_round_2():
+        info = run.store.alive(run.run).get("server", "")
+        return run.round_phase() == (2, "training") and "round 2 training" in info and int(info.split()[-1]) >= 1
+
+    run.wait("the server in the middle of round 2", server_mid_round_2, timeout=240, poll=0.1)
+    run.kill("server")
+    run.start("server", "server")
+    run.wait("the restarted server rejoining round 2", lambda: "rejoined round 2" in run.log("server"), timeout=120)
+    assert "restored" in run.log("server") and "round_1" in run.log("server")
+
+    # 2. SIGKILL the coordinator while round 3 trains, then start a new one: it takes the lease once the dead one's
+    # expires and resumes round 3 from the ledger.
+    run.wait("round 3 training", lambda: run.round_phase() == (3, "training"), timeout=240)
+    run.kill("coordinator")
+    run.start("coordinator", "coordinator")
+
+    codes = run.finish(timeout=300)
+    print(f"run with a killed server and coordinator: {time.monotonic() - t0:.1f} s")
+    assert codes == {name: 0 for name in codes}, run.tails()
+    assert run.store.run_info(run.run)["status"] == "finished"
+    assert "resum" in run.log("coordinator").lower(), run.log("coordinator")[-2000:]
+    for r in range(1, rounds + 1):
+        docs = run.docs(r)
+        assert docs.jobs and set(docs.aggs) == set(docs.jobs), r
+        assert docs.server_done is not None, r
+    # Round 2 went on after the server's restart: clients reported it, and round 3 ran complete.
+    assert run.docs(2).done and sorted(run.docs(rounds).done) == [0, 1, 2, 3]
+    acc = check_accounts(run, rounds)
+    print(f"updates: {len(acc.published)} published, {len(acc.aggregated)} aggregated, {len(acc.dead)} dead")
+    for r in range(1, rounds + 1):
+        res = run.replay(r)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert json.loads(res.stdout)["match"]
 
 
 # ----------------------------------------------------------------------------------------------- broker restart
@@ -624,8 +841,10 @@ def test_workers_reconnect_after_a_broker_restart_and_the_run_completes(faults):
         restarted_at = time.monotonic()
 
         codes = run.finish(timeout=300)
-        print(f"run with a broker restart: {time.monotonic() - t0:.1f} s, {time.monotonic() - restarted_at:.1f} s "
-              "after the restart")
+        print(
+            f"run with a broker restart: {time.monotonic() - t0:.1f} s, {time.monotonic() - restarted_at:.1f} s "
+            "after the restart"
+        )
     finally:
         _broker_healthy()
     assert codes == {name: 0 for name in codes}, run.tails()

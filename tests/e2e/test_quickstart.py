@@ -46,12 +46,19 @@ class Run:
     took: str
 
 
-def hfgan(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 1200) -> tuple[subprocess.CompletedProcess,
-                                                                                            str]:
+def hfgan(
+    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 1200
+) -> tuple[subprocess.CompletedProcess, str]:
     """Run the CLI in a fresh process; returns it and its wall and CPU time (for the log, never asserted)."""
     t0, cpu0 = time.perf_counter(), _children_cpu()
-    proc = subprocess.run([sys.executable, "-m", "hfgan_core.cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfgan_core.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc, f"{time.perf_counter() - t0:.1f} s wall, {_children_cpu() - cpu0:.1f} s CPU"
 
 
@@ -167,17 +174,19 @@ def test_checkpoints_are_complete_and_weights_only_loadable(quickstart):
         d = ckpt.round_dir(quickstart.run, rnd)
         manifest = json.loads((d / "manifest.json").read_text())
         assert manifest["round"] == rnd and manifest["format"] == "hfgan-checkpoint"
-        assert sorted(manifest["files"]) == sorted(["coordinator.pt", "server.pt"] +
-                                                   [f"client_{c}.pt" for c in range(4)])
+        assert sorted(manifest["files"]) == sorted(
+            ["coordinator.pt", "server.pt"] + [f"client_{c}.pt" for c in range(4)]
+        )
         assert not list(d.glob("*.tmp"))  # no leftovers of the atomic writes
         for name in manifest["files"]:
             blob = torch.load(d / name, map_location="cpu", weights_only=True)
             assert blob["format"] == "hfgan-checkpoint" and blob["version"] == 1 and blob["round"] == rnd
             assert blob["config"] == cfg.to_dict(include_runtime=False)
-            assert blob["state"] and all(isinstance(t, torch.Tensor) and torch.isfinite(t.float()).all()
-                                         for t in blob["state"].values())
+            assert blob["state"] and all(
+                isinstance(t, torch.Tensor) and torch.isfinite(t.float()).all() for t in blob["state"].values()
+            )
             if name.startswith("client_"):
-                c = int(name[len("client_"):-3])
+                c = int(name[len("client_") : -3])
                 cuts = CutBits(*cfg.train.cuts[c])
                 held = {f"{s.name}.{i}" for s in arch.nets for i in s.client_blocks(*cuts.for_net(s.name))}
                 assert {".".join(k.split(".")[:2]) for k in blob["state"]} == held, (name, cuts)
@@ -232,8 +241,7 @@ def test_resume_after_round_1_reaches_the_same_models(quickstart):
     shutil.rmtree(ckpt.round_dir(copy, 2))
     (copy / "eval.json").unlink(missing_ok=True)
     assert ckpt.complete_rounds(copy) == [1]
-    proc, took = hfgan(train_args(quickstart.data, copy, "--resume", "--no-utility"), quickstart.env,
-                       quickstart.root)
+    proc, took = hfgan(train_args(quickstart.data, copy, "--resume", "--no-utility"), quickstart.env, quickstart.root)
     print(f"\nhfgan train --resume (round 2 of 2, no utility): {took}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming after round 1" in proc.stderr and "fitting" not in proc.stderr
@@ -251,7 +259,8 @@ def test_resume_after_round_1_reaches_the_same_models(quickstart):
     for dom in DOMAINS:
         assert "utility" not in summary["domains"][dom]
         assert summary["domains"][dom]["generation_score"] == pytest.approx(
-            first["domains"][dom]["generation_score"], rel=1e-6)
+            first["domains"][dom]["generation_score"], rel=1e-6
+        )
     for name in ("coordinator.pt", "server.pt", "client_1.pt"):
         a = torch.load(ckpt.round_dir(copy, 2) / name, weights_only=True)["state"]
         b = torch.load(ckpt.round_dir(quickstart.run, 2) / name, weights_only=True)["state"]

@@ -60,13 +60,32 @@ def e2e(tmp_path, amqp_url, redis_url):  # noqa: F811 - the fixtures imported ab
     run = f"e2e-{uuid.uuid4().hex[:10]}"
     config = tmp_path / "e2e.toml"
     config.write_text(CONFIG)
-    env = dict(os.environ, HFGAN_BROKER_NAMESPACE=namespace, HFGAN_CLASSIFIER_DIR=str(tmp_path / "classifiers"),
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("HFGAN_CONFIG", "HFGAN_RUN_ID", "HFGAN_BROKER_URL", "HFGAN_STATE_URL", "HFGAN_RUN_DIR",
-                "HFGAN_DATA_DIR"):
+    env = dict(
+        os.environ,
+        HFGAN_BROKER_NAMESPACE=namespace,
+        HFGAN_CLASSIFIER_DIR=str(tmp_path / "classifiers"),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    for var in (
+        "HFGAN_CONFIG",
+        "HFGAN_RUN_ID",
+        "HFGAN_BROKER_URL",
+        "HFGAN_STATE_URL",
+        "HFGAN_RUN_DIR",
+        "HFGAN_DATA_DIR",
+    ):
         env.pop(var, None)
-    ctx = {"namespace": namespace, "run": run, "config": config, "env": env, "amqp": amqp_url, "redis": redis_url,
-           "tmp": tmp_path, "procs": []}
+    ctx = {
+        "namespace": namespace,
+        "run": run,
+        "config": config,
+        "env": env,
+        "amqp": amqp_url,
+        "redis": redis_url,
+        "tmp": tmp_path,
+        "procs": [],
+    }
     yield ctx
     for p in ctx["procs"]:
         if p.poll() is None:
@@ -83,17 +102,38 @@ def e2e(tmp_path, amqp_url, redis_url):  # noqa: F811 - the fixtures imported ab
 
 
 def hfgan(ctx, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hfgan_core.cli", *args], env=ctx["env"], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "hfgan_core.cli", *args], env=ctx["env"], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_up_runs_the_workers_then_status_and_replay_check_the_run(e2e):
     run_dir = e2e["tmp"] / "run"
     t0 = time.monotonic()
-    res = hfgan(e2e, "up", "--config", str(e2e["config"]), "--clients", "4", "--aggregators", "2",
-                "--broker", e2e["amqp"], "--state", e2e["redis"], "--namespace", e2e["namespace"],
-                "--run-dir", str(run_dir), "--run-id", e2e["run"], "--data-dir", str(e2e["tmp"] / "data"),
-                "--no-utility", timeout=400)
+    res = hfgan(
+        e2e,
+        "up",
+        "--config",
+        str(e2e["config"]),
+        "--clients",
+        "4",
+        "--aggregators",
+        "2",
+        "--broker",
+        e2e["amqp"],
+        "--state",
+        e2e["redis"],
+        "--namespace",
+        e2e["namespace"],
+        "--run-dir",
+        str(run_dir),
+        "--run-id",
+        e2e["run"],
+        "--data-dir",
+        str(e2e["tmp"] / "data"),
+        "--no-utility",
+        timeout=400,
+    )
     up_s = time.monotonic() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
@@ -111,8 +151,14 @@ def test_up_runs_the_workers_then_status_and_replay_check_the_run(e2e):
     assert sorted(p.name for p in (run_dir / "samples").iterdir())
     logs = run_dir / "logs"
     names = {p.name for p in logs.glob("*.log")}
-    assert names == {"coordinator.log", "server.log", "clustering.log", "aggregator.0.log", "aggregator.1.log",
-                     *(f"client.{i}.log" for i in range(4))}
+    assert names == {
+        "coordinator.log",
+        "server.log",
+        "clustering.log",
+        "aggregator.0.log",
+        "aggregator.1.log",
+        *(f"client.{i}.log" for i in range(4)),
+    }
     # Four client processes claimed four different slots, and each saw the run to its end.
     slots = set()
     for i in range(4):
@@ -127,16 +173,40 @@ def test_up_runs_the_workers_then_status_and_replay_check_the_run(e2e):
     # The same run in one process (`hfgan train`, one torch thread like each worker) has the same models, bit for
     # bit: the worker processes compute exactly what the embedded runtime computes.
     train_dir = e2e["tmp"] / "train"
-    tr = hfgan(e2e, "train", "--config", str(e2e["config"]), "--run-dir", str(train_dir), "--data-dir",
-               str(e2e["tmp"] / "data"), "--threads", "1", "--no-utility", "--quiet", timeout=300)
+    tr = hfgan(
+        e2e,
+        "train",
+        "--config",
+        str(e2e["config"]),
+        "--run-dir",
+        str(train_dir),
+        "--data-dir",
+        str(e2e["tmp"] / "data"),
+        "--threads",
+        "1",
+        "--no-utility",
+        "--quiet",
+        timeout=300,
+    )
     assert tr.returncode == 0, tr.stderr[-3000:]
     embedded = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["digests"] for r in embedded] == [r["digests"] for r in records]
     assert set(records[1]["digests"]) == {"-1", "0", "1"}
 
     # hfgan status: from the ledger (and the dead-letter queue of the run's namespace).
-    st = hfgan(e2e, "status", "--run", str(run_dir), "--state", e2e["redis"], "--json", "--broker", e2e["amqp"],
-               "--namespace", e2e["namespace"])
+    st = hfgan(
+        e2e,
+        "status",
+        "--run",
+        str(run_dir),
+        "--state",
+        e2e["redis"],
+        "--json",
+        "--broker",
+        e2e["amqp"],
+        "--namespace",
+        e2e["namespace"],
+    )
     assert st.returncode == 0, st.stderr
     doc = json.loads(st.stdout)
     assert (doc["status"], doc["round"], doc["phase"]) == ("finished", 2, "done")
@@ -176,8 +246,9 @@ def test_up_runs_the_workers_then_status_and_replay_check_the_run(e2e):
 
 def start_worker(ctx, role: str, *flags: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
-    p = subprocess.Popen([sys.executable, "-m", f"workers.{role}", *flags], env=env or ctx["env"], stdout=out,
-                         stderr=subprocess.STDOUT)
+    p = subprocess.Popen(
+        [sys.executable, "-m", f"workers.{role}", *flags], env=env or ctx["env"], stdout=out, stderr=subprocess.STDOUT
+    )
     ctx["procs"].append(p)
     return p
 
@@ -188,15 +259,25 @@ def wait_for(path: Path, text: str, timeout: float = 90) -> None:
         if path.is_file() and text in path.read_text(errors="replace"):
             return
         time.sleep(0.2)
-    raise AssertionError(f"{text!r} not in {path} after {timeout} s:\n" +
-                         (path.read_text(errors="replace")[-2000:] if path.is_file() else "(no log)"))
+    raise AssertionError(
+        f"{text!r} not in {path} after {timeout} s:\n"
+        + (path.read_text(errors="replace")[-2000:] if path.is_file() else "(no log)")
+    )
 
 
 def test_a_standby_coordinator_takes_over_and_a_second_leader_is_refused(e2e):
-    env = dict(e2e["env"], HFGAN_CONFIG=str(e2e["config"]), HFGAN_RUN_ID=e2e["run"], HFGAN_BROKER_URL=e2e["amqp"],
-               HFGAN_STATE_URL=e2e["redis"], HFGAN_RUN_DIR=str(e2e["tmp"] / "run"),
-               HFGAN_DATA_DIR=str(e2e["tmp"] / "data"), HFGAN_LEASE_TTL_S="3", HFGAN_HEARTBEAT_S="0.5",
-               HFGAN_HEARTBEAT_TTL_S="3")
+    env = dict(
+        e2e["env"],
+        HFGAN_CONFIG=str(e2e["config"]),
+        HFGAN_RUN_ID=e2e["run"],
+        HFGAN_BROKER_URL=e2e["amqp"],
+        HFGAN_STATE_URL=e2e["redis"],
+        HFGAN_RUN_DIR=str(e2e["tmp"] / "run"),
+        HFGAN_DATA_DIR=str(e2e["tmp"] / "data"),
+        HFGAN_LEASE_TTL_S="3",
+        HFGAN_HEARTBEAT_S="0.5",
+        HFGAN_HEARTBEAT_TTL_S="3",
+    )
     logs = e2e["tmp"]
     leader = start_worker(e2e, "coordinator", env=env, log=logs / "a.log")
     wait_for(logs / "a.log", "leading run")
@@ -224,8 +305,14 @@ def test_a_standby_coordinator_takes_over_and_a_second_leader_is_refused(e2e):
 
 
 def test_worker_exit_codes(e2e, tmp_path):
-    base = dict(e2e["env"], HFGAN_CONFIG=str(e2e["config"]), HFGAN_RUN_ID=e2e["run"], HFGAN_CONNECT_TIMEOUT_S="1",
-                HFGAN_STATE_URL=e2e["redis"], HFGAN_BROKER_URL=e2e["amqp"])
+    base = dict(
+        e2e["env"],
+        HFGAN_CONFIG=str(e2e["config"]),
+        HFGAN_RUN_ID=e2e["run"],
+        HFGAN_CONNECT_TIMEOUT_S="1",
+        HFGAN_STATE_URL=e2e["redis"],
+        HFGAN_BROKER_URL=e2e["amqp"],
+    )
     # 2: bad configuration (no config at all; a config file that does not parse; an in-process broker URL).
     no_config = {k: v for k, v in base.items() if k != "HFGAN_CONFIG"}
     assert start_worker(e2e, "clustering", env=no_config).wait(timeout=60) == 2

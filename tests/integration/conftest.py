@@ -38,8 +38,9 @@ def amqp_url() -> str:
         params.socket_timeout = 5
         pika.BlockingConnection(params).close()
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing here
-        pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL} ({exc!r}); start it with scripts/ci-services.sh",
-                    pytrace=False)
+        pytest.fail(
+            f"RabbitMQ is not reachable at {AMQP_URL} ({exc!r}); start it with scripts/ci-services.sh", pytrace=False
+        )
     return AMQP_URL
 
 
@@ -50,8 +51,9 @@ def redis_url() -> str:
         r.ping()
         r.close()
     except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({exc!r}); start it with scripts/ci-services.sh",
-                    pytrace=False)
+        pytest.fail(
+            f"Redis is not reachable at {REDIS_URL} ({exc!r}); start it with scripts/ci-services.sh", pytrace=False
+        )
     return REDIS_URL
 
 

@@ -42,8 +42,9 @@ def creds(amqp_url: str):
     names = Names(NS)
     for role, queue in (("server", "server"), ("aggregator", "aggregate")):
         _wait_usable(role_url(amqp_url, role), names.queue(queue), 30)
-    out = provision_client_users(2, ADMIN_URL, namespace=NS, passwords={0: "c0-test-pw", 1: "c1-test-pw"},
-                                 verify_url=amqp_url)
+    out = provision_client_users(
+        2, ADMIN_URL, namespace=NS, passwords={0: "c0-test-pw", 1: "c1-test-pw"}, verify_url=amqp_url
+    )
     yield out
     with AmqpTransport(amqp_url, namespace=NS) as admin:
         admin.delete_topology(clients=range(2))

@@ -42,15 +42,20 @@ def definitions() -> dict:
 
 
 def test_definitions_json_is_the_generated_document(definitions: dict) -> None:
-    expected = topology_definitions(role_passwords=dev_role_passwords(), admin=DEV_ADMIN,
-                                    clients=dev_client_passwords())
-    assert _without_hashes(definitions) == _without_hashes(expected), \
+    expected = topology_definitions(
+        role_passwords=dev_role_passwords(), admin=DEV_ADMIN, clients=dev_client_passwords()
+    )
+    assert _without_hashes(definitions) == _without_hashes(expected), (
         "regenerate: python -m hfgan_core.transport.amqp definitions > broker_config/definitions.json"
+    )
 
 
 def test_definitions_passwords_are_hashed_dev_passwords(definitions: dict) -> None:
-    dev = {**dev_role_passwords(), DEV_ADMIN[0]: DEV_ADMIN[1],
-           **{f"client-{k}": pw for k, pw in dev_client_passwords().items()}}
+    dev = {
+        **dev_role_passwords(),
+        DEV_ADMIN[0]: DEV_ADMIN[1],
+        **{f"client-{k}": pw for k, pw in dev_client_passwords().items()},
+    }
     assert {u["name"] for u in definitions["users"]} == set(dev) and "guest" not in dev
     for user in definitions["users"]:
         assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
@@ -86,8 +91,9 @@ def test_config_files() -> None:
     assert int(settings["max_message_size"]) >= 8 * 1024 * 1024 + 4096  # one chunk and its headers fit
     assert re.fullmatch(r"\[(rabbitmq_\w+,)*rabbitmq_\w+\]\.\n", (CONFIG / "enabled_plugins").read_text())
     redis_conf = (CONFIG / "redis.conf").read_text()
-    assert re.search(r"^appendonly yes$", redis_conf, re.M) and re.search(r"^maxmemory-policy noeviction$",
-                                                                          redis_conf, re.M)
+    assert re.search(r"^appendonly yes$", redis_conf, re.M) and re.search(
+        r"^maxmemory-policy noeviction$", redis_conf, re.M
+    )
 
 
 def test_the_broker_accepts_the_definitions_and_the_roles_declarations(amqp_url: str) -> None:

@@ -34,13 +34,13 @@ N_CLIENTS = 4
 ROUNDS = 2
 
 
-
 def make_cfg() -> RunConfig:
     # kld_from_round = 2 with 2 clusters: round 2 runs the clustering service and the KLD-weighted, per-cluster jobs.
     return RunConfig(
         scenario=ScenarioConfig(name="eq", domains=(DomainConfig("synthetic", N_CLIENTS),)),
-        train=TrainConfig(rounds=ROUNDS, local_epochs=1, steps_per_epoch=2, batch_size=16, cuts=CUTS,
-                          kld_from_round=2, clusters=2),
+        train=TrainConfig(
+            rounds=ROUNDS, local_epochs=1, steps_per_epoch=2, batch_size=16, cuts=CUTS, kld_from_round=2, clusters=2
+        ),
         runtime=RuntimeConfig(step_deadline_s=60.0, round_deadline_s=300.0),
     ).validate()
 
@@ -57,8 +57,9 @@ def ledger_outcome(store, run: str) -> dict[int, tuple[dict[int, str], dict[int,
 def baseline() -> dict:
     """The embedded run over memory://: the reference every distributed variant must reproduce."""
     store = MemoryRoundStore()
-    runner = EmbeddedRunner(make_cfg(), datas(), [0] * N_CLIENTS, run_id="eq-memory", transport=MemoryTransport(),
-                            store=store)
+    runner = EmbeddedRunner(
+        make_cfg(), datas(), [0] * N_CLIENTS, run_id="eq-memory", transport=MemoryTransport(), store=store
+    )
     result = runner.run()
     assert len(result.reports) == ROUNDS
     outcome = ledger_outcome(store, "eq-memory")
@@ -150,8 +151,9 @@ def test_a_restarted_coordinator_resumes_from_the_ledger(backends, baseline):
         coordinators.append(fresh)
         if expected_round == 1:
             # Second crash: round 2, one aggregation result recorded; the others are redone or still queued.
-            crashes.append(crash_after(fresh, lambda c: c.round == 2 and c.phase == "aggregating"
-                                       and len(c.results) == 1))
+            crashes.append(
+                crash_after(fresh, lambda c: c.round == 2 and c.phase == "aggregating" and len(c.results) == 1)
+            )
         RoleHost(fresh, strict=True).bind()
         assert fresh.round == expected_round
         if expected_round == 1:  # rebuilt from the ledger: the two acknowledged reports, still collecting
@@ -168,8 +170,7 @@ def test_a_restarted_coordinator_resumes_from_the_ledger(backends, baseline):
 def test_queued_jobs_complete_when_an_aggregator_starts(backends, baseline):
     transport, store, run = backends
     cfg = make_cfg()
-    runner = EmbeddedRunner(cfg, datas(), [0] * N_CLIENTS, run_id=run, transport=transport, store=store,
-                            aggregators=0)
+    runner = EmbeddedRunner(cfg, datas(), [0] * N_CLIENTS, run_id=run, transport=transport, store=store, aggregators=0)
     roles_list = [runner.coordinator, runner.server, runner.clustering, *runner.clients]
     transport.declare()
     for h in runner.hosts:
@@ -198,8 +199,9 @@ def test_device_emulation_sleeps_the_modelled_client_time_and_changes_nothing_el
     from hfgan_core.protocol import decode
 
     base = make_cfg()
-    cfg = base.replace(runtime=dataclasses.replace(base.runtime, emulate_devices=True,
-                                                   emulate_slowdown=((1, 3.0),))).validate()
+    cfg = base.replace(
+        runtime=dataclasses.replace(base.runtime, emulate_devices=True, emulate_slowdown=((1, 3.0),))
+    ).validate()
     transport, store = MemoryTransport(), MemoryRoundStore()
     sent_bytes = {c: 0 for c in range(N_CLIENTS)}
 

@@ -58,9 +58,19 @@ def test_keys_follow_the_documented_schema(redis_url: str, run_id: str) -> None:
         r = redis.Redis.from_url(redis_url, decode_responses=True)
         keys = set(r.keys(f"hfgan:{{{run_id}}}:*"))
         p = f"hfgan:{{{run_id}}}"
-        assert keys == {f"{p}:run", f"{p}:round", f"{p}:round:1:clients", f"{p}:slots", f"{p}:hb:w",
-                        f"{p}:workers", f"{p}:leader:coordinator", f"{p}:round:1:digests", f"{p}:log_offsets",
-                        f"{p}:round:1:metrics", f"{p}:round:1:metrics:server"}
+        assert keys == {
+            f"{p}:run",
+            f"{p}:round",
+            f"{p}:round:1:clients",
+            f"{p}:slots",
+            f"{p}:hb:w",
+            f"{p}:workers",
+            f"{p}:leader:coordinator",
+            f"{p}:round:1:digests",
+            f"{p}:log_offsets",
+            f"{p}:round:1:metrics",
+            f"{p}:round:1:metrics:server",
+        }
         assert 0 < r.pttl(f"{p}:hb:w") <= 30_000 and 0 < r.pttl(f"{p}:leader:coordinator") <= 30_000
         assert r.hgetall(f"{p}:round")["phase"] == "training"
         r.close()

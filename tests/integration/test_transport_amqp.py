@@ -267,7 +267,8 @@ def test_broker_side_dead_letters_report_x_death(amqp_url: str, ns: str) -> None
         while not dead and time.monotonic() < deadline:
             dead = t.dead_letters()
         assert [(d.address, d.body, d.reason) for d in dead] == [
-            ("coordinator", b"nacked by a foreign consumer", "broker:rejected")]
+            ("coordinator", b"nacked by a foreign consumer", "broker:rejected")
+        ]
         assert len(t.dead_letters()) == 1  # reading the dead letters does not consume them
 
 
@@ -289,8 +290,9 @@ def test_handler_errors_leave_the_delivery_for_redelivery(amqp_url: str, ns: str
 
 
 def test_connect_failure_is_a_clear_transport_error() -> None:
-    t = AmqpTransport("amqp://guest:guest@127.0.0.1:1/", namespace="hfgant" + uuid.uuid4().hex[:6],
-                      reconnect_timeout=0.5)
+    t = AmqpTransport(
+        "amqp://guest:guest@127.0.0.1:1/", namespace="hfgant" + uuid.uuid4().hex[:6], reconnect_timeout=0.5
+    )
     began = time.monotonic()
     with pytest.raises(TransportError, match="unreachable"):
         t.declare()

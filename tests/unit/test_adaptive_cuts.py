@@ -25,8 +25,7 @@ NEW_CUTS = [CutBits(1, 1, 1, 1), CutBits(0, 0, 0, 0), CutBits(1, 0, 1, 0)]
 def test_replanned_cuts_reach_clients_and_server():
     cfg = RunConfig(
         scenario=ScenarioConfig(domains=(DomainConfig("synthetic", 3),)),
-        train=TrainConfig(rounds=3, local_epochs=1, steps_per_epoch=4, batch_size=16, cuts="plan",
-                          adaptive_cuts=True),
+        train=TrainConfig(rounds=3, local_epochs=1, steps_per_epoch=4, batch_size=16, cuts="plan", adaptive_cuts=True),
         # Identical devices (so the first plan gives every client the same cuts); client 0 is slowed eightfold by
         # emulation, which its measured compute must show.
         devices=DevicesConfig(clients=("device3",)),

@@ -44,8 +44,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def tiny_cfg(root, clients: int = 2) -> RunConfig:
     return RunConfig(
-        scenario=ScenarioConfig(name="tiny", domains=(DomainConfig("synthetic", clients),),
-                                synthetic_train_per_class=30),
+        scenario=ScenarioConfig(
+            name="tiny", domains=(DomainConfig("synthetic", clients),), synthetic_train_per_class=30
+        ),
         # KLD weighting from the first round, so that one round exercises it (and the clustering service's scores).
         train=TrainConfig(batch_size=16, kld_from_round=1),
         runtime=RuntimeConfig(data_dir=str(root / "nodata")),
@@ -53,9 +54,20 @@ def tiny_cfg(root, clients: int = 2) -> RunConfig:
 
 
 def tiny_settings(out, **changes) -> BenchSettings:
-    s = BenchSettings(config="tiny", out=str(out), rounds=1, local_epochs=1, steps_per_epoch=1, samples_per_client=100,
-                      score_samples=50, utility_samples=50, utility_epochs=1, allow_synthetic=True,
-                      classifier_epochs=1, progress=False)
+    s = BenchSettings(
+        config="tiny",
+        out=str(out),
+        rounds=1,
+        local_epochs=1,
+        steps_per_epoch=1,
+        samples_per_client=100,
+        score_samples=50,
+        utility_samples=50,
+        utility_epochs=1,
+        allow_synthetic=True,
+        classifier_epochs=1,
+        progress=False,
+    )
     return dataclasses.replace(s, **changes)
 
 
@@ -64,8 +76,15 @@ def bench_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HFGAN_CLASSIFIER_DIR", str(root / "classifiers"))
-        for var in ("HFGAN_DATA_DIR", "HFGAN_RUN_DIR", "HFGAN_BROKER_URL", "HFGAN_STATE_URL", "HFGAN_DEVICE",
-                    "HFGAN_RUN_ID", "HFGAN_SERVER_DEVICE"):
+        for var in (
+            "HFGAN_DATA_DIR",
+            "HFGAN_RUN_DIR",
+            "HFGAN_BROKER_URL",
+            "HFGAN_STATE_URL",
+            "HFGAN_DEVICE",
+            "HFGAN_RUN_ID",
+            "HFGAN_SERVER_DEVICE",
+        ):
             mp.delenv(var, raising=False)
         yield root
 
@@ -173,8 +192,9 @@ def test_fedgan_average_is_the_weighted_mean_loaded_by_every_client(tmp_path):
     for key, ref in states[0].items():
         if not ref.is_floating_point():
             continue
-        expected = (0.25 * states[0][key].double() + 0.25 * states[1][key].double()
-                    + 0.5 * states[2][key].double()).float()
+        expected = (
+            0.25 * states[0][key].double() + 0.25 * states[1][key].double() + 0.5 * states[2][key].double()
+        ).float()
         for a in after:
             assert torch.allclose(a[key], expected, rtol=0, atol=1e-6), key
     for a in after[1:]:  # every client holds the same global model
@@ -190,11 +210,11 @@ def baseline_ctx(bench_env):
     from hfgan_core.runtime.recorder import ensure_classifiers
 
     cfg = quality.reduced_scenario(tiny_cfg(bench_env), 2, 100)
-    cfg = cfg.with_overrides("train", rounds=1, local_epochs=1, steps_per_epoch=2, score_samples=50,
-                             utility_samples=50, utility_epochs=1).validate()
+    cfg = cfg.with_overrides(
+        "train", rounds=1, local_epochs=1, steps_per_epoch=2, score_samples=50, utility_samples=50, utility_epochs=1
+    ).validate()
     data = load_scenario_data(cfg, allow_synthetic_fallback=True, log=lambda s: None)
-    classifiers = ensure_classifiers(cfg, data.train_sets, data.test_sets, data.sources, log=lambda s: None,
-                                     epochs=1)
+    classifiers = ensure_classifiers(cfg, data.train_sets, data.test_sets, data.sources, log=lambda s: None, epochs=1)
     return cfg, data, classifiers
 
 
@@ -215,9 +235,15 @@ def test_fedgan_clients_end_identical_and_local_only_clients_never_average(basel
     l0, l1 = (model_state(m.gan) for m in local)
     assert not all(torch.equal(l0[k], l1[k]) for k in l0)
     # Client 0's model is exactly what client 0 alone produces from its own data and random stream.
-    alone = Member("client 0", UnsplitGAN(cfg, seed=cfg.train.seed), data.clients[0],
-                   torch.Generator().manual_seed(client_seed(cfg.train.seed, 0)), cfg.train.batch_size, "synthetic",
-                   (0,))
+    alone = Member(
+        "client 0",
+        UnsplitGAN(cfg, seed=cfg.train.seed),
+        data.clients[0],
+        torch.Generator().manual_seed(client_seed(cfg.train.seed, 0)),
+        cfg.train.batch_size,
+        "synthetic",
+        (0,),
+    )
     for _ in range(cfg.train.rounds * steps_per_round(cfg, [c.n for c in data.clients])):
         alone.step(cfg.model.z_dim)
     mine = model_state(alone.gan)
@@ -241,8 +267,10 @@ def _brute_force(cfg):
     n = cfg.scenario.total_clients
     costs = run_costs(cfg)
     profiles = cfg.devices.client_profiles(n)
-    table = {bits: iteration_latency(costs, profiles, cfg.devices.server, [bits] * n)
-             for bits in itertools.product((0, 1), repeat=4)}
+    table = {
+        bits: iteration_latency(costs, profiles, cfg.devices.server, [bits] * n)
+        for bits in itertools.product((0, 1), repeat=4)
+    }
     best = min(table.values())
     return {b for b, v in table.items() if v == best}, best
 
@@ -250,9 +278,13 @@ def _brute_force(cfg):
 def test_same_cut_is_the_uniform_assignment_with_the_lowest_modelled_latency(tmp_path):
     paper_devices = tiny_cfg(tmp_path, clients=5)
     # Fast devices with fast links next to a slow server: holding every optional block is best.
-    fast = paper_devices.replace(devices=DevicesConfig(
-        server=ServerProfile(computational_frequency_ghz=0.05), profiles=(("fast", DeviceProfile(1e6, 16, 1e12)),),
-        clients=("fast",)))
+    fast = paper_devices.replace(
+        devices=DevicesConfig(
+            server=ServerProfile(computational_frequency_ghz=0.05),
+            profiles=(("fast", DeviceProfile(1e6, 16, 1e12)),),
+            clients=("fast",),
+        )
+    )
     picks = []
     for cfg in (paper_devices, fast):
         bits, latency, table = quality.best_uniform_cut(cfg)
@@ -281,13 +313,19 @@ def test_reduced_scale_of_a_preset_and_its_estimate():
 
 
 def _result(acc: float, score: float, latency: float = 1.0) -> dict:
-    return {"domains": {"A": {"generation_score": score, "history": [[1, score]], "utility": {"accuracy": acc}}},
-            "modelled_latency_s": latency}
+    return {
+        "domains": {"A": {"generation_score": score, "history": [[1, score]], "utility": {"accuracy": acc}}},
+        "modelled_latency_s": latency,
+    }
 
 
 def test_answers_and_claims_follow_the_numbers():
-    results = {"huscf": _result(90.0, 8.0, 3.0), "no_clustering": _result(95.0, 9.0, 3.0),
-               "fedgan": _result(60.0, 4.0, 200.0), "local_only": _result(70.0, 5.0, 200.0)}
+    results = {
+        "huscf": _result(90.0, 8.0, 3.0),
+        "no_clustering": _result(95.0, 9.0, 3.0),
+        "fedgan": _result(60.0, 4.0, 200.0),
+        "local_only": _result(70.0, 5.0, 200.0),
+    }
     assert compare(results, "fedgan", "A", "accuracy")["answer"] == "yes"
     assert compare(results, "fedgan", "A", "accuracy")["difference"] == pytest.approx(30.0)
     assert compare(results, "no_clustering", "A", "generation score")["answer"] == "no"
@@ -306,11 +344,26 @@ def test_answers_and_claims_follow_the_numbers():
 
 def test_cli_estimate_only_and_bad_methods(tmp_path, capsys, bench_env):
     toml = tmp_path / "tiny.toml"
-    toml.write_text('[scenario]\nname = "tinytoml"\nsynthetic_train_per_class = 30\n\n[[scenario.domains]]\n'
-                    'dataset = "synthetic"\nclients = 2\n\n[train]\nbatch_size = 16\n')
+    toml.write_text(
+        '[scenario]\nname = "tinytoml"\nsynthetic_train_per_class = 30\n\n[[scenario.domains]]\n'
+        'dataset = "synthetic"\nclients = 2\n\n[train]\nbatch_size = 16\n'
+    )
     out = tmp_path / "out"
-    rc = bench_main(["quality", "--config", str(toml), "--estimate-only", "--allow-synthetic", "--out", str(out),
-                     "--data-dir", str(tmp_path / "nodata"), "--rounds", "1"])
+    rc = bench_main(
+        [
+            "quality",
+            "--config",
+            str(toml),
+            "--estimate-only",
+            "--allow-synthetic",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(tmp_path / "nodata"),
+            "--rounds",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0
     assert "cost estimate" in err and "scale factors" in err and "local_only" in err

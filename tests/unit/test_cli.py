@@ -56,8 +56,7 @@ def assert_usage_error(code: int, err: str, *needles: str) -> str:
 
 def train_argv(tmp_path: Path, config: str = "quickstart", *extra: str, data: Path | None = None) -> list[str]:
     data = data if data is not None else tmp_path / "data"
-    return ["train", "--config", config, "--data-dir", str(data), "--run-dir", str(tmp_path / "run"), "--quiet",
-            *extra]
+    return ["train", "--config", config, "--data-dir", str(data), "--run-dir", str(tmp_path / "run"), "--quiet", *extra]
 
 
 def assert_nothing_written(tmp_path: Path, data_before: dict | None = None) -> None:
@@ -73,8 +72,10 @@ def write(tmp_path: Path, name: str, text: str) -> str:
 
 
 def one_domain_toml(extra_scenario: str = "", extra_train: str = "", clients: int = 2) -> str:
-    return (f'[scenario]\nname = "t"\n{extra_scenario}\n[[scenario.domains]]\ndataset = "synthetic"\n'
-            f"clients = {clients}\n\n[train]\nrounds = 1\n{extra_train}\n")
+    return (
+        f'[scenario]\nname = "t"\n{extra_scenario}\n[[scenario.domains]]\ndataset = "synthetic"\n'
+        f"clients = {clients}\n\n[train]\nrounds = 1\n{extra_train}\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------- configuration
@@ -94,7 +95,7 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def test_malformed_toml(tmp_path, capsys):
-    path = write(tmp_path, "bad.toml", '[train\nrounds = 2\n')
+    path = write(tmp_path, "bad.toml", "[train\nrounds = 2\n")
     code, _, err = run_cli(capsys, train_argv(tmp_path, path))
     assert_usage_error(code, err, "malformed TOML", "bad.toml")
     assert_nothing_written(tmp_path)
@@ -120,7 +121,7 @@ def test_unknown_key(tmp_path, capsys, text, needles):
         (one_domain_toml().replace("rounds = 1", 'rounds = "two"'), ("train.rounds", "expected int", "str")),
         (one_domain_toml().replace("rounds = 1", "rounds = true"), ("train.rounds",)),
         (one_domain_toml().replace("clients = 2", "clients = 2.5"), ("scenario.domains[0].clients",)),
-        (one_domain_toml(extra_train="lr = \"fast\""), ("train.lr",)),
+        (one_domain_toml(extra_train='lr = "fast"'), ("train.lr",)),
         (one_domain_toml(extra_train="cuts = [[0, 1]]"), ("train.cuts",)),
         ("train = 3\n" + one_domain_toml().replace("[train]\nrounds = 1", ""), ("train: expected a table",)),
         (one_domain_toml().replace("rounds = 1", "rounds = 0"), ("train.rounds must be a positive integer",)),
@@ -145,8 +146,15 @@ def test_bad_option_values(tmp_path, capsys):
     assert_nothing_written(tmp_path)
 
 
-@pytest.mark.parametrize("argv", [["train"], ["train", "--config", "quickstart", "--rounds", "two"],
-                                  ["train", "--config", "quickstart", "--wire-dtype", "int8"], ["frobnicate"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train"],
+        ["train", "--config", "quickstart", "--rounds", "two"],
+        ["train", "--config", "quickstart", "--wire-dtype", "int8"],
+        ["frobnicate"],
+    ],
+)
 def test_argparse_errors_exit_2(tmp_path, capsys, argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -228,8 +236,7 @@ def test_more_clients_than_the_data_allows(tmp_path, capsys):
 
 def test_samples_cap_that_leaves_a_client_empty(tmp_path, capsys):
     # Highly non-IID label exclusions with 3 samples per class: some client ends up with nothing.
-    text = one_domain_toml(extra_scenario='synthetic_train_per_class = 1\ndistribution = "highly_noniid"',
-                           clients=10)
+    text = one_domain_toml(extra_scenario='synthetic_train_per_class = 1\ndistribution = "highly_noniid"', clients=10)
     code, _, err = run_cli(capsys, train_argv(tmp_path, write(tmp_path, "c.toml", text)))
     assert_usage_error(code, err, "would hold no samples", "use fewer clients")
     assert_nothing_written(tmp_path)
@@ -266,8 +273,9 @@ def test_existing_run_without_resume(tmp_path, capsys):
 def test_runtime_options_do_not_make_a_different_run(tmp_path, capsys):
     """Where a run executes (data dir, device, threads) is not what it is: still 'this run', not 'a different'."""
     before = _prepared_run_dir(tmp_path, load_config("quickstart"))
-    code, _, err = run_cli(capsys, train_argv(tmp_path, "quickstart", "--threads", "1", "--aggregators", "2",
-                                              data=tmp_path / "elsewhere"))
+    code, _, err = run_cli(
+        capsys, train_argv(tmp_path, "quickstart", "--threads", "1", "--aggregators", "2", data=tmp_path / "elsewhere")
+    )
     assert_usage_error(code, err, "already holds this run")
     assert snapshot(tmp_path / "run") == before
 
@@ -308,8 +316,9 @@ def test_data_check_smoke(tmp_path, capsys):
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out)}
     assert set(rows) == {"MNIST", "FashionMNIST", "KMNIST", "NotMNIST", "synthetic"}
-    assert rows["MNIST"]["found"] and rows["MNIST"]["verified"] and "60000 train / 10000 test" in rows["MNIST"][
-        "detail"]
+    assert (
+        rows["MNIST"]["found"] and rows["MNIST"]["verified"] and "60000 train / 10000 test" in rows["MNIST"]["detail"]
+    )
     assert not rows["FashionMNIST"]["found"] and not rows["FashionMNIST"]["corrupt"]
     assert rows["synthetic"]["verified"]
     # A corrupt file makes `data check` fail (exit 1) and say so.

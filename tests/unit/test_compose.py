@@ -26,8 +26,12 @@ COMPOSE = ROOT / "compose.yaml"
 DEFINITIONS = ROOT / "broker_config" / "definitions.json"
 ROLES = ("coordinator", "server", "clustering", "aggregator", "client")
 # The queue each role consumes; its broker user must be allowed to read it.
-ROLE_QUEUE = {"coordinator": "hfgan.coordinator", "server": "hfgan.server", "clustering": "hfgan.clustering",
-              "aggregator": "hfgan.aggregate"}
+ROLE_QUEUE = {
+    "coordinator": "hfgan.coordinator",
+    "server": "hfgan.server",
+    "clustering": "hfgan.clustering",
+    "aggregator": "hfgan.aggregate",
+}
 _YAML_TO_JSON = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
 
 
@@ -42,8 +46,10 @@ def _compose_cli() -> tuple[list[str], int]:
         m = re.match(r"v?(\d+)\.", res.stdout.strip())
         if res.returncode == 0 and m:
             return cmd, int(m.group(1))
-    pytest.fail("no compose CLI: install one to validate compose.yaml (as root: apt-get install -y docker-compose; "
-                "scripts/test.sh does it)")
+    pytest.fail(
+        "no compose CLI: install one to validate compose.yaml (as root: apt-get install -y docker-compose; "
+        "scripts/test.sh does it)"
+    )
 
 
 def _yaml_to_data(text: str, cmd: list[str]) -> Any:
@@ -140,8 +146,10 @@ def test_infrastructure_images_and_healthchecks(stack):
         test = svc.get("healthcheck", {}).get("test")
         assert test and probe in " ".join(test), f"{name} healthcheck {test!r}"
     # Ports: "host:container" strings (1.x) or {target: container, published: host} maps (v2).
-    targets = {str(p["target"]) if isinstance(p, dict) else str(p).removesuffix("/tcp").rsplit(":", 1)[-1]
-               for p in rabbit.get("ports", [])}
+    targets = {
+        str(p["target"]) if isinstance(p, dict) else str(p).removesuffix("/tcp").rsplit(":", 1)[-1]
+        for p in rabbit.get("ports", [])
+    }
     assert {"5672", "15672"} <= targets, f"AMQP and management UI ports are not published: {targets}"
     mounts = _mounts(rabbit)
     for name in ("rabbitmq.conf", "enabled_plugins", "definitions.json"):
@@ -223,8 +231,11 @@ def test_clients_log_in_as_the_user_of_their_slot(stack, definitions):
         assert check_password_hash(password, users[user]["password_hash"]), f"{user}: wrong development password"
         assert re.fullmatch(perms[user]["read"], f"hfgan.client.{k}")
         assert not re.fullmatch(perms[user]["read"], f"hfgan.client.{(k + 1) % 4}")
-    guest = [s for s, svc in stack["services"].items()
-             if _user_and_password(_env(svc).get("HFGAN_BROKER_URL", "amqp://x@h"), 0)[0] == "guest"]
+    guest = [
+        s
+        for s, svc in stack["services"].items()
+        if _user_and_password(_env(svc).get("HFGAN_BROKER_URL", "amqp://x@h"), 0)[0] == "guest"
+    ]
     assert not guest, f"guest does not exist when definitions load at boot: {guest}"
 
 

@@ -242,8 +242,9 @@ def test_missing_dataset_falls_back_only_when_allowed(tmp_path):
         load_domain("FashionMNIST", tmp_path)
     assert "not found" in _one_line(exc) and "hfgan data prepare" in str(exc.value)
     logged: list[str] = []
-    d = load_domain("FashionMNIST", tmp_path, synthetic_train_per_class=20, allow_synthetic_fallback=True,
-                    log=logged.append)
+    d = load_domain(
+        "FashionMNIST", tmp_path, synthetic_train_per_class=20, allow_synthetic_fallback=True, log=logged.append
+    )
     assert d.source == "synthetic" and d.notice and "FashionMNIST not available" in d.notice
     assert logged == [d.notice]
     assert (len(d.train), len(d.test)) == (200, 1000)

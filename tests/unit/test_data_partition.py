@@ -28,9 +28,7 @@ def _labels_only(name: str, n: int, seed: int = 0) -> ImageSet:
 
 
 def _scenario(dist: str, domains: list[tuple[str, int, int | None]], **kw) -> ScenarioConfig:
-    sc = ScenarioConfig(
-        name="t", distribution=dist, domains=tuple(DomainConfig(d, c, s) for d, c, s in domains), **kw
-    )
+    sc = ScenarioConfig(name="t", distribution=dist, domains=tuple(DomainConfig(d, c, s) for d, c, s in domains), **kw)
     sc.validate()
     return sc
 
@@ -209,8 +207,12 @@ def _train_small_cnn(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: tor
     """Test accuracy of a tiny CNN after 3 epochs: the "a small classifier learns it" bar."""
     torch.manual_seed(0)
     m = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 5, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 5, stride=2), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, classes),
+        torch.nn.Conv2d(1, 8, 5, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 5, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 4 * 4, classes),
     )
     opt = torch.optim.Adam(m.parameters(), 3e-3)
     for _ in range(3):

@@ -119,7 +119,10 @@ def band_set(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_perfect_generator_scores_the_exponentiated_label_entropy_close_to_ten():
     seen: list[torch.Tensor] = []
     score = generation_score(
-        label_coded_generator(seen), LabelReader(), n_samples=5000, batch_size=512,
+        label_coded_generator(seen),
+        LabelReader(),
+        n_samples=5000,
+        batch_size=512,
         generator=torch.Generator().manual_seed(1),
     )
     labels = torch.cat(seen)
@@ -133,7 +136,10 @@ def test_perfect_generator_scores_the_exponentiated_label_entropy_close_to_ten()
 
 def test_identical_predictions_score_one():
     score = generation_score(
-        label_coded_generator(), ConstantClassifier(), n_samples=700, batch_size=64,
+        label_coded_generator(),
+        ConstantClassifier(),
+        n_samples=700,
+        batch_size=64,
         generator=torch.Generator().manual_seed(0),
     )
     assert score == pytest.approx(1.0, abs=1e-12)
@@ -238,8 +244,9 @@ def test_evaluate_generators_per_domain():
     assert res["MNIST"]["generation_score"] > 9.5
     assert res["FashionMNIST"]["generation_score"] == pytest.approx(1.0, abs=1e-9)
     assert res["FashionMNIST"]["utility"]["accuracy"] > 80
-    again = evaluate_generators({"MNIST": label_coded_generator()}, {"MNIST": LabelReader()}, None,
-                                settings.replace(utility=False))
+    again = evaluate_generators(
+        {"MNIST": label_coded_generator()}, {"MNIST": LabelReader()}, None, settings.replace(utility=False)
+    )
     assert again["MNIST"]["generation_score"] == res["MNIST"]["generation_score"]  # independent of other domains
     assert "utility" not in again["MNIST"]
     with pytest.raises(ConfigError):
@@ -294,15 +301,17 @@ def test_class_grid_has_one_row_per_class(tmp_path):
 
 
 def test_plot_scores_writes_a_png(tmp_path):
-    path = plot_scores({"MNIST": [(1, 2.0), (2, 3.5), (3, float("nan"))], "FashionMNIST": [(1, 1.5)]},
-                       tmp_path / "scores.png")
+    path = plot_scores(
+        {"MNIST": [(1, 2.0), (2, 3.5), (3, float("nan"))], "FashionMNIST": [(1, 1.5)]}, tmp_path / "scores.png"
+    )
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
 def test_write_json_atomic(tmp_path):
-    p = write_json_atomic(tmp_path / "summary.json",
-                          {"a": np.float32(1.5), "t": torch.tensor([1, 2]), "bad": float("inf"), "p": tmp_path})
+    p = write_json_atomic(
+        tmp_path / "summary.json", {"a": np.float32(1.5), "t": torch.tensor([1, 2]), "bad": float("inf"), "p": tmp_path}
+    )
     assert json.loads(p.read_text()) == {"a": 1.5, "t": [1, 2], "bad": None, "p": str(tmp_path)}
     assert [x.name for x in tmp_path.iterdir()] == ["summary.json"]
 
@@ -311,8 +320,14 @@ def test_metrics_log_jsonl_and_csv(tmp_path):
     log = MetricsLog(tmp_path)
     log.append({"round": 1, "wall_s": 1.25, "clusters": [[0, 1], [2]], "generation_score": {"MNIST": 2.5}})
     log.append({"round": 2, "wall_s": 1.5, "clusters": [[0, 1], [2]], "generation_score": {"MNIST": 3.0}})
-    log.append({"round": 3, "wall_s": 1.0, "generation_score": {"MNIST": 3.5, "FashionMNIST": 2.0},
-                "loss": {"d": torch.tensor(0.5)}})
+    log.append(
+        {
+            "round": 3,
+            "wall_s": 1.0,
+            "generation_score": {"MNIST": 3.5, "FashionMNIST": 2.0},
+            "loss": {"d": torch.tensor(0.5)},
+        }
+    )
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
     assert json.loads(lines[2])["loss"] == {"d": 0.5}
@@ -415,8 +430,23 @@ def test_fit_scoring_classifier_on_5k_mnist_one_epoch(mnist_subset):
 def test_cli_fit_classifiers(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="hfgan")
     eval_cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "fit-classifiers", "--data-dir", str(SHARED), "--datasets", "MNIST",
-                              "--epochs", "1", "--limit", "1500", "--out", str(tmp_path / "cls"), "--quiet"])
+    args = parser.parse_args(
+        [
+            "eval",
+            "fit-classifiers",
+            "--data-dir",
+            str(SHARED),
+            "--datasets",
+            "MNIST",
+            "--epochs",
+            "1",
+            "--limit",
+            "1500",
+            "--out",
+            str(tmp_path / "cls"),
+            "--quiet",
+        ]
+    )
     assert eval_cli.run(args) == 0
     assert "MNIST" in capsys.readouterr().out
     rec = read_classifier_record(tmp_path / "cls" / "MNIST.pt", "MNIST")

@@ -48,8 +48,14 @@ RUN = "guards"
 def _cfg(clients: int = 3, rounds: int = 1, **train) -> RunConfig:
     return RunConfig(
         scenario=ScenarioConfig(domains=(DomainConfig("synthetic", clients),)),
-        train=TrainConfig(rounds=rounds, local_epochs=1, steps_per_epoch=1, batch_size=8,
-                          cuts=((0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0)), **train),
+        train=TrainConfig(
+            rounds=rounds,
+            local_epochs=1,
+            steps_per_epoch=1,
+            batch_size=8,
+            cuts=((0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0)),
+            **train,
+        ),
         runtime=RuntimeConfig(),
     ).validate()
 
@@ -63,8 +69,15 @@ def _client(delay=None) -> ClientRole:
 
 
 def _start(participants=(0,)) -> RoundStart:
-    return RoundStart(run=RUN, round=1, sender="coordinator", participants=participants,
-                      cuts=((0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0)), steps=1, deadline=time.time() + 600)
+    return RoundStart(
+        run=RUN,
+        round=1,
+        sender="coordinator",
+        participants=participants,
+        cuts=((0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0)),
+        steps=1,
+        deadline=time.time() + 600,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- client
@@ -75,19 +88,34 @@ def test_a_model_assignment_of_wrong_shapes_changes_nothing_the_client_holds():
     held = client.holder.held()
     # Keys of the blocks a client holds with cut bits 1111, every tensor of the wrong shape.
     arch, full = architecture(client.ctx.cfg.model), client._full
-    keys = [k for spec in arch.nets for k in canonical_state(
-        spec.name, {i: full[spec.name][i] for i in spec.client_blocks(*CutBits(1, 1, 1, 1).for_net(spec.name))})]
-    bad = ModelAssignment(run=RUN, round=1, sender="aggregator.0", client=0, cluster=0,
-                          state={k: torch.zeros(2, 3) for k in keys})
+    keys = [
+        k
+        for spec in arch.nets
+        for k in canonical_state(
+            spec.name, {i: full[spec.name][i] for i in spec.client_blocks(*CutBits(1, 1, 1, 1).for_net(spec.name))}
+        )
+    ]
+    bad = ModelAssignment(
+        run=RUN, round=1, sender="aggregator.0", client=0, cluster=0, state={k: torch.zeros(2, 3) for k in keys}
+    )
     with pytest.raises(WireError, match="bad_shape"):
         client.on_message(bad)
     assert client.cuts == CutBits(0, 0, 0, 0) and client.holder.held() == held
     after = client.holder.state()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     # The same keys with the right shapes are a valid assignment: the client then holds the 1111 blocks.
-    good = ModelAssignment(run=RUN, round=1, sender="aggregator.0", client=0, cluster=0,
-                           state={k: torch.ones_like(v) for spec in arch.nets for k, v in canonical_state(
-                               spec.name, {i: full[spec.name][i] for i in spec.client_blocks(1, 1)}).items()})
+    good = ModelAssignment(
+        run=RUN,
+        round=1,
+        sender="aggregator.0",
+        client=0,
+        cluster=0,
+        state={
+            k: torch.ones_like(v)
+            for spec in arch.nets
+            for k, v in canonical_state(spec.name, {i: full[spec.name][i] for i in spec.client_blocks(1, 1)}).items()
+        },
+    )
     client.on_message(good)
     assert client.cuts == CutBits(1, 1, 1, 1) and set(client.holder.state()) == set(keys)
 
@@ -116,24 +144,35 @@ def _coordinator(clients: int = 3) -> CoordinatorRole:
 
 def test_a_round_report_for_a_round_not_started_leaves_no_ledger_mark():
     role = _coordinator()
-    msg = RoundDone(run=RUN, round=9, sender="client.0", client=0, n_samples=16, steps_done=1, update_digest="u",
-                    metrics={})
+    msg = RoundDone(
+        run=RUN, round=9, sender="client.0", client=0, n_samples=16, steps_done=1, update_digest="u", metrics={}
+    )
     with pytest.raises(Reject, match="^stale"):
         role.on_message(msg)
     assert role.ctx.store.round_clients(RUN, 9) == {}
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"assignment": {"0": 0, "7": 1}}, "malformed"),  # a client the run does not have
-    ({"assignment": {"0": 0, "1": 5}}, "malformed"),  # a cluster id >= k
-    ({"kld_global": {"0": 0.1, "x": 0.2}}, "malformed"),
-    ({"k": 0}, "malformed"),
-    ({"sender": "client.0"}, "bad_sender"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"assignment": {"0": 0, "7": 1}}, "malformed"),  # a client the run does not have
+        ({"assignment": {"0": 0, "1": 5}}, "malformed"),  # a cluster id >= k
+        ({"kld_global": {"0": 0.1, "x": 0.2}}, "malformed"),
+        ({"k": 0}, "malformed"),
+        ({"sender": "client.0"}, "bad_sender"),
+    ],
+)
 def test_a_clustering_result_must_describe_the_runs_clients(change, reason):
     role = _coordinator()
-    good = ClusterResult(run=RUN, round=1, sender="clustering", assignment={"0": 0, "1": 1, "2": 0},
-                         kld_intra={"0": 0.1, "1": 0.0, "2": 0.2}, kld_global={"0": 0.1, "1": 0.3, "2": 0.2}, k=2)
+    good = ClusterResult(
+        run=RUN,
+        round=1,
+        sender="clustering",
+        assignment={"0": 0, "1": 1, "2": 0},
+        kld_intra={"0": 0.1, "1": 0.0, "2": 0.2},
+        kld_global={"0": 0.1, "1": 0.3, "2": 0.2},
+        k=2,
+    )
     with pytest.raises(Reject, match=f"^{reason}"):
         role.on_message(dataclasses.replace(good, **change))
     assert role.cluster_result is None
@@ -145,13 +184,34 @@ def test_an_aggregation_result_must_be_the_recorded_model():
     role = _coordinator()
     store = role.ctx.store
     role.phase = "aggregating"
-    role.jobs = {0: AggregateJob(run=RUN, round=1, sender="coordinator", cluster=0, members=(0,), weights=(1.0,),
-                                 recipients=(0,), cuts=((0, 0, 0, 0),), update_ids={"0": "a", "server": "b"}),
-                 -1: AggregateJob(run=RUN, round=1, sender="coordinator", cluster=-1, members=(0,), weights=(1.0,),
-                                  recipients=(), cuts=(), update_ids={"0": "a", "server": "b"})}
+    role.jobs = {
+        0: AggregateJob(
+            run=RUN,
+            round=1,
+            sender="coordinator",
+            cluster=0,
+            members=(0,),
+            weights=(1.0,),
+            recipients=(0,),
+            cuts=((0, 0, 0, 0),),
+            update_ids={"0": "a", "server": "b"},
+        ),
+        -1: AggregateJob(
+            run=RUN,
+            round=1,
+            sender="coordinator",
+            cluster=-1,
+            members=(0,),
+            weights=(1.0,),
+            recipients=(),
+            cuts=(),
+            update_ids={"0": "a", "server": "b"},
+        ),
+    }
     model = {"G.0.w": torch.ones(3)}
-    done = AggregateDone(run=RUN, round=1, sender="aggregator.0", cluster=0, members=(0,),
-                         digest=state_digest(model), state=model)
+    done = AggregateDone(
+        run=RUN, round=1, sender="aggregator.0", cluster=0, members=(0,), digest=state_digest(model), state=model
+    )
     with pytest.raises(Reject, match="^unrecorded"):
         role.on_message(done)  # no aggregator recorded this digest
     store.set_model_digest(RUN, 1, 0, done.digest)
@@ -170,8 +230,11 @@ def test_a_round_aggregates_when_an_arrived_client_has_no_kld_score():
 
     def without_client_1(address, msg):
         if isinstance(msg, ClusterResult):
-            msg = dataclasses.replace(msg, kld_intra={k: v for k, v in msg.kld_intra.items() if k != "1"},
-                                      kld_global={k: v for k, v in msg.kld_global.items() if k != "1"})
+            msg = dataclasses.replace(
+                msg,
+                kld_intra={k: v for k, v in msg.kld_intra.items() if k != "1"},
+                kld_global={k: v for k, v in msg.kld_global.items() if k != "1"},
+            )
         send(address, msg)
 
     runner.clustering.send = without_client_1
@@ -195,8 +258,17 @@ def test_the_clustering_service_takes_summaries_of_the_current_round_only():
 
 def test_aggregators_do_only_the_jobs_the_ledger_records():
     role = AggregatorRole(_ctx())
-    job = AggregateJob(run=RUN, round=1, sender="coordinator", cluster=0, members=(0,), weights=(1.0,),
-                       recipients=(0,), cuts=((0, 0, 0, 0),), update_ids={"0": "a", "server": "b"})
+    job = AggregateJob(
+        run=RUN,
+        round=1,
+        sender="coordinator",
+        cluster=0,
+        members=(0,),
+        weights=(1.0,),
+        recipients=(0,),
+        cuts=((0, 0, 0, 0),),
+        update_ids={"0": "a", "server": "b"},
+    )
     with pytest.raises(Reject, match="^unknown_job"):
         role.on_message(job)
     role.ctx.store.put_doc(RUN, 1, ledger.job_name(0), job_document(job))

@@ -271,8 +271,9 @@ def test_weights_first_two_rounds_are_proportional_and_one_cluster():
 def test_weights_from_round_three_intra_global_and_single_member():
     w = aggregation_weights(3, [0, 1, 2, 3], N, ASSIGN, INTRA, GLOBAL)
     # 100 e^-0.1, 200 e^-0.5, 300 e^-0.2 normalised (computed by hand with a calculator / math.exp).
-    assert w.clusters[0] == pytest.approx({0: 0.197817974913423, 1: 0.2652027081012853, 2: 0.5369793169852917},
-                                          rel=1e-12)
+    assert w.clusters[0] == pytest.approx(
+        {0: 0.197817974913423, 1: 0.2652027081012853, 2: 0.5369793169852917}, rel=1e-12
+    )
     assert w.clusters[1] == {3: 1.0}  # single member: exactly 1, whatever its KLD
     # 100 e^-0.3, 200 e^-0.1, 300 e^-0.4, 50 e^-0.2 normalised.
     assert w.global_ == pytest.approx(
@@ -287,8 +288,7 @@ def test_weights_renormalise_over_arrived_clients():
     w = aggregation_weights(5, [0, 2, 3], N, ASSIGN, INTRA, GLOBAL)
     a, b = 100 * math.exp(-0.1), 300 * math.exp(-0.2)
     assert w.clusters[0] == pytest.approx({0: a / (a + b), 2: b / (a + b)}, rel=1e-12)
-    assert w.global_ == pytest.approx({0: 0.23435132430159433, 2: 0.6361495415830873, 3: 0.1294991341153184},
-                                      rel=1e-12)
+    assert w.global_ == pytest.approx({0: 0.23435132430159433, 2: 0.6361495415830873, 3: 0.1294991341153184}, rel=1e-12)
     # A cluster with no arrived member has no weights; its clients keep their model.
     w = aggregation_weights(5, [0, 1], N, ASSIGN, INTRA, GLOBAL)
     assert list(w.clusters) == [0] and list(w.global_) == [0, 1]
@@ -471,8 +471,9 @@ def test_weighted_average_precision_and_integer_rounding():
     rng = np.random.default_rng(0)
     xs = [rng.normal(size=(4, 5)).astype(np.float32) for _ in range(3)]
     ws = [0.2, 0.3, 0.5]
-    states = [{"a": torch.from_numpy(x), "n": torch.tensor(v, dtype=torch.int64)} for x, v in zip(xs, (1, 2, 4),
-                                                                                                      strict=True)]
+    states = [
+        {"a": torch.from_numpy(x), "n": torch.tensor(v, dtype=torch.int64)} for x, v in zip(xs, (1, 2, 4), strict=True)
+    ]
     out = weighted_average(states, ws)
     acc = np.zeros((4, 5))
     for x, w in zip(xs, ws, strict=True):

@@ -48,13 +48,17 @@ def _reference_path() -> Path:
     env = os.environ.get("HFGAN_REFERENCE_DIR")
     candidates = [Path(env) / "cut_selection" / "ga_ref20.json"] if env else []
     root = Path(__file__).resolve().parents[2]
-    candidates += [root / "tests" / "data" / "ga_ref20.json",
-                   root.parent / "shared" / "reference" / "cut_selection" / "ga_ref20.json"]
+    candidates += [
+        root / "tests" / "data" / "ga_ref20.json",
+        root.parent / "shared" / "reference" / "cut_selection" / "ga_ref20.json",
+    ]
     for c in candidates:
         if c.is_file():
             return c
-    raise FileNotFoundError(f"ga_ref20.json not found (looked in {', '.join(map(str, candidates))}); "
-                            "set HFGAN_REFERENCE_DIR to the reference directory")
+    raise FileNotFoundError(
+        f"ga_ref20.json not found (looked in {', '.join(map(str, candidates))}); "
+        "set HFGAN_REFERENCE_DIR to the reference directory"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +91,23 @@ def _random_clients(rng: np.random.Generator, n: int) -> list[DeviceProfile]:
         if out and rng.random() < 0.2:  # some duplicates: ties must not break exactness
             out.append(out[int(rng.integers(len(out)))])
             continue
-        out.append(DeviceProfile(float(np.exp(rng.uniform(np.log(100), np.log(20000)))), int(rng.integers(1, 17)),
-                                 float(np.exp(rng.uniform(np.log(1e6), np.log(2e9))))))
+        out.append(
+            DeviceProfile(
+                float(np.exp(rng.uniform(np.log(100), np.log(20000)))),
+                int(rng.integers(1, 17)),
+                float(np.exp(rng.uniform(np.log(1e6), np.log(2e9)))),
+            )
+        )
     return out
 
 
 def _random_server(rng: np.random.Generator) -> ServerProfile:
     # From a server that is a bottleneck to one that is not.
-    return ServerProfile(float(rng.uniform(0.5, 60)), float(rng.choice([1, 4, 16])),
-                         float(np.exp(rng.uniform(np.log(1e7), np.log(1e10)))))
+    return ServerProfile(
+        float(rng.uniform(0.5, 60)),
+        float(rng.choice([1, 4, 16])),
+        float(np.exp(rng.uniform(np.log(1e7), np.log(1e10)))),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -165,7 +177,8 @@ def test_reproduces_all_200_fitness_vectors(paper_costs, ref):
     for v in vectors[::20]:  # the one-assignment entry point agrees
         assert iteration_latency(paper_costs, clients, server, v["cuts"]) == pytest.approx(v["latency_s"], rel=1e-9)
     assert iteration_latency(paper_costs, clients, server, ref["best_cuts"]) == pytest.approx(
-        ref["best_latency_s"], rel=1e-9)
+        ref["best_latency_s"], rel=1e-9
+    )
 
 
 def test_breakdown_is_consistent(paper_costs, ref):
@@ -215,7 +228,7 @@ def test_latency_rejects_bad_input(paper_costs):
 
 
 def _all_assignments(n: int) -> np.ndarray:
-    codes = np.arange(16 ** n)
+    codes = np.arange(16**n)
     bits = (codes[:, None] >> np.arange(4 * n)[None, ::-1]) & 1
     return bits.reshape(-1, n, 4).astype(np.int8)
 
@@ -236,7 +249,7 @@ def test_planner_equals_brute_force(n, paper_costs, corrected_costs):
 
 def _column_brute_force(alpha, a, b, beta, c, d) -> float:
     n = len(a)
-    masks = ((np.arange(2 ** n)[:, None] >> np.arange(n)[None, :]) & 1).astype(bool)  # True: bit 0
+    masks = ((np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1).astype(bool)  # True: bit 0
     cnt = masks.sum(axis=1)
     first = np.maximum(alpha * cnt + np.where(masks, a, 0).max(axis=1), np.where(~masks, b, 0).max(axis=1))
     second = np.maximum(beta * cnt + np.where(masks, c, 0).max(axis=1), np.where(~masks, d, 0).max(axis=1))
@@ -280,8 +293,13 @@ def test_effective_profiles_match_the_measurement(paper_costs):
     claimed = [PAPER_DEVICE_PROFILES[k] for k in ("device1", "device3", "device6")]
     cuts = [[0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0]]
     predicted = [predicted_compute_seconds(paper_costs, p, c) for p, c in zip(claimed, cuts, strict=True)]
-    eff = effective_profiles({1: predicted[1] * 4.0, 2: [predicted[2] * 0.5, 99.0, predicted[2] * 0.5]}, cuts,
-                             paper_costs, claimed, ServerProfile())
+    eff = effective_profiles(
+        {1: predicted[1] * 4.0, 2: [predicted[2] * 0.5, 99.0, predicted[2] * 0.5]},
+        cuts,
+        paper_costs,
+        claimed,
+        ServerProfile(),
+    )
     assert eff[0] == claimed[0]  # not measured
     assert eff[1].cpu_mhz == pytest.approx(claimed[1].cpu_mhz / 4.0)
     assert eff[1].data_rate == claimed[1].data_rate and eff[1].flops_per_cycle == claimed[1].flops_per_cycle
@@ -289,8 +307,9 @@ def test_effective_profiles_match_the_measurement(paper_costs):
     assert client_gflops(paper_costs, "0000") < client_gflops(paper_costs, "1111")
     # A slower device gets fewer client-side blocks after re-planning.
     before = plan_cuts(paper_costs, claimed, ServerProfile())
-    slowed = effective_profiles({1: predicted_compute_seconds(paper_costs, claimed[1], before.cuts[1]) * 200},
-                                before.cuts, paper_costs, claimed)
+    slowed = effective_profiles(
+        {1: predicted_compute_seconds(paper_costs, claimed[1], before.cuts[1]) * 200}, before.cuts, paper_costs, claimed
+    )
     after = plan_cuts(paper_costs, slowed, ServerProfile())
     assert sum(after.cuts[1]) < sum(before.cuts[1])
     with pytest.raises(ValueError):
@@ -304,7 +323,8 @@ def test_plan_for_run(paper_costs):
     cfg = RunConfig(scenario=scenario, devices=DevicesConfig(clients=("device1", "device3")))
     plan = plan_for_run(cfg)
     clients = [PAPER_DEVICE_PROFILES["device1"], PAPER_DEVICE_PROFILES["device3"]] * 2 + [
-        PAPER_DEVICE_PROFILES["device1"]]
+        PAPER_DEVICE_PROFILES["device1"]
+    ]
     assert plan.latency_s == pytest.approx(plan_cuts(paper_costs, clients, ServerProfile()).latency_s)
     fixed = cfg.replace(train=TrainConfig(cuts=((1, 1, 1, 1), (0, 0, 0, 0))))
     given = plan_for_run(fixed)
@@ -323,9 +343,14 @@ def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_cli_plans_a_json_file(tmp_path, capsys, paper_costs):
-    doc = {"server": {"computational_frequency_ghz": 42, "cpu_cycles_per_flop": 16, "transmission_rate_bps": 1e9},
-           "clients": [{"cpu_mhz": 480, "flops_per_cycle": 1, "data_rate": 5e7}, "device3",
-                       {"cpu_mhz": 9000, "flops_per_cycle": 4, "data_rate": 1e8, "name": "edge"}]}
+    doc = {
+        "server": {"computational_frequency_ghz": 42, "cpu_cycles_per_flop": 16, "transmission_rate_bps": 1e9},
+        "clients": [
+            {"cpu_mhz": 480, "flops_per_cycle": 1, "data_rate": 5e7},
+            "device3",
+            {"cpu_mhz": 9000, "flops_per_cycle": 4, "data_rate": 1e8, "name": "edge"},
+        ],
+    }
     path = tmp_path / "profiles.json"
     path.write_text(json.dumps(doc))
     code, out, err = _run_cli(capsys, str(path), "--json")
@@ -346,8 +371,9 @@ def test_cli_plans_a_json_file(tmp_path, capsys, paper_costs):
 
 def test_cli_toml_presets_and_options(tmp_path, capsys, ref):
     path = tmp_path / "profiles.toml"
-    path.write_text('clients = ["fast", "device1"]\n\n[profiles.fast]\ncpu_mhz = 20000\nflops_per_cycle = 16\n'
-                    'data_rate = 2e9\n')
+    path.write_text(
+        'clients = ["fast", "device1"]\n\n[profiles.fast]\ncpu_mhz = 20000\nflops_per_cycle = 16\ndata_rate = 2e9\n'
+    )
     code, out, _ = _run_cli(capsys, str(path), "--json", "--batch-size", "32", "--cost-model", "corrected")
     assert code == 0 and len(json.loads(out)["cuts"]) == 2
     code, out, _ = _run_cli(capsys, "paper_ga20", "--json")
@@ -360,29 +386,40 @@ def test_cli_toml_presets_and_options(tmp_path, capsys, ref):
     assert code == 0 and len(json.loads(out)["cuts"]) == 30
     # A run config: its devices cycled over its scenario's clients, its batch size and cost model.
     run = tmp_path / "run.toml"
-    run.write_text('[[scenario.domains]]\ndataset = "MNIST"\nclients = 5\n\n[train]\nbatch_size = 32\n'
-                   'cost_model = "corrected"\n\n[devices]\nclients = ["device1", "device7"]\n')
+    run.write_text(
+        '[[scenario.domains]]\ndataset = "MNIST"\nclients = 5\n\n[train]\nbatch_size = 32\n'
+        'cost_model = "corrected"\n\n[devices]\nclients = ["device1", "device7"]\n'
+    )
     code, out, _ = _run_cli(capsys, str(run), "--json")
     clients = [PAPER_DEVICE_PROFILES["device1"], PAPER_DEVICE_PROFILES["device7"]] * 2 + [
-        PAPER_DEVICE_PROFILES["device1"]]
+        PAPER_DEVICE_PROFILES["device1"]
+    ]
     expected = plan_cuts(compute_costs(batch_size=32, cost_model="corrected"), clients, ServerProfile())
     assert code == 0 and json.loads(out)["latency_s"] == pytest.approx(expected.latency_s, rel=1e-12)
 
 
-@pytest.mark.parametrize("doc, cuts", [
-    ({"clients": [{"cpu_mhz": 480, "flops_per_cycle": 1}]}, None),  # missing field
-    ({"clients": [{"cpu_mhz": 0, "flops_per_cycle": 1, "data_rate": 5e7}]}, None),  # non-positive speed
-    ({"clients": [{"cpu_mhz": 480, "flops_per_cycle": 1, "data_rate": -5}]}, None),  # non-positive rate
-    ({"server": {"computational_frequency_ghz": 42, "cpu_cycles_per_flop": 0, "transmission_rate_bps": 1e9},
-      "clients": ["device1"]}, None),
-    ({"server": {"computational_frequency_ghz": 42}, "clients": ["device1"]}, None),  # incomplete server
-    ({"clients": []}, None),  # empty client list
-    ({"clients": ["device9"]}, None),  # unknown profile
-    ({"clients": ["device1"], "colour": "red"}, None),  # unknown key
-    ({"clients": ["device1", "device2"]}, [[1, 1, 1]]),  # cuts of the wrong length (and count)
-    ({"clients": ["device1", "device2"]}, [[1, 1, 1, 1]]),  # wrong count
-    ({"clients": ["device1"]}, [[1, 2, 1, 1]]),  # not a bit
-])
+@pytest.mark.parametrize(
+    "doc, cuts",
+    [
+        ({"clients": [{"cpu_mhz": 480, "flops_per_cycle": 1}]}, None),  # missing field
+        ({"clients": [{"cpu_mhz": 0, "flops_per_cycle": 1, "data_rate": 5e7}]}, None),  # non-positive speed
+        ({"clients": [{"cpu_mhz": 480, "flops_per_cycle": 1, "data_rate": -5}]}, None),  # non-positive rate
+        (
+            {
+                "server": {"computational_frequency_ghz": 42, "cpu_cycles_per_flop": 0, "transmission_rate_bps": 1e9},
+                "clients": ["device1"],
+            },
+            None,
+        ),
+        ({"server": {"computational_frequency_ghz": 42}, "clients": ["device1"]}, None),  # incomplete server
+        ({"clients": []}, None),  # empty client list
+        ({"clients": ["device9"]}, None),  # unknown profile
+        ({"clients": ["device1"], "colour": "red"}, None),  # unknown key
+        ({"clients": ["device1", "device2"]}, [[1, 1, 1]]),  # cuts of the wrong length (and count)
+        ({"clients": ["device1", "device2"]}, [[1, 1, 1, 1]]),  # wrong count
+        ({"clients": ["device1"]}, [[1, 2, 1, 1]]),  # not a bit
+    ],
+)
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, doc, cuts):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(doc))
@@ -413,6 +450,7 @@ def test_column_brute_force_helper_is_itself_right():
     # Guards the brute force used above against the direct definition on a small case.
     rng = np.random.default_rng(11)
     a, b, c, d = (rng.random(5) for _ in range(4))
-    direct = min(column_cost(np.array(m, dtype=bool), 0.3, a, b, 0.2, c, d)
-                 for m in itertools.product([False, True], repeat=5))
+    direct = min(
+        column_cost(np.array(m, dtype=bool), 0.3, a, b, 0.2, c, d) for m in itertools.product([False, True], repeat=5)
+    )
     assert _column_brute_force(0.3, a, b, 0.2, c, d) == pytest.approx(direct, rel=1e-15)

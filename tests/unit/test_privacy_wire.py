@@ -61,8 +61,9 @@ class SpiedData(TensorClientData):
 def test_nothing_private_leaves_a_client(monkeypatch):
     cfg = RunConfig(
         scenario=ScenarioConfig(domains=(DomainConfig("synthetic", 4),)),
-        train=TrainConfig(rounds=3, local_epochs=1, steps_per_epoch=2, batch_size=B, cuts=tuple(CUTS),
-                          kld_from_round=2, clusters=2),
+        train=TrainConfig(
+            rounds=3, local_epochs=1, steps_per_epoch=2, batch_size=B, cuts=tuple(CUTS), kld_from_round=2, clusters=2
+        ),
         runtime=RuntimeConfig(),
     ).validate()
     transport, store = MemoryTransport(), MemoryRoundStore()
@@ -87,6 +88,7 @@ def test_nothing_private_leaves_a_client(monkeypatch):
         return out
 
     import hfgan_core.runtime.client as client_mod
+
     monkeypatch.setattr(client_mod.torch, "randn", spy_randn)
     datas = [SpiedData(100, seed=i, batches=batches) for i in range(4)]
     runner = EmbeddedRunner(cfg, datas, [0, 0, 0, 0], run_id="priv", transport=transport, store=store)
@@ -151,7 +153,7 @@ def test_nothing_private_leaves_a_client(monkeypatch):
     for (x, y), z in zip(batches, noise):
         for t in (x, y, z):
             raw = t.contiguous().numpy().tobytes()
-            needles.append(raw[len(raw) // 2: len(raw) // 2 + 48])
+            needles.append(raw[len(raw) // 2 : len(raw) // 2 + 48])
     for needle in needles:
         assert not any(needle in body for body in bodies)
 

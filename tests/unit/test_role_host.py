@@ -62,8 +62,15 @@ def server():
 
 
 def _start(transport: MemoryTransport, participants=(0,), run: str = RUN) -> RoundStart:
-    msg = RoundStart(run=run, round=1, sender="coordinator", participants=participants, cuts=CUTS, steps=1,
-                     deadline=time.time() + 600)
+    msg = RoundStart(
+        run=run,
+        round=1,
+        sender="coordinator",
+        participants=participants,
+        cuts=CUTS,
+        steps=1,
+        deadline=time.time() + 600,
+    )
     transport.publish(SERVER, msg.encode())
     return msg
 
@@ -107,13 +114,29 @@ def test_server_dead_letters_a_wrong_shape_and_keeps_working(server):
 
     # Next phase: D head outputs of the wrong shape are rejected, the right ones answered with D middle outputs.
     shape = (B, *d.head_output_shape(0))
-    bad = DHeadOut(run=RUN, round=1, step=0, sender=client_address(0), client=0, phase="d",
-                   fake=torch.randn(shape), real=torch.randn(B, *d.head_output_shape(1)))
+    bad = DHeadOut(
+        run=RUN,
+        round=1,
+        step=0,
+        sender=client_address(0),
+        client=0,
+        phase="d",
+        fake=torch.randn(shape),
+        real=torch.randn(B, *d.head_output_shape(1)),
+    )
     transport.publish(SERVER, bad.encode())
     transport.process()
     assert _reasons(transport)[-1].startswith("bad_shape") and "d_head_out.real" in _reasons(transport)[-1]
-    good = DHeadOut(run=RUN, round=1, step=0, sender=client_address(0), client=0, phase="d",
-                    fake=torch.randn(shape), real=torch.randn(shape))
+    good = DHeadOut(
+        run=RUN,
+        round=1,
+        step=0,
+        sender=client_address(0),
+        client=0,
+        phase="d",
+        fake=torch.randn(shape),
+        real=torch.randn(shape),
+    )
     transport.publish(SERVER, good.encode())
     transport.process()
     assert len(transport.dead_letters()) == 3
@@ -141,8 +164,10 @@ def test_wrong_run_is_rejected(server):
 def test_undecodable_and_unexpected_kinds_are_dead_lettered(server):
     transport, role, host, inbox = server
     transport.publish(SERVER, b"\x93not msgpack of a message")
-    transport.publish(SERVER, Join(run=RUN, round=0, sender="client.0", client=0, domain=0, n_samples=10,
-                                   profile={"cpu_mhz": 1.0}).encode())
+    transport.publish(
+        SERVER,
+        Join(run=RUN, round=0, sender="client.0", client=0, domain=0, n_samples=10, profile={"cpu_mhz": 1.0}).encode(),
+    )
     transport.publish(SERVER, _g_head(torch.randn(B, 256, 7, 7), sender="client.1").encode())  # before any round
     transport.process()
     reasons = _reasons(transport)
@@ -235,8 +260,9 @@ def test_reject_and_wrong_run_dead_letter_with_reason():
     assert settled == [("reject", "nope: not in this state")]
     d, settled = _deliver(host, _event("x", run="other").encode())
     assert settled[0][0] == "reject" and settled[0][1].startswith("wrong_run")
-    d, settled = _deliver(host, RoundStart(run=RUN, round=1, sender="c", participants=(), cuts=(), steps=1,
-                                           deadline=1.0).encode())
+    d, settled = _deliver(
+        host, RoundStart(run=RUN, round=1, sender="c", participants=(), cuts=(), steps=1, deadline=1.0).encode()
+    )
     assert settled[0][1].startswith("unexpected_kind")
     assert host.role.handled == [] and dict(host.rejected) == {"nope": 1, "wrong_run": 1, "unexpected_kind": 1}
     # A rejected message is not remembered as handled: a fixed redelivery of it is still refused on its merits.
@@ -284,8 +310,11 @@ def test_a_role_user_cannot_speak_for_another_role():
         settled: list = []
         msg = RoundEvent(run=RUN, round=1, sender=sender, event="started")
         headers = {"user_id": user} if user else {}
-        host.on_delivery(Delivery(msg.encode(), "coordinator", headers=headers,
-                                  _settle=lambda how, reason: settled.append((how, reason))))
+        host.on_delivery(
+            Delivery(
+                msg.encode(), "coordinator", headers=headers, _settle=lambda how, reason: settled.append((how, reason))
+            )
+        )
         return settled[0]
 
     assert deliver("client.0", "client-1")[0] == "reject"

@@ -32,7 +32,6 @@ from hfgan_core.transport import SERVER, MemoryTransport, client_address
 TOL = 1e-5
 
 
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
@@ -72,8 +71,9 @@ def run_split_step(cfg: RunConfig, datas: list[TensorClientData], steps: int = 1
         c._apply_cuts(CutBits(*cuts[c.client]))
         recorder(c.holder)
     recorder(server.holder)
-    start = RoundStart(run="eq", round=1, sender="coordinator", participants=tuple(range(n)), cuts=cuts,
-                       steps=steps, deadline=1e18)
+    start = RoundStart(
+        run="eq", round=1, sender="coordinator", participants=tuple(range(n)), cuts=cuts, steps=steps, deadline=1e18
+    )
     transport.publish(SERVER, start.encode())
     for i in range(n):
         transport.publish(client_address(i), start.encode())
@@ -100,8 +100,12 @@ def test_one_client_matches_unsplit(bits):
     ref_grads: dict[str, dict[str, torch.Tensor]] = {}
 
     def hook(net, modules):
-        ref_grads[net] = {f"{net}.{i}.{k}": p.grad.clone() for i, m in modules.items()
-                          for k, p in m.named_parameters() if p.grad is not None}
+        ref_grads[net] = {
+            f"{net}.{i}.{k}": p.grad.clone()
+            for i, m in modules.items()
+            for k, p in m.named_parameters()
+            if p.grad is not None
+        }
 
     ref.before_step = hook
     rng = torch.Generator().manual_seed(client_seed(cfg.train.seed, 0))
@@ -130,8 +134,10 @@ def test_one_client_matches_unsplit(bits):
         assert rel_err(split[name], ref_grad) <= TOL, name
 
     # Parameters and BatchNorm buffers after the step.
-    after = {**client.holder.state(), **{k: v for k, v in server.holder.state().items()
-                                          if any(k.startswith(p) for p in used_server)}}
+    after = {
+        **client.holder.state(),
+        **{k: v for k, v in server.holder.state().items() if any(k.startswith(p) for p in used_server)},
+    }
     ref_state = {}
     for net, mods in ref.modules().items():
         for i, m in mods.items():

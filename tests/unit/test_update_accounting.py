@@ -24,8 +24,7 @@ def run(quorum: float, silent_client: int, silent_rounds: set[int]):
         train=TrainConfig(rounds=2, local_epochs=1, steps_per_epoch=2, batch_size=16, cuts=CUTS),
         runtime=RuntimeConfig(step_deadline_s=1.0, round_deadline_s=4.0, quorum=quorum),
     ).validate()
-    runner = EmbeddedRunner(cfg, [TensorClientData.random(48, i) for i in range(3)], [0, 0, 0],
-                            run_id=f"acct-{quorum}")
+    runner = EmbeddedRunner(cfg, [TensorClientData.random(48, i) for i in range(3)], [0, 0, 0], run_id=f"acct-{quorum}")
     client = runner.clients[silent_client]
     send = client.send
 
