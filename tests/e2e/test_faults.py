@@ -775,7 +775,7 @@ def test_a_killed_server_and_a_killed_coordinator_restart_and_the_run_continues(
     run.kill("server")
     run.start("server", "server")
     run.wait("the restarted server rejoining round 2", lambda: "rejoined round 2" in run.log("server"), timeout=120)
-    assert "restored" in run.log("server") and "round_1" in run.log("server")
+    assert "restored" in run.log("server") and "round_0001/server.pt (round 1)" in run.log("server")
 
     # 2. SIGKILL the coordinator while round 3 trains, then start a new one: it takes the lease once the dead one's
     # expires and resumes round 3 from the ledger.
