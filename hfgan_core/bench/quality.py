@@ -655,7 +655,7 @@ def run_bench(
     settings: BenchSettings, base_cfg: RunConfig | None = None, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run (or continue) a quality bench; returns the report's JSON content (or the plan with `estimate_only`)."""
-    from ..runtime.recorder import ensure_classifiers
+    from ..runtime.recorder import classifier_facts, ensure_classifiers
     from .report import write_report
 
     settings = settings.validate()
@@ -741,7 +741,7 @@ def run_bench(
         factors=factors,
         choice=choice,
         settings=settings,
-        machine=machine_info(cfg.runtime.device),
+        machine={**machine_info(cfg.runtime.device), "scoring_classifiers": classifier_facts(cfg, data.sources)},
         digest=digest,
     )
     log(f"report: {out / 'report.md'}")

@@ -410,6 +410,17 @@ def _markdown(
         + (f" ({m['gpu']})" if m.get("gpu") else "")
         + f". Bench digest `{rep['digest'][:16]}`."
     )
+    scorers = m.get("scoring_classifiers") or {}
+    if scorers:
+        L.append(
+            "Scoring classifiers (the same for every method): "
+            + "; ".join(
+                f"{d} test accuracy {f['test_accuracy']:.2f}% (seed {f.get('seed')}, {f.get('epochs')} epochs, "
+                f"file sha256 `{str(f['file_sha256'])[:12]}`)"
+                for d, f in scorers.items()
+            )
+            + "."
+        )
     L.append("")
     if any(src == "synthetic" and dom != "synthetic" for dom, src in rep["scenario"]["data_sources"].items()):
         L.append(

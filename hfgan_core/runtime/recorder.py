@@ -254,13 +254,9 @@ def ensure_classifiers(
 ) -> dict[str, torch.nn.Module]:
     """Load each domain's scoring classifier, fitting (and caching) it when missing or fitted on other data."""
     out: dict[str, torch.nn.Module] = {}
-    store_dir = classifier_dir(cfg.runtime.data_dir)
     for dom in cfg.scenario.domains:
         name = dom.dataset
-        # A synthetic stand-in is a different data set per domain (its own variant): one cached classifier each,
-        # named like its data set, so that two stand-ins in one scenario do not overwrite each other's file.
-        stored_as = f"synthetic-for-{name}" if sources.get(name) == "synthetic" and name != "synthetic" else name
-        path = store_dir / f"{stored_as}.pt"
+        stored_as, path = classifier_file(cfg, name, sources)
         train = train_sets[name]
         digest = data_digest(train.images, train.labels)
         fresh = False
@@ -272,9 +268,36 @@ def ensure_classifiers(
         if not fresh:
             log(f"fitting the {stored_as} scoring classifier (cached in {path}) ...")
             kwargs = {"epochs": epochs} if epochs else {}
-            fit_classifiers({stored_as: (train, test_sets[name])}, path.parent, log=log, seed=cfg.train.seed, **kwargs)
+            # The scoring classifier is the measuring instrument, not part of the run: it is fitted with the fixed
+            # default seed, as `hfgan eval fit-classifiers` does, so runs with different training seeds are scored
+            # by the same classifier.
+            fit_classifiers({stored_as: (train, test_sets[name])}, path.parent, log=log, **kwargs)
         out[name] = load_classifier(path, stored_as, device=cfg.runtime.device)
     return out
+
+
+def classifier_file(cfg: RunConfig, dataset: str, sources: dict[str, str]) -> tuple[str, Path]:
+    """(name stored as, path) of a domain's cached scoring classifier."""
+    # A synthetic stand-in is a different data set per domain (its own variant): one cached classifier each, named
+    # like its data set, so that two stand-ins in one scenario do not overwrite each other's file.
+    synthetic = sources.get(dataset) == "synthetic" and dataset != "synthetic"
+    stored_as = f"synthetic-for-{dataset}" if synthetic else dataset
+    return stored_as, classifier_dir(cfg.runtime.data_dir) / f"{stored_as}.pt"
+
+
+def classifier_facts(cfg: RunConfig, sources: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """What identifies each domain's scoring classifier (test accuracy, seed, epochs, file digest), for reports."""
+    facts: dict[str, dict[str, Any]] = {}
+    for name in cfg.scenario.domain_names:
+        stored_as, path = classifier_file(cfg, name, sources)
+        record = read_classifier_record(path, stored_as)
+        facts[name] = {
+            "test_accuracy": float(record["test_accuracy"]),
+            "seed": record.get("seed"),
+            "epochs": record.get("epochs"),
+            "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
+    return facts
 
 
 def write_run_marker(run_dir: Path, cfg: RunConfig, run_id: str) -> None:

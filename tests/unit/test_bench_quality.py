@@ -155,6 +155,26 @@ def test_report_has_every_method_and_domain_the_answers_and_the_scale(full_bench
     for p in rep["plots"].values():
         assert (out / p).read_bytes().startswith(PNG)
     assert json.loads((out / "report.json").read_text())["digest"] == rep["digest"]
+    # The scoring classifier is identified, so that reports can be compared with each other.
+    scorer = rep["machine"]["scoring_classifiers"]["synthetic"]
+    assert scorer["seed"] == 0 and scorer["epochs"] == 1 and 0 < scorer["test_accuracy"] <= 100
+    assert f"synthetic test accuracy {scorer['test_accuracy']:.2f}% (seed 0, 1 epochs" in md
+
+
+def test_the_scoring_classifier_does_not_depend_on_the_training_seed(tmp_path, monkeypatch):
+    from hfgan_core.data import load_scenario_data
+    from hfgan_core.runtime.recorder import classifier_facts, ensure_classifiers
+
+    digests = []
+    for seed in (0, 5):
+        monkeypatch.setenv("HFGAN_CLASSIFIER_DIR", str(tmp_path / f"classifiers-{seed}"))
+        cfg = tiny_cfg(tmp_path).with_overrides("train", seed=seed).validate()
+        data = load_scenario_data(cfg, allow_synthetic_fallback=True, log=lambda s: None)
+        ensure_classifiers(cfg, data.train_sets, data.test_sets, data.sources, log=lambda s: None, epochs=1)
+        facts = classifier_facts(cfg, data.sources)["synthetic"]
+        assert facts["seed"] == 0
+        digests.append(facts["file_sha256"])
+    assert digests[0] == digests[1]  # the same instrument, bit for bit
 
 
 def test_rerun_skips_finished_methods_and_refuses_other_settings(full_bench, bench_env):
