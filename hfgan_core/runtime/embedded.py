@@ -2,9 +2,8 @@
 
 The roles are exactly the distributed workers' roles; only the transport differs. Over `memory://` deliveries
 happen one at a time in publish order, so a run is a deterministic function of its seed (bit for bit with one torch
-thread; README, "Reproducibility"). Over `amqp://` the same
-roles talk through RabbitMQ from one process (the algorithm does not depend on delivery order across queues, so
-the models come out the same).
+thread; README, "Reproducibility"). Over `amqp://` the same roles talk through RabbitMQ from one process (the
+algorithm does not depend on delivery order across queues, so the models come out the same).
 """
 
 from __future__ import annotations
