@@ -42,7 +42,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device of clients, aggregators, evaluation (cpu, cuda, cuda:N)")
     p.add_argument("--server-device", help="torch device of the split server (default: --device)")
     p.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), help="activation/gradient precision")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1: bit-reproducible from the seed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
