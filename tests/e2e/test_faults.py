@@ -654,7 +654,12 @@ def test_killed_client_killed_aggregator_and_bad_input_lose_nothing(faults):
     publish_bad_inputs(run, bad)
 
     # 3. The restarted client 1 takes part in round 2: its round report arrives.
-    run.wait("client 1's round 2 report", lambda: 1 in run.docs(2).done or run.round_phase()[0] > 2, timeout=120)
+    # The coordinator records a report when it arrives and the round's jobs only once the round closes: wait for both.
+    run.wait(
+        "client 1's round 2 report and the round's jobs",
+        lambda: (1 in run.docs(2).done and -1 in run.docs(2).jobs) or run.round_phase()[0] > 2,
+        timeout=120,
+    )
     assert 1 in run.docs(2).done and run.docs(2).done[1]["steps_done"] >= 1
     assert run.store.round_clients(run.run, 2)[1].state in ("arrived", "late")
     assert 1 in run.docs(2).jobs[-1]["members"]
