@@ -93,6 +93,7 @@ def quickstart(tmp_path_factory) -> Run:
     data.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ENV_OVERRIDES and not k.startswith("HFGAN_")}
     env["HFGAN_CLASSIFIER_DIR"] = str(root / "classifiers")  # shared by every run of this module
+    env["OMP_NUM_THREADS"] = "1"  # `hfgan eval` too, whose scores are compared with the run's (see train_args)
     run = root / "run"
     proc, took = hfgan(train_args(data, run), env, root)
     print(f"\nhfgan train --config quickstart (utility on, classifiers fitted): {took}")
