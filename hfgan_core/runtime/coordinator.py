@@ -12,9 +12,10 @@ Durability: whatever the coordinator learns from a message (a join, a client's o
 clustering result, an aggregation result) is written to the ledger as a document (ledger.py) before the message is
 acknowledged, and a round's jobs are recorded before the round moves to `aggregating`. `resume_from_ledger()` makes
 a restarted coordinator (or a standby that won the lease) carry on from those documents: a round in `training`
-keeps collecting (its deadline continues), one in `aggregating` re-queues its jobs that have no result yet (an
-aggregator recomputes them bit for bit) and recomputes the models of those that have, one that is `done` is
-followed by the next.
+sends its recorded start again (the dead coordinator may have recorded it and died before sending it; receivers
+that have it drop the copy by its msg_id) and keeps collecting (its deadline continues), one in `aggregating`
+re-queues its jobs that have no result yet (an aggregator recomputes them bit for bit) and recomputes the models of
+those that have, one that is `done` is followed by the next.
 
 What it accepts: a round report only for a round that has started (a report for a later one is refused without a
 mark in the ledger); a clustering result from the clustering service about members of the run, with cluster ids
@@ -258,6 +259,11 @@ class CoordinatorRole(Role):
         if docs.cluster_result is not None:
             self.cluster_result = ledger.cluster_result_from_doc(run, r, docs.cluster_result)
         if phase == "training":
+            # The coordinator that recorded this start may have died before sending it to everyone: send it again
+            # (same msg_id, so a server or client that has it already takes the copy as a duplicate).
+            ctx.store.set_expected(run, r, self.participants, self.round_started)
+            waiting = [c for c in self.participants if c not in self.done]
+            self._send_start(replace(start, deadline=self.deadline), waiting)
             self._maybe_close()
             return
         # aggregating: the jobs are recorded; results that were acknowledged are recomputed, the rest re-queued.
@@ -432,11 +438,14 @@ class CoordinatorRole(Role):
         self.deadline = deadline
         self.participants = participants
         ctx.store.set_expected(ctx.run, r, self.participants, now)
+        self._send_start(start, self.participants)
+        self._event("started", participants=len(self.participants), steps=steps)
+
+    def _send_start(self, start: RoundStart, clients: list[int]) -> None:
         # The server hears of the round first, so no client activation can reach it before the round exists.
         self.send(SERVER, start)
-        for c in self.participants:
+        for c in clients:
             self.send(client_address(c), start)
-        self._event("started", participants=len(self.participants), steps=steps)
 
     def _on_round_done(self, msg: RoundDone) -> None:
         c = msg.client

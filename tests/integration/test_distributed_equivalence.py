@@ -167,6 +167,47 @@ def test_a_restarted_coordinator_resumes_from_the_ledger(backends, baseline):
     assert store.run_info(run)["status"] == "finished"
 
 
+def test_a_coordinator_that_dies_while_sending_a_round_start_is_replaced_and_the_round_runs(backends, baseline):
+    """The ledger says round 2 is training (its start is recorded), but the coordinator died after sending the start
+    to the server and before any client had it: the new coordinator sends it again, the server takes the copy as a
+    duplicate, the clients train, and the run ends with the uninterrupted run's models."""
+    from hfgan_core.protocol import RoundStart
+
+    transport, store, run = backends
+    cfg = make_cfg()
+    runner = EmbeddedRunner(cfg, datas(), [0] * N_CLIENTS, run_id=run, transport=transport, store=store)
+    coordinators = [runner.coordinator]
+    original_send = runner.coordinator.send
+
+    def send(address, msg):
+        if isinstance(msg, RoundStart) and msg.round == 2 and address != "server":
+            raise SimulatedCrash()
+        original_send(address, msg)
+
+    runner.coordinator.send = send
+
+    def roles():
+        return [coordinators[-1], runner.server, runner.clustering, *runner.aggregators, *runner.clients]
+
+    transport.declare()
+    for h in runner.hosts:
+        h.bind()
+    with pytest.raises(SimulatedCrash):
+        pump(transport, roles, lambda: False)
+    assert store.get_round(run) == (2, "training")
+    assert all(c.round == 1 for c in runner.clients)
+    transport.cancel(COORDINATOR)
+    fresh = CoordinatorRole(RoleContext(run=run, cfg=cfg, transport=transport, store=store))
+    fresh.resume_from_ledger()
+    coordinators.append(fresh)
+    RoleHost(fresh, strict=True).bind()
+    assert (fresh.round, fresh.phase) == (2, "training")
+    pump(transport, roles, lambda: fresh.finished)
+    assert sorted(fresh.done) == list(range(N_CLIENTS))
+    assert ledger_outcome(store, run) == baseline
+    assert transport.dead_letters() == []
+
+
 def test_queued_jobs_complete_when_an_aggregator_starts(backends, baseline):
     transport, store, run = backends
     cfg = make_cfg()
