@@ -715,16 +715,26 @@ def test_killed_client_killed_aggregator_and_bad_input_lose_nothing(faults):
 
 def test_a_client_slowed_ten_times_is_late_and_the_others_carry_on(faults):
     rounds, steps = 2, 4
-    # Client 1 (cut bits 1111: the most client-side compute) sleeps 9x each of its segments' compute time. Batches
-    # of 64 (the paper's) make its slowest segments take a few tenths of a second, so slowed they miss the step
-    # deadline while the other clients' replies stay far below it.
+    # Delays come from the device model, not from this machine's speed (a slowdown of the measured compute missed the
+    # step deadline on a busy CI host and met it on a quiet one). Clients 0, 2 and 3 get a profile so fast that
+    # their emulated delays are microseconds; client 1 (cut bits 1111: the most client-side work) a 100 GFLOP/s one,
+    # slowed 10x. At batch 64 its two backward segments then sleep 2.8 s and 2.7 s (28.2 and 26.5 GFLOP, x10 / 100):
+    # later than the 2 s step deadline whatever the host, while its whole step (about 9 s) keeps it in the round.
     run = faults(
         rounds=rounds,
         steps=steps,
         step_deadline=2.0,
         round_deadline=45.0,
         batch=64,
-        extra="emulate_slowdown = [[1, 10.0]]",
+        extra=(
+            "emulate_devices = true\n"
+            "emulate_slowdown = [[1, 10.0]]\n"
+            "[devices]\n"
+            'clients = ["fast", "slow", "fast", "fast"]\n'
+            "[devices.profiles]\n"
+            "fast = {cpu_mhz = 1e9, flops_per_cycle = 1000, data_rate = 1e15}\n"
+            "slow = {cpu_mhz = 10000, flops_per_cycle = 10, data_rate = 1e12}\n"
+        ),
     )
     t0 = time.monotonic()
     run.start_all()
