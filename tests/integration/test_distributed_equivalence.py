@@ -25,7 +25,7 @@ from hfgan_core.runtime.coordinator import CoordinatorRole
 from hfgan_core.runtime.embedded import EmbeddedRunner
 from hfgan_core.runtime.host import RoleContext, RoleHost
 from hfgan_core.state import MemoryRoundStore, open_store
-from hfgan_core.transport import COORDINATOR, MemoryTransport, open_transport
+from hfgan_core.transport import COORDINATOR, SERVER, MemoryTransport, open_transport
 
 from .conftest import new_namespace
 
@@ -180,7 +180,7 @@ def test_a_coordinator_that_dies_while_sending_a_round_start_is_replaced_and_the
     original_send = runner.coordinator.send
 
     def send(address, msg):
-        if isinstance(msg, RoundStart) and msg.round == 2 and address != "server":
+        if isinstance(msg, RoundStart) and msg.round == 2 and address != SERVER:
             raise SimulatedCrash()
         original_send(address, msg)
 
