@@ -7,17 +7,11 @@ bash scripts/setup.sh
 bash scripts/ci-services.sh
 ruff check hfgan_core workers tests bench
 ruff format --check hfgan_core workers tests bench
-# The compose stack, validated without a Docker engine: `docker-compose config -q` checks compose.yaml against the
-# Compose schema (Debian's docker-compose 1.29, installed here when missing, without the Docker engine it recommends;
-# tests/unit/test_compose.py needs it too).
-if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "test.sh: installing docker-compose (apt-get)" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1 \
-    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1; } \
-    || true
-fi
-command -v docker-compose >/dev/null 2>&1 \
-  || { echo "test.sh: docker-compose is missing (apt-get install docker-compose) and compose.yaml is unchecked" >&2; exit 1; }
+# The compose stack (tests/compose/ runs it in containers; tests/unit/test_compose.py checks the file): a Docker
+# engine, Compose and mmdebstrap, installed with apt-get when missing (Debian's docker.io, docker-compose 1.29,
+# mmdebstrap), dockerd started when none answers, then the local images built (scripts/compose-images.sh; Docker's
+# layer cache makes this quick after the first build on a machine).
+bash scripts/compose-setup.sh
 docker-compose -f compose.yaml config -q || { echo "test.sh: compose.yaml is invalid" >&2; exit 1; }
+bash scripts/compose-images.sh
 python -m pytest -q "$@"

@@ -17,7 +17,8 @@ Exit codes (`EXIT_*`, the same for every role):
 Settings beyond the run config come from the environment (`WorkerSettings.from_env`): `HFGAN_HEARTBEAT_S` (2),
 `HFGAN_HEARTBEAT_TTL_S` (10), `HFGAN_LEASE_TTL_S` (15, the coordinator lease), `HFGAN_CONNECT_TIMEOUT_S` (60, how
 long the broker and Redis are retried before exit code 3) and `HFGAN_BROKER_NAMESPACE` (the AMQP namespace,
-`hfgan`; tests use throw-away ones).
+`hfgan`; tests use throw-away ones); `HFGAN_HEALTH_FILE` (a file rewritten with every heartbeat, for container health
+checks: runtime/health.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from urllib.parse import urlparse
 from ..config import ConfigError
 from ..state import RoundStore, StateError, open_store
 from ..transport import Delivery, Transport, TransportError, open_transport
+from .health import write_beat
 from .host import Role, RoleHost
 
 EXIT_OK = 0
@@ -62,6 +64,7 @@ class WorkerSettings:
     connect_timeout_s: float = 60.0
     poll_s: float = 0.1
     namespace: str | None = None
+    health_file: str | None = None  # rewritten with every heartbeat (HFGAN_HEALTH_FILE, see runtime/health.py)
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -82,6 +85,8 @@ class WorkerSettings:
                     raise ConfigError(f"{var} must be positive")
         if env.get("HFGAN_BROKER_NAMESPACE"):
             values["namespace"] = env["HFGAN_BROKER_NAMESPACE"]
+        if env.get("HFGAN_HEALTH_FILE"):
+            values["health_file"] = env["HFGAN_HEALTH_FILE"]
         s = WorkerSettings(**values)
         if s.heartbeat_ttl_s <= s.heartbeat_s or s.lease_ttl_s <= s.heartbeat_s:
             raise ConfigError("the heartbeat and lease TTLs must be longer than the heartbeat interval")
@@ -257,6 +262,8 @@ class WorkerLoop:
         info = self.info()
         for name in self.beat_names:
             ctx.store.heartbeat(ctx.run, name, s.heartbeat_ttl_s, info)
+        if s.health_file:  # only after the ledger took the beat: the probe must not pass for a worker Redis lost
+            write_beat(s.health_file)
         self.report_traffic()
         if self.on_beat is not None:
             self.on_beat()

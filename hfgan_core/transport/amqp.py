@@ -89,6 +89,7 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -103,6 +104,7 @@ import pika
 import pika.exceptions as pex
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from .amqp_tls import tls_options
 from .base import (
     AGGREGATE,
     CLUSTERING,
@@ -546,8 +548,7 @@ def provision_client_users(
 
 def _wait_usable(url: str, queue: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    params = pika.URLParameters(url)
-    params.connection_attempts = 1
+    params = AmqpTransport._parameters(url, "hfgan-provision")  # amqps:// with its CA file as the workers
     while True:
         try:
             conn = pika.BlockingConnection(params)
@@ -660,6 +661,7 @@ class AmqpTransport(Transport):
     def _parameters(url: str, name: str | None) -> pika.URLParameters:
         parts = urllib.parse.urlsplit(url)
         query = dict(urllib.parse.parse_qsl(parts.query))
+        ssl_options = tls_options(parts.scheme, parts.hostname, query)
         query.setdefault("heartbeat", str(DEFAULT_HEARTBEAT_S))
         query.setdefault("blocked_connection_timeout", str(DEFAULT_BLOCKED_TIMEOUT_S))
         query.setdefault("connection_attempts", "1")  # retries are ours (tenacity), with backoff
@@ -668,6 +670,7 @@ class AmqpTransport(Transport):
             params = pika.URLParameters(urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query))))
         except (ValueError, TypeError) as exc:
             raise TransportError(f"bad broker URL {url!r}: {exc}") from exc
+        params.ssl_options = ssl_options
         params.client_properties = {"connection_name": name or f"hfgan-{os.getpid()}", "product": "hfgan"}
         return params
 
@@ -684,6 +687,8 @@ class AmqpTransport(Transport):
             if exc.reply_code in (403, 530):
                 raise TransportError(f"broker refused the connection: {exc.reply_text}") from exc
             raise _ConnectionLost(repr(exc)) from exc
+        except ssl.SSLCertVerificationError as exc:  # a wrong CA or host name does not heal by retrying
+            raise TransportError(f"broker certificate rejected: {exc.verify_message or exc}") from exc
         except _LOST_CONN as exc:
             raise _ConnectionLost(repr(exc)) from exc
         self._conn = conn
