@@ -41,7 +41,6 @@ COPY pyproject.toml README.md ./
 COPY hfgan_core ./hfgan_core
 COPY workers ./workers
 COPY broker_config ./broker_config
-COPY deploy/entrypoint.sh /usr/local/bin/hfgan-entrypoint
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info \
     && python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)"
@@ -56,5 +55,4 @@ USER hfgan
 ENV HFGAN_DATA_DIR=/data \
     HFGAN_RUN_DIR=/runs/latest
 
-ENTRYPOINT ["hfgan-entrypoint"]
 CMD ["hfgan", "--help"]

@@ -6,19 +6,24 @@ coordinator, too, counts the worker as gone. Imports no torch: it runs every few
 """
 
 import argparse
-import os
 import sys
 
 from hfgan_core.runtime.health import beat_problem
+from hfgan_core.settings import ConfigError, Settings
 
 
 def main(argv=None) -> int:
+    try:
+        env = Settings.from_env()
+    except ConfigError as exc:
+        print(f"health: {exc}", file=sys.stderr)
+        return 2
     p = argparse.ArgumentParser(prog="python -m workers.health", description=__doc__.splitlines()[0])
-    p.add_argument("--file", default=os.environ.get("HFGAN_HEALTH_FILE"), help="heartbeat file ($HFGAN_HEALTH_FILE)")
+    p.add_argument("--file", default=env.health_file, help="heartbeat file ($HFGAN_HEALTH_FILE)")
     p.add_argument(
         "--max-age",
         type=float,
-        default=float(os.environ.get("HFGAN_HEARTBEAT_TTL_S") or 10.0),
+        default=env.heartbeat_ttl_s or 10.0,
         help="seconds (default $HFGAN_HEARTBEAT_TTL_S or 10)",
     )
     args = p.parse_args(argv)
