@@ -174,6 +174,10 @@ def stack_factory():
             "HFGAN_AMQPS_PORT": "0",
             "HFGAN_MANAGEMENT_PORT": "0",
             "HFGAN_HEALTH_INTERVAL": "3s",
+            # Slots and the coordinator's lease outlive a worker that a busy host starves for a while (a client
+            # that could not beat within 10 s of its claim was seen to lose its slot on a loaded machine).
+            "HFGAN_HEARTBEAT_TTL_S": "30",
+            "HFGAN_LEASE_TTL_S": "45",
         }
         stack = Stack(name, base | env)
         made.append(stack)
