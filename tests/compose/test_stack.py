@@ -83,7 +83,8 @@ def test_stack_runs_heals_restarts_and_resumes(stack_factory):
     stack.crash(server)
     for c in (client, server):
         stack.wait(f"{c} restarted", lambda c=c: _restarts(stack, c) > before[c], limit_s=300)
-    stack.wait("the restarted server rejoins", lambda: "server: rejoined round" in stack.logs(server), limit_s=600)
+        # Its logs span both lives: serving the run a second time means it came back into the run.
+        stack.wait(f"{c} serving again", lambda c=c: stack.logs(c).count(": serving run") >= 2, limit_s=600)
 
     # down mid-run (volumes kept), up again with the same run id: the run resumes and finishes.
     stack.wait_round(3)
@@ -150,9 +151,9 @@ def test_eight_clients_scale_and_match_the_one_process_run(stack_factory, tmp_pa
     assert len(clients) == 8
     slots = []
     for c in clients:
-        m = re.search(r"claimed slot (\d+) of run", stack.logs(c))
-        assert m, stack.logs(c)[-2000:]
-        slots.append(int(m.group(1)))
+        claims = re.findall(r"claimed slot (\d+) of run", stack.logs(c))
+        assert claims, stack.logs(c)[-2000:]
+        slots.append(int(claims[-1]))  # the last claim (a client starved past its TTL may have claimed again)
         assert stack.inspect(c)["State"]["ExitCode"] == 0, stack.logs(c)[-2000:]
     assert sorted(slots) == list(range(8)), slots
     records = _metrics(stack)
