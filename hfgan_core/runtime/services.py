@@ -1,5 +1,6 @@
 """Each role as a process of its own: settings, identity, restart and resume. `workers/<role>.py` parse the flags
-and call `serve(WorkerOptions)`; the loop itself is worker.py's.
+and call `serve(WorkerOptions)`, which runs the role's `serve` function as the role registry (roles.py) names it;
+the loop itself is worker.py's.
 
 Settings: flags win over the environment (HFGAN_CONFIG, HFGAN_RUN_ID, HFGAN_BROKER_URL, HFGAN_STATE_URL,
 HFGAN_DATA_DIR, HFGAN_RUN_DIR, HFGAN_DEVICE), which wins over the config file's `[runtime]`. The run id is
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import roles
 from ..config import ConfigError, RunConfig, apply_env, load_config
 from ..settings import Settings, check_run_id, redact_url
 from . import checkpoint as ckpt
@@ -61,7 +63,6 @@ from .worker import (
     owner_id,
 )
 
-ROLES = ("coordinator", "server", "clustering", "aggregator", "client")
 ALLOWED_IN_NEW_RUN_DIR = {"logs"}
 log = logging.getLogger("hfgan.worker")
 
@@ -122,8 +123,8 @@ def setup_logging(role: str, level: int = logging.INFO) -> None:
 
 def serve(opts: WorkerOptions, settings: WorkerSettings | None = None) -> int:
     """Run one role as this process until it is done; returns the exit code (worker.EXIT_*)."""
-    if opts.role not in ROLES:
-        log.error("unknown role %r (known: %s)", opts.role, ", ".join(ROLES))
+    if opts.role not in roles.names():
+        log.error("unknown role %r (known: %s)", opts.role, ", ".join(roles.names()))
         return EXIT_CONFIG
     stop = StopFlag().install()
     try:
@@ -133,7 +134,7 @@ def serve(opts: WorkerOptions, settings: WorkerSettings | None = None) -> int:
             import torch
 
             torch.set_num_threads(cfg.runtime.torch_threads)
-        return _SERVE[opts.role](opts, cfg, run_id, settings, stop)
+        return roles.get(opts.role).load("serve")(opts, cfg, run_id, settings, stop)
     except Exception as exc:
         code = classify(exc)
         if code == EXIT_INTERNAL and not isinstance(exc, WorkerExit):
@@ -621,15 +622,6 @@ def finalize_run(
     if utility:
         log.info("coordinator: final evaluation: generation score and utility metrics per domain ...")
     return recorder.finalize(modelled_latency_s=latency, bytes_sent=bytes_sent, utility=utility, extra=extra)
-
-
-_SERVE = {
-    "coordinator": _serve_coordinator,
-    "server": _serve_server,
-    "clustering": _serve_clustering,
-    "aggregator": _serve_aggregator,
-    "client": _serve_client,
-}
 
 
 def options_from_args(role: str, args: Any) -> WorkerOptions:
