@@ -238,7 +238,6 @@ def check(data_dir: str | os.PathLike[str]) -> list[DatasetStatus]:
     """The status of every dataset (the synthetic one is always available)."""
     out = [check_dataset(data_dir, name) for name in REAL_DATASETS]
     out.append(DatasetStatus("synthetic", "(generated)", True, True, "deterministic, needs no files"))
-    out.append(DatasetStatus("synthetic-colour", "(generated)", True, True, "deterministic 32x32 RGB, needs no files"))
     return out
 
 
