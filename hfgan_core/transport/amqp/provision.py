@@ -140,7 +140,9 @@ def provision_client_users(
     return creds
 
 
-def _wait_usable(url: str, queue: str, timeout: float) -> None:
+def _wait_usable(url: str, queue: str | None, timeout: float) -> None:
+    """Retry logging in at `url` (and, with `queue`, checking that it exists) until it works or `timeout` passes:
+    a broker still booting, or still applying imported definitions, refuses logins for a while."""
     deadline = time.monotonic() + timeout
     params = pika.URLParameters(url)
     params.connection_attempts = 1
@@ -148,14 +150,25 @@ def _wait_usable(url: str, queue: str, timeout: float) -> None:
         try:
             conn = pika.BlockingConnection(params)
             try:
-                conn.channel().queue_declare(queue, passive=True)
+                if queue is not None:
+                    conn.channel().queue_declare(queue, passive=True)
                 return
             finally:
                 with contextlib.suppress(Exception):
                     conn.close()
-        except pex.AMQPError as exc:
+        except (pex.AMQPError, OSError) as exc:
             if time.monotonic() > deadline:
                 raise TransportError(
-                    f"provisioned user {params.credentials.username!r} is not usable after {timeout:.0f} s: {exc!r}"
+                    f"user {params.credentials.username!r} cannot use the broker at {params.host}:{params.port} "
+                    f"after {timeout:.0f} s: {exc!r}"
                 ) from exc
             time.sleep(0.1)
+
+
+def wait_for_broker(url: str, timeout: float) -> None:
+    """Wait until the broker at `url` (amqp://user:pass@host:port/vhost) accepts this user's login."""
+    try:
+        pika.URLParameters(url)
+    except (ValueError, TypeError) as exc:
+        raise TransportError("bad broker URL (amqp://user:password@host:5672/vhost)") from exc
+    _wait_usable(url, None, timeout)
