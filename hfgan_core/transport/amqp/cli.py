@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from ...settings import ConfigError, Settings
 from ..base import TransportError
 from .definitions import broker_definitions_document, dev_client_passwords
 from .provision import provision_client_users, wait_for_broker
@@ -25,18 +25,11 @@ class BrokerUsageError(ValueError):
     """Bad arguments or configuration of a broker command (exit 2)."""
 
 
-def _env(name: str) -> str | None:
-    """`$NAME`, else the content of the file named by `$NAME_FILE` (Docker secrets), else None."""
-    value = os.environ.get(name)
-    if value:
-        return value
-    path = os.environ.get(name + "_FILE")
-    if not path:
-        return None
+def _settings() -> Settings:
     try:
-        return Path(path).read_text().strip() or None
-    except OSError as exc:
-        raise BrokerUsageError(f"${name}_FILE: cannot read {path}: {exc.strerror}") from exc
+        return Settings.from_env()
+    except ConfigError as exc:  # a *_FILE that cannot be read, both NAME and NAME_FILE set, ...
+        raise BrokerUsageError(str(exc)) from exc
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -70,10 +63,10 @@ def _client_count(args: argparse.Namespace) -> int:
         if args.clients < 1:
             raise BrokerUsageError("--clients must be at least 1")
         return int(args.clients)
-    config = args.config or os.environ.get("HFGAN_CONFIG")
+    config = args.config or _settings().config
     if not config:
         raise BrokerUsageError("give --clients N or --config C ($HFGAN_CONFIG)")
-    from ...config import ConfigError, load_config
+    from ...config import load_config
 
     try:
         return int(load_config(config).scenario.total_clients)
@@ -83,17 +76,18 @@ def _client_count(args: argparse.Namespace) -> int:
 
 def _provision(args: argparse.Namespace) -> int:
     n = _client_count(args)
-    admin_url = args.admin_url or _env("HFGAN_ADMIN_URL")
+    env = _settings()
+    admin_url = args.admin_url or env.admin_url
     if not admin_url:
         raise BrokerUsageError("give --admin-url (http://admin:pass@host:15672 or rabbitmqctl) or $HFGAN_ADMIN_URL")
-    verify_url = args.verify_url or _env("HFGAN_BROKER_URL")
+    verify_url = args.verify_url or env.broker_url
     passwords = dev_client_passwords(n) if args.dev_passwords else None
     creds = provision_client_users(
         n,
         admin_url,
         namespace=args.namespace,
         passwords=passwords,
-        secret=None if args.dev_passwords else _env("HFGAN_PROVISION_SECRET"),
+        secret=None if args.dev_passwords else env.provision_secret,
         verify_url=verify_url,
         verify_timeout=args.verify_timeout,
     )
@@ -106,7 +100,7 @@ def _provision(args: argparse.Namespace) -> int:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    url = args.url or _env("HFGAN_BROKER_URL")
+    url = args.url or _settings().broker_url
     if not url:
         raise BrokerUsageError("give --url amqp://user:pass@host:5672/ or $HFGAN_BROKER_URL")
     start = time.monotonic()

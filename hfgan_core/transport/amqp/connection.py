@@ -14,6 +14,7 @@ import pika
 import pika.exceptions as pex
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from ...settings import redact_url
 from ..base import (
     TransportError,
 )
@@ -71,7 +72,7 @@ class _Connection:
         try:
             params = pika.URLParameters(urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query))))
         except (ValueError, TypeError) as exc:
-            raise TransportError(f"bad broker URL {url!r}: {exc}") from exc
+            raise TransportError(f"bad broker URL {redact_url(url)!r}: {exc}") from exc
         params.client_properties = {"connection_name": name or f"hfgan-{os.getpid()}", "product": "hfgan"}
         return params
 

@@ -21,6 +21,7 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
+from ...settings import redact_url
 from ..base import (
     TransportError,
 )
@@ -82,7 +83,9 @@ def import_definitions(doc: Mapping[str, Any], admin_url: str, *, timeout: float
         return
     p = urllib.parse.urlsplit(admin_url)
     if p.scheme not in ("http", "https"):
-        raise TransportError(f"admin URL must be http(s)://user:pass@host:15672 or 'rabbitmqctl', not {admin_url!r}")
+        raise TransportError(
+            f"admin URL must be http(s)://user:pass@host:15672 or 'rabbitmqctl', not {redact_url(admin_url)!r}"
+        )
     base = f"{p.scheme}://{p.hostname}:{p.port or (443 if p.scheme == 'https' else 15672)}{p.path.rstrip('/')}"
     req = urllib.request.Request(
         base + "/api/definitions", data=body, method="POST", headers={"content-type": "application/json"}
