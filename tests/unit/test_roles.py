@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -267,3 +268,53 @@ def test_the_broker_definitions_do_not_change_with_a_registered_test_role(observ
     """A role without a broker user of its own adds no user to the generated definitions."""
     assert "observer" not in [s.name for s in roles.iter_broker_roles()]
     assert json.dumps(roles.table()).count("observer") == 0  # it sends nothing
+
+
+# ----------------------------------------------------------------------------------- broker definitions
+def _without_hashes(doc: dict) -> dict:
+    doc = json.loads(json.dumps(doc))
+    for user in doc["users"]:
+        user.pop("password_hash")
+    return doc
+
+
+def test_committed_broker_definitions_are_the_generated_document() -> None:
+    """broker_config/definitions.json is generated from the registry (`hfgan broker definitions`)."""
+    from hfgan_core.transport.amqp import broker_definitions_document, check_password_hash
+
+    committed = json.loads((ROOT / "broker_config" / "definitions.json").read_text())
+    generated = json.loads(broker_definitions_document())
+    assert _without_hashes(committed) == _without_hashes(generated), (
+        "regenerate: hfgan broker definitions > broker_config/definitions.json"
+    )
+    for user in committed["users"]:  # the salted hashes differ; each must be the documented dev password's
+        if user["name"] != "hfgan-admin":
+            assert check_password_hash(f"{user['name']}-dev", user["password_hash"]), user["name"]
+
+
+def test_broker_permissions_come_from_the_registry() -> None:
+    """A trusted role with a broker user of its own gets a user and read access to exactly its queue."""
+    from hfgan_core.transport.amqp import Names, broker_definitions_document, role_permissions
+
+    spec = roles.RoleSpec(
+        name="auditor",
+        role_class="tests.sixth_role:ObserverRole",
+        identity="auditor",
+        addresses=("clustering",),
+        sends=(),
+        serve="tests.sixth_role:serve_observer",
+        embedded="tests.sixth_role:embedded_roles",
+        broker_user="auditor",
+        broker_reads=("dead",),
+    )
+    roles.register(spec)
+    try:
+        perms = role_permissions(Names())
+        assert set(perms) == {"coordinator", "server", "clustering", "aggregator", "auditor"}
+        read = re.compile(perms["auditor"]["read"])
+        assert read.fullmatch("hfgan.clustering") and read.fullmatch("hfgan.dead")
+        assert not read.fullmatch("hfgan.server") and not read.fullmatch("hfgan.updates")
+        assert '"name": "auditor"' in broker_definitions_document()
+    finally:
+        roles.unregister("auditor")
+    assert "auditor" not in role_permissions(Names())
