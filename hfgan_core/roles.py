@@ -235,7 +235,7 @@ BUILTIN = (
             ("aggregate_job", ("aggregator",)),
             ("round_event", (ANY,)),
         ),
-        serve=f"{_S}:_serve_coordinator",
+        serve="hfgan_core.runtime.serve_coordinator:serve_coordinator",
         embedded=f"{_E}:coordinator_roles",
         broker_user="coordinator",
         broker_reads=("updates", "dead"),
