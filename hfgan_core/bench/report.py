@@ -116,6 +116,7 @@ def write_report(
             ],
             "clients": _scenario_rows(cfg, data, results),
             "data_sources": data.sources,
+            "data_digests": data.digests,
             "notices": list(data.notices),
         },
         "paper_scale": bool(settings.paper_scale),
