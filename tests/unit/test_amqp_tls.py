@@ -1,4 +1,4 @@
-"""amqps:// broker URLs: TLS options from the URL, the certificate always verified (transport/amqp_tls.py)."""
+"""amqps:// broker URLs: TLS options from the URL, the certificate always verified (transport/amqp/tls.py)."""
 
 from __future__ import annotations
 

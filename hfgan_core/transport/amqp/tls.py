@@ -17,7 +17,7 @@ import ssl
 
 import pika
 
-from .base import TransportError
+from ..base import TransportError
 
 TLS_QUERY_KEYS = ("cafile", "server_name")
 
