@@ -61,9 +61,14 @@ def test_stack_runs_heals_restarts_and_resumes(stack_factory):
 
     # Every client's broker connection is TLS (amqps, certificate verified); the infrastructure roles use plain
     # AMQP on the compose network.
-    conns = _broker_connections(stack)
+    conns: list[tuple[str, str]] = []
+
+    def every_client_connected() -> bool:
+        conns[:] = _broker_connections(stack)
+        return {f"client-{k}" for k in range(4)} <= {user for user, _ in conns}
+
+    stack.wait("the clients' broker connections", every_client_connected, limit_s=300)
     by_user = {user: ssl for user, ssl in conns}
-    assert {f"client-{k}" for k in range(4)} <= set(by_user), conns
     assert all(ssl == "true" for user, ssl in conns if user.startswith("client-")), conns
     assert by_user.get("server") == "false", conns
 
