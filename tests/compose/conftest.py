@@ -47,12 +47,14 @@ class Stack:
 
     def __init__(self, name: str, env: dict[str, str]):
         self.project = f"hfgan-t-{name}-{uuid.uuid4().hex[:6]}"
-        self.env = dict(os.environ) | env | {"COMPOSE_PROJECT_NAME": self.project}
+        # A loaded host's dockerd may take minutes to answer: Compose's 60 s HTTP timeout failed `up` here.
+        timeouts = {"COMPOSE_HTTP_TIMEOUT": "600", "DOCKER_CLIENT_TIMEOUT": "600"}
+        self.env = dict(os.environ) | timeouts | env | {"COMPOSE_PROJECT_NAME": self.project}
         self.run_id = env["HFGAN_RUN_ID"]
         self.files = compose_files()
 
     def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = ["docker-compose", "--no-ansi"] if shutil.which("docker-compose") else ["docker", "compose"]
+        cmd = ["docker-compose"] if shutil.which("docker-compose") else ["docker", "compose"]
         for f in self.files:
             cmd += ["-f", str(ROOT / f)]
         res = subprocess.run([*cmd, *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
