@@ -265,6 +265,8 @@ class RuntimeConfig:
     torch_threads: int | None = None
     # Complete per-round checkpoints kept in the run directory (older ones are deleted); 0 keeps them all.
     keep_checkpoints: int = 3
+    # Per-round scalars and sample grids for TensorBoard (tensorboard.py), written by whoever records the run.
+    tensorboard_dir: str | None = None
 
     @property
     def resolved_server_device(self) -> str:
@@ -506,6 +508,7 @@ ENV_OVERRIDES = {
     "HFGAN_DATA_DIR": "data_dir",
     "HFGAN_RUN_DIR": "run_dir",
     "HFGAN_RUN_ID": "run_id",
+    "HFGAN_TENSORBOARD_DIR": "tensorboard_dir",
     "HFGAN_DEVICE": "device",
     "HFGAN_SERVER_DEVICE": "server_device",
 }

@@ -339,6 +339,7 @@ class ServerRole(Role):
                 self.done_clients.add(c)
         self.windows_run += 1
         self.window_seconds += time.perf_counter() - self._window_t0
+        self.ctx.metrics.step(time.perf_counter() - self._window_t0)
         self.window = None
         self._maybe_finish_round()
         self._maybe_open_window(self.ctx.clock())
@@ -385,6 +386,7 @@ class ServerRole(Role):
 
     def _finish_round(self) -> None:
         self.in_round = False
+        self.ctx.metrics.round_finished()
         env = self.envelope(self.round)
         if self.summaries:
             self.send(

@@ -552,6 +552,7 @@ def _serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
         role = CoordinatorRole(
             ctx, run_dir=run_dir, on_round_end=on_round_end, on_event=on_event, planner=planner, replanner=replanner
         )
+        recorder.traffic = lambda: ledger_traffic(store, run_id)[0] + sum(role.bytes_sent.values())
         if info is not None:
             # A run stopped on purpose gets its round deadline again; after a crash the deadline continues.
             role.resume_from_ledger(blob, restart_deadline=info.get("status") == "stopped")
@@ -614,9 +615,7 @@ def finalize_run(
         server = store.get_metrics(run_id, r).get("server", {})
         if server.get("window_s"):
             window_s.append(server["window_s"])
-    traffic = store.get_metrics(run_id, 0)
-    bytes_sent = sum(int(m.get("bytes_sent", 0)) for who, m in traffic.items() if who.startswith("traffic."))
-    messages = sum(int(m.get("messages_sent", 0)) for who, m in traffic.items() if who.startswith("traffic."))
+    bytes_sent, messages = ledger_traffic(store, run_id)
     bytes_sent += sum(role.bytes_sent.values())  # the coordinator's own, reported at its exit otherwise
     extra = {
         "run_id": run_id,
@@ -631,6 +630,14 @@ def finalize_run(
     if utility:
         log.info("coordinator: final evaluation: generation score and utility metrics per domain ...")
     return recorder.finalize(modelled_latency_s=latency, bytes_sent=bytes_sent, utility=utility, extra=extra)
+
+
+def ledger_traffic(store, run_id: str) -> tuple[int, int]:
+    """(bytes, messages) the workers reported sending so far (`traffic.<role>`, worker.py)."""
+    traffic = store.get_metrics(run_id, 0)
+    bytes_sent = sum(int(m.get("bytes_sent", 0)) for who, m in traffic.items() if who.startswith("traffic."))
+    messages = sum(int(m.get("messages_sent", 0)) for who, m in traffic.items() if who.startswith("traffic."))
+    return bytes_sent, messages
 
 
 def _safe_url(url: str) -> str:

@@ -17,7 +17,9 @@ Exit codes (`EXIT_*`, the same for every role):
 Settings beyond the run config come from the environment (`WorkerSettings.from_env`): `HFGAN_HEARTBEAT_S` (2),
 `HFGAN_HEARTBEAT_TTL_S` (10), `HFGAN_LEASE_TTL_S` (15, the coordinator lease), `HFGAN_CONNECT_TIMEOUT_S` (60, how
 long the broker and Redis are retried before exit code 3) and `HFGAN_BROKER_NAMESPACE` (the AMQP namespace,
-`hfgan`; tests use throw-away ones).
+`hfgan`; tests use throw-away ones). Metrics (metrics.py), off unless a port is set: `HFGAN_METRICS_PORT` (serve
+Prometheus metrics there), `HFGAN_METRICS_ADDR` (127.0.0.1; compose binds 0.0.0.0) and `HFGAN_METRICS_LINGER_S`
+(0: how long a finished worker keeps serving its final numbers, so that the last scrape sees them).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from urllib.parse import urlparse
 from ..config import ConfigError
 from ..state import RoundStore, StateError, open_store
 from ..transport import Delivery, Transport, TransportError, open_transport
-from .host import Role, RoleHost
+from .host import Role, RoleHost, observe_role
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -62,6 +64,9 @@ class WorkerSettings:
     connect_timeout_s: float = 60.0
     poll_s: float = 0.1
     namespace: str | None = None
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    metrics_linger_s: float = 0.0
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -82,10 +87,31 @@ class WorkerSettings:
                     raise ConfigError(f"{var} must be positive")
         if env.get("HFGAN_BROKER_NAMESPACE"):
             values["namespace"] = env["HFGAN_BROKER_NAMESPACE"]
+        values.update(_metrics_settings(env))
         s = WorkerSettings(**values)
         if s.heartbeat_ttl_s <= s.heartbeat_s or s.lease_ttl_s <= s.heartbeat_s:
             raise ConfigError("the heartbeat and lease TTLs must be longer than the heartbeat interval")
         return s
+
+
+def _metrics_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    port = env.get("HFGAN_METRICS_PORT", "")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"HFGAN_METRICS_PORT={port!r} is not a port number (1-65535)")
+        out["metrics_port"] = int(port)
+    if env.get("HFGAN_METRICS_ADDR"):
+        out["metrics_addr"] = env["HFGAN_METRICS_ADDR"]
+    linger = env.get("HFGAN_METRICS_LINGER_S", "")
+    if linger:
+        try:
+            out["metrics_linger_s"] = float(linger)
+        except ValueError:
+            raise ConfigError(f"HFGAN_METRICS_LINGER_S={linger!r} is not a number") from None
+        if not out["metrics_linger_s"] >= 0:
+            raise ConfigError("HFGAN_METRICS_LINGER_S must not be negative")
+    return out
 
 
 def owner_id() -> str:
@@ -317,6 +343,13 @@ class WorkerLoop:
 
     def run(self) -> str:
         """Bind the role and loop; returns "finished" or "stopped"."""
+        self.start_metrics()
+        try:
+            return self._run()
+        finally:
+            self.ctx.metrics.close()  # after a failure too (stop_metrics closed it already otherwise)
+
+    def _run(self) -> str:
         ctx, s = self.ctx, self.settings
         self.beat()
         self.host.bind()
@@ -338,6 +371,7 @@ class WorkerLoop:
             if now >= self._next_tick:
                 self._next_tick = now + s.poll_s
                 self.role.tick(time.time())
+                observe_role(self.role)
                 if role_done(self.role):
                     self.reason = "finished"
                     break
@@ -350,7 +384,35 @@ class WorkerLoop:
                     break
         self._consuming = False
         self.farewell()
+        self.stop_metrics()
         return self.reason
+
+    def start_metrics(self) -> None:
+        """Serve this worker's Prometheus metrics when a port is set (off by default)."""
+        s = self.settings
+        if s.metrics_port is None or self.ctx.metrics.enabled:
+            return
+        from .metrics import PromMetrics
+
+        metrics = PromMetrics(self.role.name, self.ctx.run)
+        try:
+            port = metrics.serve(s.metrics_port, s.metrics_addr)
+        except OSError as exc:
+            raise WorkerExit(EXIT_CONFIG, f"cannot serve metrics on {s.metrics_addr}:{s.metrics_port}: {exc}") from exc
+        self.ctx.metrics = metrics
+        observe_role(self.role)
+        log.info("%s: metrics on http://%s:%d/metrics", self.role.name, s.metrics_addr, port)
+
+    def stop_metrics(self) -> None:
+        """The final numbers stay up for `metrics_linger_s` (cut short by a stop request), then the endpoint goes."""
+        metrics = self.ctx.metrics
+        if not metrics.enabled:
+            return
+        observe_role(self.role)
+        metrics.finished()
+        if self.reason == "finished" and self.settings.metrics_linger_s > 0:
+            self.stop.sleep(self.settings.metrics_linger_s)
+        metrics.close()
 
     def farewell(self) -> None:
         """Last traffic numbers; the heartbeat expires at once (the worker is gone, not silent)."""
