@@ -25,6 +25,7 @@ import numpy as np
 
 from hfgan_core.config import DeviceProfile, ServerProfile
 from hfgan_core.planning import batch_latency, compute_costs, latency_terms, plan_cuts
+from hfgan_core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_SECONDS_20 = (385.0, 670.0)  # reference/cut_selection/README.md
@@ -33,7 +34,7 @@ REF_SECONDS_80 = 26 * 60.0  # issue 3: "about 6 minutes for 20 clients and 26 fo
 
 def find_reference(explicit: str | None) -> Path:
     candidates = [Path(explicit)] if explicit else []
-    env = os.environ.get("HFGAN_REFERENCE_DIR")
+    env = Settings.from_env().reference_dir
     if env:
         candidates.append(Path(env) / "cut_selection" / "ga_ref20.json")
     candidates += [

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from .status import DEFAULT_STATE
+from ..settings import DEFAULT_STATE_URL, Settings
 
 SAMPLE = re.compile(r"round_(\d{3,})_cluster_(\d+)\.png")
 PAGE = Path(__file__).with_name("dashboard.html")
@@ -37,7 +36,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("dashboard", help="a live web page of a run (ledger and run directory), read-only")
     p.add_argument("--run", help="a run id (its ledger in --state), or a run directory")
     p.add_argument("--run-dir", help="the run directory (default: the one the run's config names)")
-    p.add_argument("--state", help=f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE}); not used without --run")
+    p.add_argument("--state", help=f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE_URL}); not used without --run")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
     return p
@@ -248,7 +247,7 @@ def open_source(args: argparse.Namespace) -> Source:
     if Path(args.run).is_dir() and run_dir is None:
         run_dir = Path(args.run)
     run = resolve_run(args.run)
-    store = open_store(args.state or os.environ.get("HFGAN_STATE_URL") or DEFAULT_STATE, retry_timeout=5.0)
+    store = open_store(args.state or Settings.from_env().state_url_or_default, retry_timeout=5.0)
     info = store.run_info(run)
     if info is None:
         store.close()

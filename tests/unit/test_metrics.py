@@ -107,6 +107,11 @@ def test_metrics_settings_from_the_environment():
         {"HFGAN_METRICS_PORT": "9464", "HFGAN_METRICS_ADDR": "0.0.0.0", "HFGAN_METRICS_LINGER_S": "15"}
     )
     assert (s.metrics_port, s.metrics_addr, s.metrics_linger_s) == (9464, "0.0.0.0", 15.0)
-    for bad in ({"HFGAN_METRICS_PORT": "x"}, {"HFGAN_METRICS_PORT": "70000"}, {"HFGAN_METRICS_LINGER_S": "-1"}):
+    for bad in (
+        {"HFGAN_METRICS_PORT": "x"},
+        {"HFGAN_METRICS_PORT": "70000"},
+        {"HFGAN_METRICS_LINGER_S": "-1"},
+        {"HFGAN_METRICS_PORT": "0"},
+    ):
         with pytest.raises(ConfigError):
             WorkerSettings.from_env(bad)
