@@ -39,6 +39,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--state", help=f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE_URL}); not used without --run")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    p.add_argument("--wait", action="store_true", help="wait for a run the ledger does not know yet (compose)")
     return p
 
 
@@ -249,9 +250,12 @@ def open_source(args: argparse.Namespace) -> Source:
     run = resolve_run(args.run)
     store = open_store(args.state or Settings.from_env().state_url_or_default, retry_timeout=5.0)
     info = store.run_info(run)
+    while info is None and getattr(args, "wait", False):
+        time.sleep(2.0)  # the coordinator registers the run once its data is loaded
+        info = store.run_info(run)
     if info is None:
         store.close()
-        raise ConfigError(f"unknown run {run!r} in the state store")
+        raise ConfigError(f"unknown run {run!r} in the state store (--wait waits for it)")
     if run_dir is None:
         configured = json.loads(info.get("config") or "{}").get("runtime", {}).get("run_dir")
         if configured and Path(configured).is_dir():

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from hfgan_core.runtime import ledger
 from hfgan_core.runtime.metrics import parse_text, total
 from hfgan_core.state import open_store
 from hfgan_core.transport import open_transport
+from tests.browser import dump_dom
 from tests.e2e.test_workers import e2e  # noqa: F401 - the fixture
 from tests.integration.conftest import amqp_url, redis_url  # noqa: F401 - fixtures
 
@@ -63,6 +67,57 @@ def finished(samples: dict) -> bool:
     return samples.get(("hfgan_worker_state", (("hfgan_worker_state", "finished"),))) == 1
 
 
+class PageCheck:
+    """The dashboard as headless Chromium renders it, loaded once during the run (in a thread: the scraping goes on)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.dom: str | None = None
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._load, daemon=True)
+        self.thread.start()
+
+    def _load(self) -> None:
+        try:
+            self.dom = dump_dom(self.url)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+class Table(HTMLParser):
+    """The rows of the page's client table, and its images' attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict] = []
+        self.images: list[dict] = []
+        self.head: dict = {}
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "tr" and "data-client" in a:
+            self.rows.append({"attrs": a, "cells": []})
+        elif tag == "td" and self.rows:
+            self._cell = []
+        elif tag == "img":
+            self.images.append(a)
+        elif tag == "div" and a.get("id") == "head":
+            self.head = a
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.rows[-1]["cells"].append("".join(self._cell).strip())
+            self._cell = None
+
+
 class Scraper:
     """Polls every worker endpoint of `up`'s metrics-targets.json; keeps each worker's scrapes in order."""
 
@@ -91,7 +146,8 @@ class Scraper:
 def test_every_worker_serves_metrics_that_agree_with_the_ledger(e2e):  # noqa: F811 - the fixture
     run_dir = e2e["tmp"] / "run"
     n_workers = 1 + 1 + 1 + 1 + 4
-    base = free_port_base(n_workers)
+    base = free_port_base(n_workers + 1)
+    dash_port = base + n_workers
     # Long heartbeat TTLs: on a loaded machine a client busy in a step must not lose its slot (what this test
     # checks is the metrics, not the failover).
     env = dict(e2e["env"], HFGAN_METRICS_LINGER_S="20", HFGAN_HEARTBEAT_TTL_S="120", HFGAN_LEASE_TTL_S="120")
@@ -130,6 +186,28 @@ def test_every_worker_serves_metrics_that_agree_with_the_ledger(e2e):  # noqa: F
         text=True,
     )
     e2e["procs"].append(up)
+    dashboard = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hfgan_core.cli",
+            "dashboard",
+            "--run",
+            e2e["run"],
+            "--state",
+            e2e["redis"],
+            "--run-dir",
+            str(run_dir),
+            "--port",
+            str(dash_port),
+            "--wait",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    e2e["procs"].append(dashboard)
+    page = PageCheck(f"http://127.0.0.1:{dash_port}/")
     scraper = Scraper(run_dir / "logs" / "metrics-targets.json")
     injected = False
     deadline = time.monotonic() + 500
@@ -145,9 +223,17 @@ def test_every_worker_serves_metrics_that_agree_with_the_ledger(e2e):  # noqa: F
                 finally:
                     t.close()
                 injected = True
+        # The page, once the first round's sample grids exist and while the run goes on.
+        if page.thread is None and list((run_dir / "samples").glob("round_001_cluster_*.png")):
+            if not finished(scraper.last("coordinator")):
+                page.start()
         time.sleep(0.3)
     out, err = up.communicate(timeout=60)
     assert up.returncode == 0, err[-3000:]
+    assert page.thread is not None, "the run ended before the dashboard could be loaded"
+    page.thread.join(timeout=300)
+    dashboard.terminate()
+    check_page(page)
     assert injected, f"client.0 never served metrics mid-run; seen: {sorted(scraper.series)}"
 
     targets = json.loads((run_dir / "logs" / "metrics-targets.json").read_text())
@@ -220,3 +306,24 @@ def test_every_worker_serves_metrics_that_agree_with_the_ledger(e2e):  # noqa: F
         for _, p in ls
     }
     assert {"training", "finished"} <= phases
+
+
+def check_page(page: PageCheck) -> None:
+    """The client table and the sample grids, as the browser rendered them from the live run."""
+    assert page.error is None, repr(page.error)
+    assert page.dom is not None
+    t = Table()
+    t.feed(page.dom)
+    assert int(t.head.get("data-round", 0)) >= 1, t.head
+    assert [r["attrs"]["data-client"] for r in t.rows] == ["0", "1", "2", "3"], t.rows
+    cuts = {"0": "0000", "1": "1111", "2": "1010", "3": "0101"}  # the e2e config's fixed cut bits
+    for r in t.rows:
+        slot, domain, bits, cluster, state, step_s, reason = r["cells"]
+        assert slot == r["attrs"]["data-client"] and domain == "synthetic" and bits == cuts[slot], r
+        assert state in ("expected", "arrived", "late", "dropped") and state == r["attrs"]["class"], r
+        assert cluster.isdigit(), r
+    assert t.images, "no sample grid on the page"
+    for img in t.images:
+        # data-loaded is set by the image's onload handler: the browser fetched and decoded the PNG.
+        assert re.fullmatch(r"[1-9]\d*x[1-9]\d*", img.get("data-loaded", "")), img
+        assert re.fullmatch(r"samples/round_\d{3}_cluster_\d+\.png", img["src"]), img

@@ -24,11 +24,7 @@ name = "tb"
 synthetic_train_per_class = 50
 [[scenario.domains]]
 dataset = "synthetic"
-clients = 2
-samples_per_client = 64
-[[scenario.domains]]
-dataset = "synthetic"
-clients = 2
+clients = 4
 samples_per_client = 64
 
 [train]
@@ -106,7 +102,8 @@ def test_every_round_has_its_scalars_and_sample_grids(run):
     sent = [e.value for e in acc.Scalars("traffic/bytes_sent")]
     assert sent == sorted(sent) and sent[0] > 0
     summary = json.loads((run / "run" / "summary.json").read_text())
-    assert sent[-1] == pytest.approx(summary["bytes_sent"], rel=1e-6)
+    # The run's total also counts what was sent after the last round was recorded (the run_end messages).
+    assert 0 <= summary["bytes_sent"] - sent[-1] < 1e-4 * summary["bytes_sent"]
     # Sample grids: one image per cluster and round, the PNG the run directory holds for it.
     for rec in records:
         for k in set(rec["clusters"].values()):
