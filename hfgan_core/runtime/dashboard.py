@@ -239,17 +239,22 @@ def open_source(args: argparse.Namespace) -> Source:
     from .status import resolve_run
 
     run_dir = Path(args.run_dir) if args.run_dir else None
-    if run_dir is not None and not run_dir.is_dir():
-        raise ConfigError(f"--run-dir {run_dir}: no such directory")
     if not args.run:
         if run_dir is None:
             raise ConfigError("pass --run ID (a run in the ledger) or --run-dir R (a run directory)")
+        if not run_dir.is_dir():
+            raise ConfigError(f"--run-dir {run_dir}: no such directory")
         return Source(None, run_dir)
+    if run_dir is not None and not run_dir.is_dir():
+        # A run of workers whose coordinator has not created it yet: curves and samples appear with it.
+        print(f"{run_dir} does not exist (yet)", file=sys.stderr, flush=True)
     if Path(args.run).is_dir() and run_dir is None:
         run_dir = Path(args.run)
     run = resolve_run(args.run)
     store = open_store(args.state or Settings.from_env().state_url_or_default, retry_timeout=5.0)
     info = store.run_info(run)
+    if info is None and getattr(args, "wait", False):
+        print(f"waiting for run {run!r} to appear in the state store ...", file=sys.stderr, flush=True)
     while info is None and getattr(args, "wait", False):
         time.sleep(2.0)  # the coordinator registers the run once its data is loaded
         info = store.run_info(run)

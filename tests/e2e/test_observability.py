@@ -59,6 +59,14 @@ def try_scrape(port: int) -> dict | None:
         return None
 
 
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def worker_name(samples: dict) -> str:
     return next(dict(labels)["role"] for (name, labels) in samples if name == "hfgan_worker_info")
 
@@ -225,14 +233,17 @@ def test_every_worker_serves_metrics_that_agree_with_the_ledger(e2e):  # noqa: F
                 injected = True
         # The page, once the first round's sample grids exist and while the run goes on.
         if page.thread is None and list((run_dir / "samples").glob("round_001_cluster_*.png")):
-            if not finished(scraper.last("coordinator")):
+            if not finished(scraper.last("coordinator")) and answers(page.url + "api/state"):
                 page.start()
         time.sleep(0.3)
     out, err = up.communicate(timeout=60)
     assert up.returncode == 0, err[-3000:]
-    assert page.thread is not None, "the run ended before the dashboard could be loaded"
+    if page.thread is None:
+        dashboard.terminate()
+        raise AssertionError(f"the dashboard was never loaded during the run: {dashboard.communicate()[1][-2000:]!r}")
     page.thread.join(timeout=300)
     dashboard.terminate()
+    assert page.dom is not None or page.error is not None, "the browser did not finish"
     check_page(page)
     assert injected, f"client.0 never served metrics mid-run; seen: {sorted(scraper.series)}"
 
@@ -314,7 +325,7 @@ def check_page(page: PageCheck) -> None:
     assert page.dom is not None
     t = Table()
     t.feed(page.dom)
-    assert int(t.head.get("data-round", 0)) >= 1, t.head
+    assert int(t.head.get("data-round", 0)) >= 1, page.dom[-3000:]
     assert [r["attrs"]["data-client"] for r in t.rows] == ["0", "1", "2", "3"], t.rows
     cuts = {"0": "0000", "1": "1111", "2": "1010", "3": "0101"}  # the e2e config's fixed cut bits
     for r in t.rows:
