@@ -85,7 +85,7 @@ def sample_generator(
     if consume is not None:
         return None
     if not kept_x:
-        return torch.empty(0, 1, 28, 28), all_y
+        return torch.empty(0, 1, 1, 1), all_y
     return torch.cat(kept_x), all_y
 
 
@@ -266,7 +266,8 @@ def utility_metrics(
         )
     assert sampled is not None
     x_fake, y_fake = sampled
-    model = seeded_init(lambda: build_model(UTILITY_ARCH, num_classes), seed)
+    # The CNN follows the test data's shape (channels, size).
+    model = seeded_init(lambda: build_model(UTILITY_ARCH, num_classes, x_test.shape[1], x_test.shape[-1]), seed)
     with Stopwatch() as sw_train:
         train_supervised(model, x_fake, y_fake, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     pred = predict_logits(model, x_test, device=device).argmax(1)

@@ -614,6 +614,7 @@ def finalize_run(
         "round_wall_s": [rec.get("wall_s") for rec in recorder.metrics.records],
         "messages_sent": messages + sum(role.messages_sent.values()),
         "data_sources": data.sources,
+        "data_digests": data.digests,
         "notices": data.notices,
         "runtime": "workers",
     }

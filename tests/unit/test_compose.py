@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from hfgan_core.cli import build_parser
 from hfgan_core.transport.amqp import check_password_hash
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,8 +244,11 @@ def test_client_users_are_provisioned_before_clients_start(stack):
     setup = stack["services"]["broker-setup"]
     assert _depends(stack["services"]["client"]).get("broker-setup") == "service_completed_successfully"
     assert _depends(setup).get("rabbitmq") == "service_healthy"
-    script = " ".join(setup["command"])
-    assert "provision_client_users" in script and "dev_client_passwords" in script
+    command = setup["command"]
+    assert command[:3] == ["hfgan", "broker", "provision-clients"], command
+    args = build_parser().parse_args(command[1:])  # what the image's `hfgan` will parse
+    assert args.dev_passwords and args.clients is None, "client count from $HFGAN_CONFIG, development passwords"
+    assert _env(setup)["HFGAN_CONFIG"] and _env(setup)["HFGAN_BROKER_URL"].startswith("amqp://")
     admin = urllib.parse.urlsplit(_env(setup)["HFGAN_ADMIN_URL"])
     assert (admin.hostname, admin.port, admin.username) == ("rabbitmq", 15672, "hfgan-admin")
 
