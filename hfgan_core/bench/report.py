@@ -497,7 +497,9 @@ def _markdown(
     L.append("")
     L.append(
         "Generation score: exp(E KL(p(y|x) || p(y))) with the domain's scoring classifier (max 10), final = "
-        "after the last round, best = best round. Utility: a CNN trained only on generated samples, tested on "
+        "after the last round, best = best round. Classifier FD: the Fréchet distance between generated and real "
+        "test images in the scoring classifier's feature space (lower is better; not FID: no Inception network; "
+        "split methods only). Utility: a CNN trained only on generated samples, tested on "
         "the real test set (%). Modelled latency: seconds per training iteration from the cost model (see "
         "*Latency and traffic*). Wall time: measured training time on this machine (evaluation excluded). "
         "Bytes: on the wire per round."
@@ -508,14 +510,16 @@ def _markdown(
         L.append(f"### {d}")
         L.append("")
         L.append(
-            "| method | final gen score | best gen score | accuracy | precision | recall | F1 | FPR | "
+            "| method | final gen score | best gen score | classifier FD | accuracy | precision | recall | F1 | FPR | "
             "modelled latency (s/iter) | wall time train (min) | bytes/round |"
         )
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for meth, r in results.items():
             u = r["domains"].get(d, {}).get("utility") or {}
+            fd = r["domains"].get(d, {}).get("classifier_frechet_distance")
             L.append(
-                f"| {NAMES[meth]} | {_fmt(_score(r, d))} | {_fmt(_best(r, d))} | {_fmt(u.get('accuracy'))} | "
+                f"| {NAMES[meth]} | {_fmt(_score(r, d))} | {_fmt(_best(r, d))} | {_fmt(fd, 1)} | "
+                f"{_fmt(u.get('accuracy'))} | "
                 f"{_fmt(u.get('precision'))} | {_fmt(u.get('recall'))} | {_fmt(u.get('f1'))} | "
                 f"{_fmt(u.get('fpr'))} | {_fmt(r.get('modelled_latency_s'), 3)} | "
                 f"{_fmt(r.get('wall_train_s', 0) / 60, 1)} | {_bytes(r.get('bytes_per_round'))} |"
