@@ -300,6 +300,9 @@ class RuntimeConfig:
     server_device: str | None = None  # torch device of the split server (defaults to `device`)
     # Stragglers (DESIGN section 5): a step window at the server, a deadline and a quorum per round.
     step_deadline_s: float = 30.0
+    # A step's deadline follows the peers' measured pace: max(step_deadline_s, straggler_factor x the median recent
+    # response time), so a busy host does not make every client late (runtime/pace.py). 0: step_deadline_s alone.
+    straggler_factor: float = 3.0
     round_deadline_s: float = 600.0
     quorum: float = 0.5
     # Emulate the device profiles' compute and link delays (reproducible heterogeneity on one machine).
@@ -316,6 +319,8 @@ class RuntimeConfig:
     def validate(self) -> None:
         if self.step_deadline_s <= 0 or self.round_deadline_s <= 0:
             raise ConfigError("runtime: deadlines must be positive")
+        if not (self.straggler_factor == 0 or self.straggler_factor > 1):
+            raise ConfigError("runtime.straggler_factor must be 0 (a fixed step deadline) or above 1")
         if self.keep_checkpoints < 0:
             raise ConfigError("runtime.keep_checkpoints must be 0 (keep all) or positive")
         if not (0 < self.quorum <= 1):
