@@ -8,6 +8,7 @@
 # hfgan-local/python:3.11          python3 + venv           (stands in for python:3.11-slim)
 # hfgan-local/rabbitmq:3.10-management  Debian's rabbitmq-server (stands in for rabbitmq:3.13-management)
 # hfgan-local/redis:7              Debian's redis-server 7.0 (stands in for redis:7)
+# hfgan-local/prometheus           Debian's prometheus 2.42 (stands in for prom/prometheus)
 # hfgan:local                      the Dockerfile on hfgan-local/python:3.11, torch from the local wheel
 #
 # The torch wheel: $HFGAN_TORCH_WHEEL, or torch-2.13.0*.whl in pip's find-links (`pip config list`); it is copied
@@ -59,15 +60,18 @@ bundle=${HFGAN_HOST_CA_BUNDLE:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}}
 mkdir -p deploy/local
 cmp -s "$bundle" deploy/local/host-ca-bundle.crt || cp "$bundle" deploy/local/host-ca-bundle.crt
 
-log "building hfgan-local/python:3.11 -> hfgan:local, hfgan-local/rabbitmq:3.10-management, hfgan-local/redis:7"
+log "building hfgan-local/python:3.11 -> hfgan:local, and the RabbitMQ, Redis and Prometheus images"
 # The infrastructure images build while the worker image does (mostly downloads: they overlap well).
 build rabbitmq -t hfgan-local/rabbitmq:3.10-management -f deploy/images/rabbitmq.Dockerfile deploy/images &
 rabbit_pid=$!
 build redis -t hfgan-local/redis:7 -f deploy/images/redis.Dockerfile deploy/images &
 redis_pid=$!
+build prometheus -t hfgan-local/prometheus -f deploy/images/prometheus.Dockerfile deploy/images &
+prometheus_pid=$!
 build python -t hfgan-local/python:3.11 -f deploy/images/python.Dockerfile deploy/local
 build hfgan -t hfgan:local --build-arg BASE_IMAGE=hfgan-local/python:3.11 \
   --build-arg TORCH_PIP_ARGS="--find-links /wheels" .
 wait "$rabbit_pid" || die "the RabbitMQ image did not build"
 wait "$redis_pid" || die "the Redis image did not build"
+wait "$prometheus_pid" || die "the Prometheus image did not build"
 docker images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^hfgan' >&2

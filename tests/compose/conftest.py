@@ -156,7 +156,12 @@ def _need_docker() -> None:
     if shutil.which("docker-compose") is None:
         pytest.fail("docker-compose is not installed (apt-get install docker-compose)")
     if os.environ.get("HFGAN_COMPOSE_IMAGES", "local") != "hub":
-        for image in ("hfgan:local", "hfgan-local/rabbitmq:3.10-management", "hfgan-local/redis:7"):
+        for image in (
+            "hfgan:local",
+            "hfgan-local/rabbitmq:3.10-management",
+            "hfgan-local/redis:7",
+            "hfgan-local/prometheus",
+        ):
             if docker("image", "inspect", image, check=False).returncode != 0:
                 pytest.fail(f"image {image} is missing: run scripts/compose-images.sh")
 
