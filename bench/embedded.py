@@ -175,6 +175,52 @@ def _best(runs: list[dict], key: str) -> dict:
     return max(runs, key=lambda r: r[key])
 
 
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    u, e = runs["unsplit"], runs["embedded"]
+    return {
+        "unsplit": _best(u, "samples_per_s"),
+        "embedded_round": _best(e, "samples_per_s"),
+        "embedded_steps": _best(e, "train_samples_per_s"),
+        "fixed_cost_fraction_median": statistics.median(r["fixed_cost_fraction"] for r in e),
+        "runs": runs,
+    }
+
+
+ROWS = (
+    ("unsplit", "samples_per_s", "UnsplitGAN"),
+    ("embedded_steps", "train_samples_per_s", "embedded, training steps only"),
+    ("embedded_round", "samples_per_s", "embedded, whole round"),
+)
+
+
+def compare(new: dict[str, list[dict]], base: dict[str, list[dict]], summaries: dict, name: str) -> dict:
+    """Ratios of a variant to the baseline: of the best runs, and the median of the per-repeat ratios."""
+    kinds = {"unsplit": "unsplit", "embedded_steps": "embedded", "embedded_round": "embedded"}
+    per = {
+        row: [n[key] / b[key] for n, b in zip(new[kinds[row]], base[kinds[row]], strict=True)] for row, key, _ in ROWS
+    }
+    best = {row: summaries[name][row][key] / summaries["baseline"][row][key] for row, key, _ in ROWS}
+    return {"best_of": best, "median_of_repeats": {k: statistics.median(v) for k, v in per.items()}, "per_repeat": per}
+
+
+def print_tables(out: dict, repeats: int) -> None:
+    variants = out["variants"]
+    first = next(iter(variants.values()))["unsplit"]["samples_per_s"]
+    batch = out["batch_per_client"] * out["clients"]
+    print(f"| code | what | samples/s (best of {repeats}) | vs the first row |\n|---|---|---|---|")
+    for name, v in variants.items():
+        for row, key, label in ROWS:
+            label = f"{label}, batch {batch}" if row == "unsplit" else label
+            print(f"| {name} | {label} | {v[row][key]:.1f} | {v[row][key] / first:.2f} |")
+    for name, v in variants.items():
+        if "vs_baseline" in v:
+            for how in ("best_of", "median_of_repeats"):
+                ratios = {k: round(x, 3) for k, x in v["vs_baseline"][how].items()}
+                print(f"{name} / baseline ({how}): {json.dumps(ratios)}")
+        ph = v["embedded_round"]["phases"]
+        print(f"{name}, phases of its best round (s): " + ", ".join(f"{k} {x:.2f}" for k, x in ph.items()))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=4)
@@ -212,63 +258,14 @@ def main() -> int:
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
-        "variants": {},
+        "variants": {name: summarize(runs[name]) for name, _, _ in variants},
     }
-    rows = []
-    ref_u = _best(runs[variants[0][0]]["unsplit"], "samples_per_s")["samples_per_s"]
-    for name, _, _ in variants:
-        u, e = runs[name]["unsplit"], runs[name]["embedded"]
-        bu, be = _best(u, "samples_per_s"), _best(e, "samples_per_s")
-        bt = _best(e, "train_samples_per_s")
-        out["variants"][name] = {
-            "unsplit": bu,
-            "embedded_round": be,
-            "embedded_steps": bt,
-            "fixed_cost_fraction_median": statistics.median(r["fixed_cost_fraction"] for r in e),
-            "runs": {"unsplit": u, "embedded": e},
-        }
-        rows.append((f"{name}: UnsplitGAN, batch {64 * args.clients}", bu["samples_per_s"]))
-        rows.append((f"{name}: embedded, training steps only", bt["train_samples_per_s"]))
-        rows.append((f"{name}: embedded, whole round", be["samples_per_s"]))
     if args.baseline_tree:
-        base = runs["baseline"]
         for name, _, _ in variants[1:]:
-            new = runs[name]
-            per = {
-                "unsplit": [n["samples_per_s"] / b["samples_per_s"] for n, b in zip(new["unsplit"], base["unsplit"])],
-                "embedded_steps": [
-                    n["train_samples_per_s"] / b["train_samples_per_s"]
-                    for n, b in zip(new["embedded"], base["embedded"])
-                ],
-                "embedded_round": [
-                    n["samples_per_s"] / b["samples_per_s"] for n, b in zip(new["embedded"], base["embedded"])
-                ],
-            }
-            out["variants"][name]["vs_baseline"] = {
-                "best_of": {
-                    "unsplit": out["variants"][name]["unsplit"]["samples_per_s"]
-                    / out["variants"]["baseline"]["unsplit"]["samples_per_s"],
-                    "embedded_steps": out["variants"][name]["embedded_steps"]["train_samples_per_s"]
-                    / out["variants"]["baseline"]["embedded_steps"]["train_samples_per_s"],
-                    "embedded_round": out["variants"][name]["embedded_round"]["samples_per_s"]
-                    / out["variants"]["baseline"]["embedded_round"]["samples_per_s"],
-                },
-                "median_of_repeats": {k: statistics.median(v) for k, v in per.items()},
-                "per_repeat": per,
-            }
+            out["variants"][name]["vs_baseline"] = compare(runs[name], runs["baseline"], out["variants"], name)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print("| what | samples/s (best of %d) | vs the first row |\n|---|---|---|" % args.repeats)
-    for label, v in rows:
-        print(f"| {label} | {v:.1f} | {v / ref_u:.2f} |")
-    for name, v in out["variants"].items():
-        if "vs_baseline" in v:
-            vb = v["vs_baseline"]
-            print(f"{name} vs baseline: best-of {json.dumps({k: round(x, 3) for k, x in vb['best_of'].items()})}")
-            print(f"{name} vs baseline: median {json.dumps({k: round(x, 3) for k, x in vb['median_of_repeats'].items()})}")
-    for name, v in out["variants"].items():
-        ph = v["embedded_round"]["phases"]
-        print(f"{name} phases of the best round: " + ", ".join(f"{k} {x:.2f}" for k, x in ph.items()))
+    print_tables(out, args.repeats)
     return 0
 
 

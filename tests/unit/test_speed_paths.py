@@ -25,7 +25,8 @@ def _train(model: UnsplitGAN, steps: int) -> dict[str, torch.Tensor]:
     for _ in range(steps):
         x, y = data.batch(g, 16)
         model.train_step(x, y, torch.randn(16, model.cfg.model.z_dim, generator=g))
-    return {f"{n}.{i}.{k}": v for n, d in model.modules().items() for i, b in d.items() for k, v in b.state_dict().items()}
+    mods = model.modules()
+    return {f"{n}.{i}.{k}": v for n, d in mods.items() for i, b in d.items() for k, v in b.state_dict().items()}
 
 
 def test_foreach_adam_is_bit_identical_to_the_per_parameter_loop():
