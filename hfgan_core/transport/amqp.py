@@ -131,6 +131,7 @@ STREAM_MAX_BYTES = 20_000_000_000
 STREAM_SEGMENT_BYTES = 100_000_000
 DEAD_MAX_LENGTH = 100_000
 STREAM_PREFETCH = 32  # update-log reads: records in flight per reader
+MAX_LOG_CHUNKS = 1024  # chunks of one update-log record (8 GiB at the default frame size): more is junk
 
 H_ADDRESS = "x-hfgan-address"
 H_REASON = "x-hfgan-reason"
@@ -1229,8 +1230,9 @@ class AmqpTransport(Transport):
     def _read_stream(
         self, offset: int | str, *, first_wait: float, idle: float, stop_at: int | None, follow_s: float | None = None
     ) -> list[tuple[int, dict[str, Any], bytes]]:
-        """(offset, headers, body) of the stream's messages from `offset`: waits up to `first_wait` for the first,
-        then stops after `idle` seconds without one, or once `stop_at` was reached and nothing followed briefly.
+        """(offset, headers, body) of the stream's messages from `offset` (the headers with the publisher's
+        `user_id`): waits up to `first_wait` for the first, then stops after `idle` seconds without one, or once
+        `stop_at` was reached and nothing followed briefly.
 
         Acknowledgements are the stream's credit: once `stop_at` is reached (or `follow_s` seconds after the first
         record) nothing more is acknowledged, so the broker stops after the prefetch window even while records keep
@@ -1244,6 +1246,7 @@ class AmqpTransport(Transport):
 
             def on_message(c: Any, method: Any, props: Any, body: bytes) -> None:
                 headers = dict(props.headers or {})
+                headers["user_id"] = props.user_id  # the broker checked it against the publishing connection
                 off = int(headers.get("x-stream-offset", -1))
                 out.append((off, headers, body))
                 if stop_at is not None and off >= stop_at:
@@ -1326,21 +1329,33 @@ class AmqpTransport(Transport):
 
         raw = self._retrying(run, "read_log")
         records: list[LogRecord] = []
-        partials: dict[str, tuple[int, int, dict[int, bytes]]] = {}
+        # Chunks are grouped per publisher: nobody can complete or spoil another user's record with chunks of its own.
+        partials: dict[tuple[str | None, str], tuple[int, int, dict[int, bytes]]] = {}
         for offset, headers, body in raw:
             if offset < from_offset:
                 continue  # a stream starts delivering at the beginning of the chunk holding from_offset
-            rnd = int(headers.get(H_ROUND, -1))
-            if H_CHUNK_ID not in headers:
-                records.append(LogRecord(offset, rnd, body))
+            user = headers.get("user_id")
+            try:
+                rnd = int(headers.get(H_ROUND, -1))
+                if H_CHUNK_ID not in headers:
+                    records.append(LogRecord(offset, rnd, body, user))
+                    continue
+                key = (user, str(headers[H_CHUNK_ID]))
+                count, index = int(headers[H_CHUNK_COUNT]), int(headers[H_CHUNK_INDEX])
+                if not 0 <= index < count <= MAX_LOG_CHUNKS:
+                    raise ValueError(f"chunk {index} of {count} (at most {MAX_LOG_CHUNKS})")
+            except (TypeError, ValueError) as exc:  # junk headers: the record is skipped, never fatal to a reader
+                log.warning("update log offset %d: unusable record headers (%s); skipped", offset, exc)
                 continue
-            cid = str(headers[H_CHUNK_ID])
-            first, count, pieces = partials.setdefault(cid, (offset, int(headers[H_CHUNK_COUNT]), {}))
-            pieces.setdefault(int(headers[H_CHUNK_INDEX]), body)
+            first, expected, pieces = partials.setdefault(key, (offset, count, {}))
+            if count != expected:
+                log.warning("update log offset %d: chunk count %d differs from %d; skipped", offset, count, expected)
+                continue
+            pieces.setdefault(index, body)
             if len(pieces) == count:
-                records.append(LogRecord(first, rnd, b"".join(pieces[i] for i in range(count))))
-                partials[cid] = (first, count, {})  # completed: later duplicates start a new (ignored) partial
-        for cid, (first, count, pieces) in partials.items():
+                records.append(LogRecord(first, rnd, b"".join(pieces[i] for i in range(count)), user))
+                partials[key] = (first, count, {})  # completed: later duplicates start a new (ignored) partial
+        for (_, cid), (first, count, pieces) in partials.items():
             # Without its first chunk the record began before from_offset (expected when a round's offset follows
             # the previous round's last chunk); with it, chunks are missing (retention, or a writer that died).
             if 0 in pieces:
