@@ -25,6 +25,7 @@ import numpy as np
 
 from hfgan_core.config import DeviceProfile, ServerProfile
 from hfgan_core.planning import batch_latency, compute_costs, latency_terms, plan_cuts
+from hfgan_core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_SECONDS_20 = (385.0, 670.0)  # reference/cut_selection/README.md
@@ -33,7 +34,7 @@ REF_SECONDS_80 = 26 * 60.0  # issue 3: "about 6 minutes for 20 clients and 26 fo
 
 def find_reference(explicit: str | None) -> Path:
     candidates = [Path(explicit)] if explicit else []
-    env = os.environ.get("HFGAN_REFERENCE_DIR")
+    env = Settings.from_env().reference_dir
     if env:
         candidates.append(Path(env) / "cut_selection" / "ga_ref20.json")
     candidates += [
@@ -65,32 +66,10 @@ def time_plan(costs, clients, server, repeats: int):
     return plan, statistics.median(times)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner.json"))
-    ap.add_argument("--reference", default=None, help="path of ga_ref20.json")
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-
-    ref = json.loads(find_reference(args.reference).read_text())
-    t0 = time.perf_counter()
-    costs = {m: compute_costs(batch_size=64, cost_model=m) for m in ("paper", "corrected")}
-    cost_seconds = (time.perf_counter() - t0) / 2
-    server = ServerProfile(
-        ref["server"]["computational_frequency"],
-        ref["server"]["cpu_cycles_per_flop"],
-        ref["server"]["transmission_rate"],
-    )
-    ref_clients = [DeviceProfile(*p) for p in ref["client_profiles_cpu_mhz_flops_per_cycle_data_rate"]]
-
-    # The latency model against the reference's 200 vectors.
-    vectors = ref["fitness_vectors"]
-    got = batch_latency(latency_terms(costs["paper"], ref_clients, server), np.array([v["cuts"] for v in vectors]))
-    expected = np.array([v["latency_s"] for v in vectors])
-    max_rel = float(np.max(np.abs(got - expected) / expected))
-
+def _cases(ref: dict, ref_clients: list) -> list[tuple]:
+    """The benchmark's instances: (name, cost model, clients, reference latency, reference seconds, GA cuts)."""
     ga_best = np.array(ref["best_cuts"], dtype=np.int8)
-    cases = [
+    return [
         ("20 clients, reference list", "paper", ref_clients, ref["best_latency_s"], REF_SECONDS_20, ga_best),
         ("20 clients, corrected costs", "corrected", ref_clients, None, None, ga_best),
         (
@@ -104,46 +83,32 @@ def main() -> int:
         ("100 clients, distinct random", "paper", random_profiles(100, 0), None, None, None),
         ("1000 clients, distinct random", "paper", random_profiles(1000, 1), None, None, None),
     ]
-    rows = []
-    for name, model, clients, ref_latency, ref_seconds, ga_cuts in cases:
-        table = costs[model]
-        plan, seconds = time_plan(table, clients, server, args.repeats)
-        terms = latency_terms(table, clients, server)
-        n = len(clients)
-        base = batch_latency(terms, np.stack([np.ones((n, 4), np.int8), np.zeros((n, 4), np.int8)]))
-        row = {
-            "case": name,
-            "clients": n,
-            "cost_model": model,
-            "planner_seconds": seconds,
-            "planner_latency_s": plan.latency_s,
-            "all_ones_latency_s": float(base[0]),
-            "all_zeros_latency_s": float(base[1]),
-            "reference_latency_s": ref_latency,
-            "reference_cuts_latency_s": float(batch_latency(terms, ga_cuts)[0]) if ga_cuts is not None else None,
-            "reference_seconds": list(ref_seconds) if ref_seconds else None,
-            "speedup": [ref_seconds[0] / seconds, ref_seconds[1] / seconds] if ref_seconds else None,
-            "cuts": [list(c) for c in plan.cuts] if n <= 100 else None,
-        }
-        rows.append(row)
 
-    result = {
-        "what": "exact cut planner vs the reference genetic search (population 1000, 1000 generations)",
-        "machine": {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-        },
-        "repeats": args.repeats,
-        "cost_table_seconds": cost_seconds,
-        "latency_model_max_rel_error_200_vectors": max_rel,
-        "cases": rows,
+
+def _run_case(case: tuple, costs: dict, server: ServerProfile, repeats: int) -> dict:
+    name, model, clients, ref_latency, ref_seconds, ga_cuts = case
+    table = costs[model]
+    plan, seconds = time_plan(table, clients, server, repeats)
+    terms = latency_terms(table, clients, server)
+    n = len(clients)
+    base = batch_latency(terms, np.stack([np.ones((n, 4), np.int8), np.zeros((n, 4), np.int8)]))
+    return {
+        "case": name,
+        "clients": n,
+        "cost_model": model,
+        "planner_seconds": seconds,
+        "planner_latency_s": plan.latency_s,
+        "all_ones_latency_s": float(base[0]),
+        "all_zeros_latency_s": float(base[1]),
+        "reference_latency_s": ref_latency,
+        "reference_cuts_latency_s": float(batch_latency(terms, ga_cuts)[0]) if ga_cuts is not None else None,
+        "reference_seconds": list(ref_seconds) if ref_seconds else None,
+        "speedup": [ref_seconds[0] / seconds, ref_seconds[1] / seconds] if ref_seconds else None,
+        "cuts": [list(c) for c in plan.cuts] if n <= 100 else None,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
 
+
+def _print_table(rows: list[dict], max_rel: float, cost_seconds: float) -> None:
     def fmt_s(x: float | None) -> str:
         return "-" if x is None else f"{x:.4f}"
 
@@ -170,6 +135,50 @@ def main() -> int:
         "ref latency: the genetic search's answer; ref cuts: the modelled latency of its 20-client cuts "
         "(tiled for 80); all-1/all-0: every client keeps / gives away every optional block"
     )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner.json"))
+    ap.add_argument("--reference", default=None, help="path of ga_ref20.json")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    ref = json.loads(find_reference(args.reference).read_text())
+    t0 = time.perf_counter()
+    costs = {m: compute_costs(batch_size=64, cost_model=m) for m in ("paper", "corrected")}
+    cost_seconds = (time.perf_counter() - t0) / 2
+    server = ServerProfile(
+        ref["server"]["computational_frequency"],
+        ref["server"]["cpu_cycles_per_flop"],
+        ref["server"]["transmission_rate"],
+    )
+    ref_clients = [DeviceProfile(*p) for p in ref["client_profiles_cpu_mhz_flops_per_cycle_data_rate"]]
+
+    # The latency model against the reference's 200 vectors.
+    vectors = ref["fitness_vectors"]
+    got = batch_latency(latency_terms(costs["paper"], ref_clients, server), np.array([v["cuts"] for v in vectors]))
+    expected = np.array([v["latency_s"] for v in vectors])
+    max_rel = float(np.max(np.abs(got - expected) / expected))
+
+    rows = [_run_case(case, costs, server, args.repeats) for case in _cases(ref, ref_clients)]
+    result = {
+        "what": "exact cut planner vs the reference genetic search (population 1000, 1000 generations)",
+        "machine": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
+        "repeats": args.repeats,
+        "cost_table_seconds": cost_seconds,
+        "latency_model_max_rel_error_200_vectors": max_rel,
+        "cases": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    _print_table(rows, max_rel, cost_seconds)
     print(f"wrote {out}")
     return 0
 

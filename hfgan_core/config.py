@@ -12,19 +12,18 @@ import hashlib
 import json
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .settings import RUNTIME_FIELDS, VARIABLES, ConfigError, Settings, redact_url
+
 DATASETS = ("MNIST", "FashionMNIST", "KMNIST", "NotMNIST", "synthetic")
 DISTRIBUTIONS = ("iid", "noniid", "highly_noniid")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 COST_MODELS = ("paper", "corrected")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one line meant for the user."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +310,11 @@ class RunConfig:
             return self
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
 
+    def redacted(self) -> RunConfig:
+        """A copy whose URLs carry no password (settings.redact_url): what the files a run writes hold."""
+        rt = self.runtime
+        return self.with_overrides("runtime", broker_url=redact_url(rt.broker_url), state_url=redact_url(rt.state_url))
+
     def to_dict(self, include_runtime: bool = True) -> dict[str, Any]:
         """Plain data that `RunConfig.from_dict` reads back to an equal config."""
         d = _to_plain(self)
@@ -500,21 +504,13 @@ def load_config(name_or_path: str | os.PathLike[str]) -> RunConfig:
     return RunConfig.from_dict(data).validate()
 
 
-ENV_OVERRIDES = {
-    "HFGAN_BROKER_URL": "broker_url",
-    "HFGAN_STATE_URL": "state_url",
-    "HFGAN_DATA_DIR": "data_dir",
-    "HFGAN_RUN_DIR": "run_dir",
-    "HFGAN_RUN_ID": "run_id",
-    "HFGAN_DEVICE": "device",
-    "HFGAN_SERVER_DEVICE": "server_device",
-}
+# The environment variables that override `[runtime]` (settings.py reads them).
+ENV_OVERRIDES = {v.name: v.field for v in VARIABLES if v.field in RUNTIME_FIELDS}
 
 
-def apply_env(cfg: RunConfig, environ: dict[str, str] | None = None) -> RunConfig:
-    """Environment variables override the runtime section (for containers)."""
-    env = os.environ if environ is None else environ
-    values = {field_name: env[var] for var, field_name in ENV_OVERRIDES.items() if env.get(var)}
+def apply_env(cfg: RunConfig, environ: Mapping[str, str] | None = None) -> RunConfig:
+    """Environment variables override the runtime section (for containers); see settings.py."""
+    values = Settings.from_env(environ).runtime_overrides()
     return cfg.with_overrides("runtime", **values) if values else cfg
 
 

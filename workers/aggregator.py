@@ -5,7 +5,7 @@ import sys
 from workers.common import main
 
 
-def _flags(p):
+def _flags(p, env):
     p.add_argument("--index", type=int, help="this aggregator's index (names it aggregator.<index>)")
 
 

@@ -5,7 +5,7 @@ import sys
 from workers.common import main
 
 
-def _flags(p):
+def _flags(p, env):
     p.add_argument("--client", type=int, help="a fixed client index (default: claim a free slot of the run)")
 
 

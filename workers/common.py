@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 from collections.abc import Callable, Sequence
 
 from hfgan_core.runtime.services import options_from_args, serve, setup_logging
+from hfgan_core.settings import ConfigError, Settings
 
 
-def parser(role: str, description: str) -> argparse.ArgumentParser:
+def parser(role: str, description: str, env: Settings) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m workers.{role}", description=description)
     p.add_argument("--config", help="a preset name or a TOML file ($HFGAN_CONFIG)")
     p.add_argument("--run-id", help="the run ($HFGAN_RUN_ID; default: the run directory's name)")
@@ -23,7 +24,7 @@ def parser(role: str, description: str) -> argparse.ArgumentParser:
         "--no-fallback",
         dest="allow_fallback",
         action="store_false",
-        default=os.environ.get("HFGAN_NO_FALLBACK", "") not in ("1", "true", "yes"),
+        default=not env.no_fallback,
         help="fail instead of using synthetic data for a missing dataset ($HFGAN_NO_FALLBACK=1)",
     )
     p.add_argument("--debug", action="store_true", help="debug logs")
@@ -33,14 +34,19 @@ def parser(role: str, description: str) -> argparse.ArgumentParser:
 def main(
     role: str,
     description: str,
-    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    extra: Callable[[argparse.ArgumentParser, Settings], None] | None = None,
     argv: Sequence[str] | None = None,
 ) -> int:
     import logging
 
-    p = parser(role, description)
+    try:
+        env = Settings.from_env()
+    except ConfigError as exc:
+        print(f"{role}: error: {exc}", file=sys.stderr)
+        return 2
+    p = parser(role, description, env)
     if extra is not None:
-        extra(p)
+        extra(p, env)
     args = p.parse_args(argv)
     setup_logging(role, logging.DEBUG if args.debug else logging.INFO)
     return serve(options_from_args(role, args))

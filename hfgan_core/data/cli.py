@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict
 from typing import Any
 
+from ..settings import Settings
 from .packages import prepare
 from .sources import check
 
 
 def _default_data_dir() -> str:
-    return os.environ.get("HFGAN_DATA_DIR") or "data"
+    return Settings.from_env().data_dir_or_default
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

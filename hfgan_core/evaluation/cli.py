@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DATASETS, ConfigError
+from ..settings import Settings
 from .classifiers import DEFAULT_EPOCHS, classifier_path, fit_classifiers
 from .training import as_tensors
 
@@ -23,7 +24,7 @@ DEFAULT_DATASETS = "MNIST,FashionMNIST"
 
 
 def default_data_dir() -> str:
-    return os.environ.get("HFGAN_DATA_DIR") or "data"
+    return Settings.from_env().data_dir_or_default
 
 
 def load_domain_splits(name: str, data_dir: str | os.PathLike[str]) -> tuple[Any, Any]:

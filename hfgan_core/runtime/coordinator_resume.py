@@ -189,6 +189,6 @@ class ResumeMixin:
             },
         )
         files = ["coordinator.pt", "server.pt"] + [f"client_{c}.pt" for c in sorted(self.members)]
-        ckpt.write_manifest(self.run_dir, self.round, cfg.to_dict(), files)
+        ckpt.write_manifest(self.run_dir, self.round, cfg.redacted().to_dict(), files)
         self.ctx.store.set_checkpoint(self.ctx.run, self.round, str(d))
         ckpt.prune(self.run_dir, keep=cfg.runtime.keep_checkpoints)

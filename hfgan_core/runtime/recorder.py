@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import stat
 import time
 from collections import Counter
@@ -41,6 +40,7 @@ from ..evaluation.classifiers import (
 )
 from ..model import CutBits, architecture, build_networks
 from ..model.split import run_blocks
+from ..settings import Settings
 from .coordinator import RoundReport
 
 RUN_MARKER = "hfgan-run.json"
@@ -231,7 +231,8 @@ def _fmt_clusters(assignment: dict[int, int]) -> str:
 
 def classifier_dir(data_dir: str | Path) -> Path:
     """`<data_dir>/classifiers`, or a per-user cache when the data directory is read-only (a shared data set)."""
-    override = os.environ.get("HFGAN_CLASSIFIER_DIR")
+    env = Settings.from_env()
+    override = env.classifier_dir
     if override:
         return Path(override)
     preferred = classifier_path(data_dir, "x").parent
@@ -239,7 +240,7 @@ def classifier_dir(data_dir: str | Path) -> Path:
     # The mode bits, not os.access: root may write anywhere, but a directory marked read-only is not ours to fill.
     if not probe.exists() or probe.stat().st_mode & stat.S_IWUSR:
         return preferred
-    cache = Path(os.environ.get("HFGAN_CACHE_DIR") or Path.home() / ".cache" / "hfgan")
+    cache = Path(env.cache_dir or Path.home() / ".cache" / "hfgan")
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
     return cache / "classifiers" / digest
 
@@ -304,7 +305,7 @@ def write_run_marker(run_dir: Path, cfg: RunConfig, run_id: str) -> None:
     """Identify the run a directory holds (a different run must not reuse it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / RUN_MARKER, {"run_id": run_id, "digest": cfg.digest(), "created": time.time()})
-    (run_dir / "config.toml").write_text(dump_toml(cfg))
+    (run_dir / "config.toml").write_text(dump_toml(cfg.redacted()))
 
 
 def same_run_marker(run_dir: Path, cfg: RunConfig, hint: str = "choose another --run-dir") -> dict[str, Any] | None:

@@ -14,23 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError, RunConfig
-
-DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
-DEFAULT_STATE = "redis://127.0.0.1:6379/0"
+from ..settings import DEFAULT_BROKER_URL, DEFAULT_STATE_URL, Settings, redact_url
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="rebuild a round's aggregated models from the update log and check their digests")
     p.add_argument("--run", required=True, help="a run id, or a run directory")
     p.add_argument("--round", type=int, required=True, help="the round to replay")
-    p.add_argument("--broker", help=f"broker URL ($HFGAN_BROKER_URL, default {DEFAULT_BROKER})")
-    p.add_argument("--state", help=f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE})")
+    p.add_argument("--broker", help=f"broker URL ($HFGAN_BROKER_URL, default {DEFAULT_BROKER_URL})")
+    p.add_argument("--state", help=f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE_URL})")
     p.add_argument("--namespace", help="AMQP namespace ($HFGAN_BROKER_NAMESPACE, hfgan)")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
@@ -97,15 +94,16 @@ def run(args: argparse.Namespace) -> int:
     from ..transport import open_transport
     from .status import resolve_run
 
-    broker = args.broker or os.environ.get("HFGAN_BROKER_URL") or DEFAULT_BROKER
-    state = args.state or os.environ.get("HFGAN_STATE_URL") or DEFAULT_STATE
+    env = Settings.from_env()
+    broker = args.broker or env.broker_url_or_default
+    state = args.state or env.state_url_or_default
     if not broker.startswith(("amqp://", "amqps://")):
-        raise ConfigError(f"--broker {broker}: replay reads the update log of a broker (amqp://)")
+        raise ConfigError(f"--broker {redact_url(broker)}: replay reads the update log of a broker (amqp://)")
     if args.round < 1:
         raise ConfigError("--round must be at least 1")
     run_id = resolve_run(args.run)
     opts: dict[str, Any] = {"reconnect_timeout": 10.0}
-    namespace = args.namespace or os.environ.get("HFGAN_BROKER_NAMESPACE")
+    namespace = args.namespace or env.namespace
     if namespace:
         opts["namespace"] = namespace
     store = open_store(state, retry_timeout=5.0)

@@ -33,14 +33,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, RunConfig, apply_env, load_config
+from ..settings import Settings, check_run_id, redact_url
 from . import checkpoint as ckpt
 from . import ledger
 from .host import RoleContext
@@ -52,6 +52,7 @@ from .worker import (
     WorkerExit,
     WorkerLoop,
     WorkerSettings,
+    check_shared,
     classify,
     close_quietly,
     open_backends,
@@ -61,7 +62,6 @@ from .worker import (
 )
 
 ROLES = ("coordinator", "server", "clustering", "aggregator", "client")
-RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 ALLOWED_IN_NEW_RUN_DIR = {"logs"}
 log = logging.getLogger("hfgan.worker")
 
@@ -85,15 +85,13 @@ class WorkerOptions:
 
 
 # ------------------------------------------------------------------------------------------------ settings
-def resolve(opts: WorkerOptions, environ: dict[str, str] | None = None) -> tuple[RunConfig, str]:
+def resolve(opts: WorkerOptions, environ: Mapping[str, str] | None = None) -> tuple[RunConfig, str]:
     """The worker's config (file, then environment, then flags) and run id; ConfigError when unusable."""
-    import os
-
-    env = os.environ if environ is None else environ
-    source = opts.config or env.get("HFGAN_CONFIG")
+    env = Settings.from_env(environ)
+    source = opts.config or env.config
     if not source:
         raise ConfigError("no configuration: pass --config PRESET_OR_TOML or set HFGAN_CONFIG")
-    cfg = apply_env(load_config(source), env)
+    cfg = apply_env(load_config(source), environ)
     cfg = cfg.with_overrides(
         "runtime",
         run_id=opts.run_id,
@@ -106,14 +104,13 @@ def resolve(opts: WorkerOptions, environ: dict[str, str] | None = None) -> tuple
     ).validate()
     run_id = cfg.runtime.run_id
     if not run_id:
-        if not (opts.run_dir or env.get("HFGAN_RUN_DIR")):
+        if not (opts.run_dir or env.run_dir):
             raise ConfigError(
                 "no run id: pass --run-id (HFGAN_RUN_ID), or --run-dir (HFGAN_RUN_DIR) to name the run "
                 "after its directory"
             )
         run_id = Path(cfg.runtime.run_dir).resolve().name
-    if not RUN_ID.fullmatch(run_id):
-        raise ConfigError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-'")
+    check_run_id(run_id)
     return cfg.with_overrides("runtime", run_id=run_id), run_id
 
 
@@ -182,7 +179,7 @@ def _serve_aggregator(opts, cfg, run_id, settings, stop) -> int:
     try:
         role = AggregatorRole(_context(cfg, run_id, transport, store), opts.index or 0)
         role.name = name
-        role.hold = _test_hold(os.environ.get("HFGAN_TEST_AGGREGATOR_HOLD", ""))
+        role.hold = _test_hold(Settings.from_env().test_aggregator_hold or "")
         loop = WorkerLoop(role, settings, stop, info=lambda: f"{role.jobs_done} job(s)")
         log.info("%s: %s", name, loop.run())
         return EXIT_OK
@@ -389,15 +386,8 @@ class _ClientResume:
 
 
 def _check_shared(cfg: RunConfig) -> None:
-    from urllib.parse import urlparse
-
-    for what, url in (("broker", cfg.runtime.broker_url), ("state", cfg.runtime.state_url)):
-        if urlparse(url).scheme == "memory":
-            raise WorkerExit(
-                EXIT_CONFIG,
-                f"a worker process needs a shared {what}: {url} is in-process only "
-                "(use amqp:// and redis://, or `hfgan train` for one process)",
-            )
+    check_shared("broker", cfg.runtime.broker_url)
+    check_shared("state", cfg.runtime.state_url)
 
 
 # -------------------------------------------------------------------------------------------- coordinator
@@ -565,8 +555,8 @@ def _serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
             cfg.scenario.total_clients,
             sizes,
             cfg.train.rounds,
-            _safe_url(rt.broker_url),
-            _safe_url(rt.state_url),
+            redact_url(rt.broker_url),
+            redact_url(rt.state_url),
         )
 
         loop = WorkerLoop(
@@ -631,11 +621,6 @@ def finalize_run(
     if utility:
         log.info("coordinator: final evaluation: generation score and utility metrics per domain ...")
     return recorder.finalize(modelled_latency_s=latency, bytes_sent=bytes_sent, utility=utility, extra=extra)
-
-
-def _safe_url(url: str) -> str:
-    """A URL without its password (for logs)."""
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
 
 _SERVE = {

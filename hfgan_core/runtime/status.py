@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..settings import DEFAULT_STATE_URL, Settings
 from . import ledger
-
-DEFAULT_STATE = "redis://127.0.0.1:6379/0"
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="round, phase, clients, clusters and stragglers of a run (from the ledger)")
     p.add_argument("--run", required=True, help="a run id, or a run directory")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--state", help=f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE})")
+    p.add_argument("--state", help=f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE_URL})")
     p.add_argument("--broker", help="broker URL: also count the dead letters ($HFGAN_BROKER_URL)")
     p.add_argument("--namespace", help="AMQP namespace ($HFGAN_BROKER_NAMESPACE, hfgan)")
     return p
@@ -214,7 +212,8 @@ def dead_letter_counts(broker: str, namespace: str | None) -> dict[str, int]:
 def run(args: argparse.Namespace) -> int:
     from ..state import open_store
 
-    state = args.state or os.environ.get("HFGAN_STATE_URL") or DEFAULT_STATE
+    env = Settings.from_env()
+    state = args.state or env.state_url_or_default
     run_id = resolve_run(args.run)
     store = open_store(state, retry_timeout=5.0)
     try:
@@ -223,6 +222,6 @@ def run(args: argparse.Namespace) -> int:
         store.close()
     broker = args.broker or None
     if broker:
-        doc["dead_letters"] = dead_letter_counts(broker, args.namespace or os.environ.get("HFGAN_BROKER_NAMESPACE"))
+        doc["dead_letters"] = dead_letter_counts(broker, args.namespace or env.namespace)
     print(json.dumps(doc, indent=2) if args.json else render(doc))
     return 0

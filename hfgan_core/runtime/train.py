@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,10 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..model import CutBits
+from ..settings import check_run_id, redact_url
 from . import checkpoint as ckpt
 from .embedded import EmbeddedResult, EmbeddedRunner, Progress
 from .recorder import RunRecorder, ensure_classifiers, same_run_marker, write_run_marker
-
-RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> int:
@@ -70,8 +68,7 @@ def train(
         torch.set_num_threads(rt.torch_threads)
     run_dir = Path(rt.run_dir)
     run_id = rt.run_id or run_dir.resolve().name
-    if not RUN_ID.fullmatch(run_id):
-        raise ConfigError(f"run id {run_id!r}: use 1-128 letters, digits, '.', '_' or '-' (--run-id)")
+    check_run_id(run_id, " (--run-id)")
     resume_round = check_run_dir(run_dir, cfg, resume)
     if resume and resume_round >= cfg.train.rounds:
         raise ConfigError(f"run {run_id} already finished its {cfg.train.rounds} rounds")
@@ -89,7 +86,7 @@ def train(
     sizes = ", ".join(f"{c.n}" for c in data.clients)
     log(
         f"run {run_id}: {cfg.scenario.total_clients} clients ({sizes} samples), {cfg.train.rounds} rounds x "
-        f"{cfg.train.local_epochs} local epochs, broker {rt.broker_url}, state {rt.state_url}"
+        f"{cfg.train.local_epochs} local epochs, broker {redact_url(rt.broker_url)}, state {redact_url(rt.state_url)}"
         + (f", resuming after round {resume_round}" if resume_round else "")
     )
     recorder = RunRecorder(

@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..config import ConfigError, RunConfig, dump_toml
+from ..settings import DEFAULT_BROKER_URL, DEFAULT_STATE_URL, Settings, check_run_id, redact_url
 
-DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672/%2F"
-DEFAULT_STATE = "redis://127.0.0.1:6379/0"
 GRACE_S = 15.0
 
 
@@ -49,9 +48,9 @@ def add_parser(sub: Any, run_options) -> argparse.ArgumentParser:
     run_options(p)
     for action in p._actions:  # the shared options' help describes `train`'s in-process defaults
         if action.dest == "broker":
-            action.help = f"broker URL ($HFGAN_BROKER_URL, default {DEFAULT_BROKER}; {{slot}}: a client's slot)"
+            action.help = f"broker URL ($HFGAN_BROKER_URL, default {DEFAULT_BROKER_URL}; {{slot}}: a client's slot)"
         elif action.dest == "state":
-            action.help = f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE})"
+            action.help = f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE_URL})"
     p.add_argument(
         "--clients",
         type=int,
@@ -125,10 +124,9 @@ class Up:
     def check(self) -> None:
         from ..state import open_store
         from .recorder import read_run_marker
-        from .services import ALLOWED_IN_NEW_RUN_DIR, RUN_ID
+        from .services import ALLOWED_IN_NEW_RUN_DIR
 
-        if not RUN_ID.fullmatch(self.run_id):
-            raise ConfigError(f"run id {self.run_id!r}: use 1-128 letters, digits, '.', '_' or '-' (--run-id)")
+        check_run_id(self.run_id, " (--run-id)")
         n = self.cfg.scenario.total_clients
         clients = self.args.clients if self.args.clients is not None else n
         if clients < n:
@@ -139,7 +137,7 @@ class Up:
         for what, url in (("--broker", self.cfg.runtime.broker_url), ("--state", self.cfg.runtime.state_url)):
             if url.startswith("memory:"):
                 raise ConfigError(
-                    f"{what} {url}: worker processes need amqp:// and redis:// (hfgan train runs "
+                    f"{what} {redact_url(url)}: worker processes need amqp:// and redis:// (hfgan train runs "
                     "everything in one process)"
                 )
         marker = read_run_marker(self.run_dir)
@@ -166,7 +164,7 @@ class Up:
             store.close()
         if info is not None and not self.args.resume:
             raise ConfigError(
-                f"run {self.run_id!r} already exists in the state store {self.cfg.runtime.state_url}; "
+                f"run {self.run_id!r} already exists in the state store {redact_url(self.cfg.runtime.state_url)}; "
                 "choose another --run-id"
             )
         self.store_url = self.cfg.runtime.state_url
@@ -229,7 +227,7 @@ class Up:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.log_dir / "up-config.toml"
         cfg = self.cfg.with_overrides("runtime", run_id=self.run_id, run_dir=str(self.run_dir))
-        self.config_path.write_text(dump_toml(cfg))
+        self.config_path.write_text(dump_toml(cfg.redacted()))  # the workers get the URLs from their environment
         env = self.environment()
         self.coordinator = self.spawn("coordinator", "coordinator", [], env)
         self.coordinators = [self.coordinator]
@@ -376,8 +374,9 @@ class Progress:
 
 def run(args: argparse.Namespace, load_run_config) -> int:
     """`hfgan up` (load_run_config: cli.load_run_config, which applies the options to the config)."""
-    args.broker = args.broker or os.environ.get("HFGAN_BROKER_URL") or DEFAULT_BROKER
-    args.state = args.state or os.environ.get("HFGAN_STATE_URL") or DEFAULT_STATE
+    env = Settings.from_env()
+    args.broker = args.broker or env.broker_url_or_default
+    args.state = args.state or env.state_url_or_default
     cfg = load_run_config(args)
     up = Up(cfg, args)
     up.check()

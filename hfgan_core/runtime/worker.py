@@ -14,10 +14,10 @@ Exit codes (`EXIT_*`, the same for every role):
 | 2    | bad configuration (config file, run id, URLs, credentials refused, run directory in use, ...) |
 | 3    | the broker or the state store stayed unreachable for the whole retry period                   |
 
-Settings beyond the run config come from the environment (`WorkerSettings.from_env`): `HFGAN_HEARTBEAT_S` (2),
-`HFGAN_HEARTBEAT_TTL_S` (10), `HFGAN_LEASE_TTL_S` (15, the coordinator lease), `HFGAN_CONNECT_TIMEOUT_S` (60, how
-long the broker and Redis are retried before exit code 3) and `HFGAN_BROKER_NAMESPACE` (the AMQP namespace,
-`hfgan`; tests use throw-away ones).
+Settings beyond the run config come from the environment (`WorkerSettings.from_env`; settings.py reads it):
+`HFGAN_HEARTBEAT_S` (2), `HFGAN_HEARTBEAT_TTL_S` (10), `HFGAN_LEASE_TTL_S` (15, the coordinator lease),
+`HFGAN_CONNECT_TIMEOUT_S` (60, how long the broker and Redis are retried before exit code 3) and
+`HFGAN_BROKER_NAMESPACE` (the AMQP namespace, `hfgan`; tests use throw-away ones).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..config import ConfigError
+from ..settings import Settings, redact_url
 from ..state import RoundStore, StateError, open_store
 from ..transport import Delivery, Transport, TransportError, open_transport
 from .host import Role, RoleHost
@@ -65,23 +66,13 @@ class WorkerSettings:
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for var, name in (
-            ("HFGAN_HEARTBEAT_S", "heartbeat_s"),
-            ("HFGAN_HEARTBEAT_TTL_S", "heartbeat_ttl_s"),
-            ("HFGAN_LEASE_TTL_S", "lease_ttl_s"),
-            ("HFGAN_CONNECT_TIMEOUT_S", "connect_timeout_s"),
-        ):
-            if env.get(var):
-                try:
-                    values[name] = float(env[var])
-                except ValueError:
-                    raise ConfigError(f"{var}={env[var]!r} is not a number") from None
-                if not values[name] > 0:
-                    raise ConfigError(f"{var} must be positive")
-        if env.get("HFGAN_BROKER_NAMESPACE"):
-            values["namespace"] = env["HFGAN_BROKER_NAMESPACE"]
+        """The loop's settings from the environment (settings.py reads the variables)."""
+        env = Settings.from_env(environ)
+        values: dict[str, Any] = {
+            name: getattr(env, name)
+            for name in ("heartbeat_s", "heartbeat_ttl_s", "lease_ttl_s", "connect_timeout_s", "namespace")
+            if getattr(env, name) is not None
+        }
         s = WorkerSettings(**values)
         if s.heartbeat_ttl_s <= s.heartbeat_s or s.lease_ttl_s <= s.heartbeat_s:
             raise ConfigError("the heartbeat and lease TTLs must be longer than the heartbeat interval")
@@ -147,18 +138,19 @@ def classify(exc: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-def _shared(what: str, url: str) -> None:
+def check_shared(what: str, url: str) -> None:
+    """WorkerExit(EXIT_CONFIG) for an in-process (`memory://`) URL: a worker process needs a shared one."""
     if urlparse(url).scheme == "memory":
         raise WorkerExit(
             EXIT_CONFIG,
-            f"a worker process needs a shared {what}: {url} is in-process only "
+            f"a worker process needs a shared {what}: {redact_url(url)} is in-process only "
             f"(use amqp:// and redis://, or `hfgan train` for one process)",
         )
 
 
 def open_state(state_url: str, settings: WorkerSettings) -> RoundStore:
     """The run's ledger, answering (retried for `connect_timeout_s`, then StateError: exit code 3)."""
-    _shared("state", state_url)
+    check_shared("state", state_url)
     try:
         store = open_store(state_url, retry_timeout=settings.connect_timeout_s)
     except (ValueError, StateError) as exc:
@@ -173,7 +165,7 @@ def open_state(state_url: str, settings: WorkerSettings) -> RoundStore:
 
 def open_broker(broker_url: str, settings: WorkerSettings, name: str) -> Transport:
     """The broker, connected and its topology declared (retried for `connect_timeout_s`: exit code 3)."""
-    _shared("broker", broker_url)
+    check_shared("broker", broker_url)
     t_opts: dict[str, Any] = {"reconnect_timeout": settings.connect_timeout_s, "name": name}
     if settings.namespace:
         t_opts["namespace"] = settings.namespace
@@ -191,7 +183,7 @@ def open_broker(broker_url: str, settings: WorkerSettings, name: str) -> Transpo
 
 def open_backends(broker_url: str, state_url: str, settings: WorkerSettings, name: str) -> tuple[Transport, RoundStore]:
     """Transport and store of a worker, connected (broker topology declared, Redis answering), or WorkerExit."""
-    _shared("broker", broker_url)
+    check_shared("broker", broker_url)
     store = open_state(state_url, settings)
     try:
         return open_broker(broker_url, settings, name), store

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+from ..settings import redact_url
 from .base import CLIENT_STATES, PHASES, RUN_STATUSES, ClientRecord, RoundStore, SlotClaim, StateError
 from .memory import MemoryRoundStore
 
@@ -17,7 +18,7 @@ def open_store(url: str, **options: object) -> RoundStore:
         from .redis import RedisRoundStore  # redis-py is imported only when Redis is used
 
         return RedisRoundStore(url, **options)  # type: ignore[arg-type]
-    raise ValueError(f"unknown state URL scheme {scheme!r} in {url!r} (memory://, redis://)")
+    raise ValueError(f"unknown state URL scheme {scheme!r} in {redact_url(url)!r} (memory://, redis://)")
 
 
 __all__ = [

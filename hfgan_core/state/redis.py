@@ -38,7 +38,6 @@ heartbeats and leases expire the same way for every worker, whatever their local
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -49,10 +48,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from ..settings import RUN_ID_PATTERN, redact_url
 from .base import CLIENT_STATES, PHASES, RUN_STATUSES, ClientRecord, RoundStore, SlotClaim, StateError
 
 T = TypeVar("T")
-_RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
 
 _INIT_RUN = """
@@ -165,7 +164,7 @@ class RedisRoundStore(RoundStore):
                 retry=Retry(NoBackoff(), 0),
             )
         except ValueError as exc:
-            raise StateError(f"bad Redis URL {url!r}: {exc}") from exc
+            raise StateError(f"bad Redis URL {redact_url(url)!r}: {exc}") from exc
         self._scripts = {
             name: self._r.register_script(src)
             for name, src in (
@@ -183,7 +182,7 @@ class RedisRoundStore(RoundStore):
     # ---------------------------------------------------------------------------------------------- plumbing
     @staticmethod
     def key(run: str, *parts: object) -> str:
-        if not isinstance(run, str) or not _RUN_ID.fullmatch(run):
+        if not isinstance(run, str) or not RUN_ID_PATTERN.fullmatch(run):
             raise StateError(f"bad run id {run!r} (letters, digits, '.', '_' and '-', at most 128)")
         return ":".join([f"hfgan:{{{run}}}", *map(str, parts)])
 

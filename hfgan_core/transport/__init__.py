@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+from ..settings import redact_url
 from .base import (
     AGGREGATE,
     CLUSTERING,
@@ -28,7 +29,7 @@ def open_transport(url: str, **options: object) -> Transport:
         from .amqp import AmqpTransport  # pika is imported only when a broker is used
 
         return AmqpTransport(url, **options)  # type: ignore[arg-type]
-    raise ValueError(f"unknown broker URL scheme {scheme!r} in {url!r} (memory://, amqp://)")
+    raise ValueError(f"unknown broker URL scheme {scheme!r} in {redact_url(url)!r} (memory://, amqp://)")
 
 
 __all__ = [
