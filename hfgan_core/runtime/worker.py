@@ -132,7 +132,8 @@ def classify(exc: BaseException) -> int:
     if isinstance(exc, StateError):
         if "unreachable" in text:
             return EXIT_UNREACHABLE
-        if "bad Redis URL" in text or "bad run id" in text or "different configuration" in text:
+        config = ("bad Redis URL", "bad run id", "different configuration", "refused the credentials")
+        if any(s in text for s in config):
             return EXIT_CONFIG
         return EXIT_INTERNAL
     return EXIT_INTERNAL
