@@ -1,4 +1,8 @@
-"""Admission: who joins a run, with what shard size and device profile, and the cut bits they are given.
+"""Admission: client slots, who joins a run, with what shard size and device profile, and the cut bits they get.
+
+Slots (slots.py): a `ClientHeartbeat` from broker user `client-<k>` asks for or renews slot k; the answer goes to
+`events.slot.<owner>` (granted, or refused with a free slot to try). The coordinator also records the holder's
+heartbeat in the ledger for `hfgan status` (one write, whatever the number of clients).
 
 A join is a client's claim about itself; the coordinator admits only what it can check: the client index its broker
 user owns, the domain the scenario gives that client, and a sample count no larger than the size cap the scenario
@@ -12,10 +16,12 @@ from dataclasses import dataclass
 from ..config import DeviceProfile
 from ..data.partition import shard_cap
 from ..model import CutBits
-from ..protocol import ClusterResult, Join
+from ..protocol import ClientHeartbeat, ClusterResult, Join, SlotGrant
 from ..transport import client_address
+from ..transport.base import EVENTS_PREFIX
 from . import ledger
 from .host import Reject
+from .slots import OWNER
 
 
 @dataclass
@@ -27,7 +33,38 @@ class Member:
 
 
 class AdmissionMixin:
-    """Join and clustering-result checks and the admission of `CoordinatorRole` (its state is documented there)."""
+    """Slots, join and clustering-result checks and the admission of `CoordinatorRole` (its state is there)."""
+
+    def _on_heartbeat(self, msg: ClientHeartbeat) -> None:
+        c, ctx = msg.client, self.ctx
+        if not 0 <= c < self.expected:
+            raise Reject(f"unknown_client: slot {c} is outside 0..{self.expected - 1}")
+        if msg.sender != client_address(c):
+            raise Reject(f"bad_sender: {msg.sender!r} asked for slot {c}")
+        if not OWNER.fullmatch(msg.owner):
+            raise Reject("malformed: a slot owner is 1-64 letters, digits, '_' or '-'")
+        now = ctx.clock()
+        outcome = self.slots.beat(c, msg.owner, now)
+        if outcome != "refused":
+            ctx.store.heartbeat(ctx.run, client_address(c), self.slots.ttl_s, msg.info[:200])
+            if msg.traffic and msg.traffic != self._traffic.get(c):
+                self._traffic[c] = dict(msg.traffic)
+                traffic = {k: float(v) for k, v in msg.traffic.items() if k in ("bytes_sent", "messages_sent")}
+                ctx.store.record_metrics(ctx.run, 0, f"traffic.{client_address(c)}", traffic)
+        if outcome == "renewed":
+            return
+        granted = outcome == "granted"
+        if granted:
+            ctx.log.info("coordinator: slot %d granted to %s", c, msg.owner)
+        grant = SlotGrant(
+            **self.envelope(self.round),
+            client=c,
+            owner=msg.owner,
+            granted=granted,
+            free_slot=-1 if granted else self.slots.free_slot(now),
+            reason="" if granted else f"slot {c} is held by another process",
+        )
+        self.send(f"{EVENTS_PREFIX}slot.{msg.owner}", grant)
 
     def _check_cluster_result(self, msg: ClusterResult) -> None:
         """A result the aggregation may use: from the clustering service, about members of the run only, with

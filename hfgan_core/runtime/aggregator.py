@@ -17,6 +17,7 @@ import json
 import time
 from typing import Any
 
+import msgpack
 import torch
 
 from ..federation import (
@@ -40,7 +41,8 @@ from .ledger import job_name
 
 
 class UpdateSet:
-    """The updates of one round read from the log, indexed by msg_id, and the records skipped, with why."""
+    """The updates of one round read from the log, indexed by msg_id; the records skipped (by offset) and the
+    msg_ids whose record is in the log but unusable (malformed, non-finite, ...), each with why."""
 
     def __init__(
         self,
@@ -48,11 +50,13 @@ class UpdateSet:
         server: dict[str, ServerUpdate],
         last_offset: int,
         skipped: dict[int, str] | None = None,
+        unusable: dict[str, str] | None = None,
     ):
         self.clients = clients
         self.server = server
         self.last_offset = last_offset
         self.skipped = skipped or {}
+        self.unusable = unusable or {}
 
 
 def _unusable_record(rec: LogRecord, msg: Message, seen: UpdateSet) -> str | None:
@@ -71,6 +75,19 @@ def _unusable_record(rec: LogRecord, msg: Message, seen: UpdateSet) -> str | Non
     return None
 
 
+def _peek_own(rec: LogRecord) -> str | None:
+    """The msg_id of an undecodable record, if its envelope is readable and its publisher may speak for its sender:
+    then the update it names is in the log but unusable (not merely not read yet)."""
+    try:
+        env = msgpack.unpackb(rec.body, raw=False, strict_map_key=True)
+        msg_id, sender = env["msg_id"], env["sender"]
+    except Exception:  # junk: nothing to attribute
+        return None
+    if not isinstance(msg_id, str) or not isinstance(sender, str) or forged_sender(rec.publisher, sender):
+        return None
+    return msg_id
+
+
 def read_round_updates(ctx: RoleContext, round: int) -> UpdateSet:
     offset = ctx.store.get_log_offset(ctx.run, round) or 0
     out = UpdateSet({}, {}, offset - 1)
@@ -80,6 +97,9 @@ def read_round_updates(ctx: RoleContext, round: int) -> UpdateSet:
             msg = decode_message(rec.body, ctx.limits, kinds=(ClientUpdate, ServerUpdate))
         except Exception as exc:  # a bad record in the log cannot be used; it is skipped, not fatal
             out.skipped[rec.offset] = f"malformed: {exc}"
+            msg_id = _peek_own(rec)
+            if msg_id is not None:
+                out.unusable.setdefault(msg_id, f"malformed: {exc}"[:300])
             ctx.log.warning("update log offset %d: unusable record (%s)", rec.offset, exc)
             continue
         if msg.run != ctx.run or msg.round != round:
@@ -99,11 +119,12 @@ def _member_states(layout: StateLayout, job: AggregateJob, updates: UpdateSet, s
     for c in job.members:
         uid = job.update_ids.get(str(c))
         upd = updates.clients.get(uid) if uid else None
-        if upd is None:
-            skipped = "; ".join(sorted(set(updates.skipped.values())))[:300]
-            states[c] = f"missing_update: no usable update {uid} of round {job.round} in the log" + (
-                f" (records skipped: {skipped})" if skipped else ""
-            )
+        if upd is None and uid in updates.unusable:
+            states[c] = f"bad_update: update {uid}: {updates.unusable[uid]}"
+        elif upd is None:
+            # Not read (yet): a stream read may end early, so this is no proof of absence. The job is refused and
+            # queued again by the coordinator (docs/security.md: a client naming an update it never logged).
+            raise Reject(f"missing_update: client {c}'s update {uid} of round {job.round} is not in the log")
         elif upd.client != c:
             states[c] = f"bad_update: update {uid} is from client {upd.client}, not {c}"
         else:

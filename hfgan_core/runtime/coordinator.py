@@ -39,6 +39,7 @@ from ..model import CutBits
 from ..protocol import (
     AggregateDone,
     AggregateJob,
+    ClientHeartbeat,
     ClusterResult,
     Join,
     Message,
@@ -55,6 +56,7 @@ from .admission import AdmissionMixin, Member
 from .aggregator import job_document, read_round_updates
 from .coordinator_resume import ResumeMixin
 from .host import Reject, Role, RoleContext
+from .slots import SlotTable
 
 __all__ = ["CoordinatorRole", "Member", "RoundReport"]
 
@@ -86,7 +88,7 @@ class RoundReport:
 
 class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
     name = "coordinator"
-    accepts = (Join, RoundDone, ServerRoundDone, ClusterResult, AggregateDone)
+    accepts = (Join, RoundDone, ServerRoundDone, ClusterResult, AggregateDone, ClientHeartbeat)
     no_grad = True
 
     def __init__(
@@ -98,6 +100,7 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         planner: Callable[[list[DeviceProfile]], list[CutBits]] | None = None,
         replanner: Callable[[dict[int, float], dict[int, CutBits], list[DeviceProfile]], list[CutBits]] | None = None,
+        slot_ttl_s: float = 10.0,
     ):
         super().__init__(ctx)
         cfg = ctx.cfg
@@ -120,6 +123,8 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
         self._restart_deadline = False
         self._late: dict[int, int] = {}
         self._dropped: dict[int, str] = {}
+        self.slots = SlotTable(self.expected, slot_ttl_s)  # client processes' slots (admission.py)
+        self._traffic: dict[int, dict[str, float]] = {}
         self._reset_round_state()
 
     def addresses(self) -> list[str]:
@@ -173,7 +178,9 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
     # ------------------------------------------------------------------------------------------------ restore
     # ---------------------------------------------------------------------------------------------- dispatch
     def on_message(self, msg: Message) -> None:
-        if isinstance(msg, Join):
+        if isinstance(msg, ClientHeartbeat):
+            self._on_heartbeat(msg)
+        elif isinstance(msg, Join):
             self._on_join(msg)
         elif isinstance(msg, RoundDone):
             self._on_round_done(msg)
