@@ -118,6 +118,10 @@ class AdmissionMixin:
         # The join is recorded in the members document; heartbeats are the workers' own (liveness, not joins).
         self.ctx.store.put_doc(self.ctx.run, 0, ledger.MEMBERS, ledger.members_doc(self.members))
         self._event("joined", client=c, rejoin=rejoin)
+        start = self._start_msg
+        if rejoin and self.phase == "training" and c in self.participants and c not in self.done and start:
+            # A restarted client rejoins its round from the first step (it cannot read the round from the ledger).
+            self.send(client_address(c), start)
         if self.phase == "admitting" and len(self.members) == self.expected:
             self._admit()
 

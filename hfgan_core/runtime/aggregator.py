@@ -183,6 +183,10 @@ class AggregatorRole(Role):
         if recorded_job is None or json.loads(recorded_job) != json.loads(job_document(msg)):
             raise Reject(f"unknown_job: round {msg.round} cluster {msg.cluster} is not a job the coordinator recorded")
         updates = read_round_updates(self.ctx, msg.round)
+        known = {*updates.clients, *updates.server, *updates.unusable}
+        if any(uid not in known for uid in msg.update_ids.values()):
+            # A stream read can end early (a busy broker or host): read once more before refusing the job.
+            updates = read_round_updates(self.ctx, msg.round)
         model, screened = screen_job(self.ctx, msg, updates)
         self._record_screening(msg, screened)
         digest = state_digest(model)

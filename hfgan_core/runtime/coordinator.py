@@ -125,6 +125,7 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
         self._dropped: dict[int, str] = {}
         self.slots = SlotTable(self.expected, slot_ttl_s)  # client processes' slots (admission.py)
         self._traffic: dict[int, dict[str, float]] = {}
+        self._start_msg: RoundStart | None = None
         self._reset_round_state()
 
     def addresses(self) -> list[str]:
@@ -239,6 +240,7 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
         self._event("started", participants=len(self.participants), steps=steps)
 
     def _send_start(self, start: RoundStart, clients: list[int]) -> None:
+        self._start_msg = start  # sent again to a participant that rejoins the round (admission.py)
         # The server hears of the round first, so no client activation can reach it before the round exists.
         self.send(SERVER, start)
         for c in clients:

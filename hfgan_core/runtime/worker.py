@@ -228,6 +228,7 @@ class WorkerLoop:
         on_beat: Callable[[], None] | None = None,
         after_bind: Callable[[], None] | None = None,
         watch_run_status: bool = True,
+        send_beat: Callable[[str, bool], None] | None = None,
     ):
         self.role = role
         self.ctx = role.ctx
@@ -238,6 +239,8 @@ class WorkerLoop:
         self.on_beat = on_beat
         self.after_bind = after_bind
         self.watch_run_status = watch_run_status
+        # A client beats over the broker (send_beat(info, leaving)): it has no ledger access at all.
+        self.send_beat = send_beat
         self.host = _WorkerHost(role, self)
         self.reason = ""
         self._traffic: tuple[int, int] = (-1, -1)
@@ -248,6 +251,11 @@ class WorkerLoop:
     def beat(self) -> None:
         ctx, s = self.ctx, self.settings
         info = self.info()
+        if self.send_beat is not None:
+            self.send_beat(info, False)
+            if self.on_beat is not None:
+                self.on_beat()
+            return
         for name in self.beat_names:
             ctx.store.heartbeat(ctx.run, name, s.heartbeat_ttl_s, info)
         self.report_traffic()
@@ -349,6 +357,9 @@ class WorkerLoop:
         """Last traffic numbers; the heartbeat expires at once (the worker is gone, not silent)."""
         ctx = self.ctx
         try:
+            if self.send_beat is not None:
+                self.send_beat("exited", True)
+                return
             self.report_traffic()
             for name in self.beat_names:
                 ctx.store.heartbeat(ctx.run, name, 0.001, "exited")
