@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import cli as bench_cli
 
     bench_cli.add_parser(sub)
+    from .transport.amqp import cli as broker_cli
+
+    broker_cli.add_parser(sub)
     return parser
 
 
@@ -206,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .planning import cli as plan_cli
 
             return plan_cli.run(args)
+        if args.command == "broker":
+            from .transport.amqp import cli as broker_cli
+
+            return broker_cli.run(args)
         if args.command == "bench":
             from .bench import cli as bench_cli
 

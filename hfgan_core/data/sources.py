@@ -34,7 +34,7 @@ import numpy as np
 from ..config import ConfigError
 from .idx import check_images, check_labels, parse_idx, read_raw
 from .imageset import ImageSet
-from .synthetic import VARIANTS, synthetic_sets
+from .synthetic import VARIANTS, synthetic_colour_sets, synthetic_sets
 
 REAL_DATASETS = ("MNIST", "FashionMNIST", "KMNIST", "NotMNIST")
 SPLITS = ("train", "t10k")
@@ -270,8 +270,13 @@ def load_domain(
     if name == "synthetic":
         train, test = synthetic_sets(synthetic_train_per_class, VARIANTS["synthetic"], "synthetic")
         return DomainData(name, train, test, "synthetic")
+    if name == "synthetic-colour":
+        train, test = synthetic_colour_sets(synthetic_train_per_class, name)
+        return DomainData(name, train, test, "synthetic")
     if name not in REAL_DATASETS:
-        raise ConfigError(f"unknown dataset {name!r} (known: {', '.join((*REAL_DATASETS, 'synthetic'))})")
+        raise ConfigError(
+            f"unknown dataset {name!r} (known: {', '.join((*REAL_DATASETS, 'synthetic', 'synthetic-colour'))})"
+        )
     where = raw_dir(data_dir, name)
     missing = missing_files(data_dir, name)
     if not missing:

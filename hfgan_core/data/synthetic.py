@@ -1,4 +1,4 @@
-"""A deterministic synthetic 10-class dataset of 28x28 glyphs that needs no files.
+"""A deterministic synthetic 10-class dataset of 28x28 glyphs that needs no files (and a 32x32 colour variant).
 
 Each class is a glyph made of straight strokes (seven-segment digits, or letter-like shapes with diagonals);
 every sample draws its own rotation, scale, shear, shift, stroke weight and pixel noise from a fixed seed, so the
@@ -63,15 +63,15 @@ _STYLES = (
 VARIANTS = {"synthetic": 0, "MNIST": 1, "FashionMNIST": 2, "KMNIST": 3, "NotMNIST": 4}
 
 
-def _render_class(rng: np.random.Generator, glyph: str, n: int, style: _Style) -> np.ndarray:
-    """n samples of one glyph as float [n, 28, 28] in [0, 1]."""
+def _render_class(rng: np.random.Generator, glyph: str, n: int, style: _Style, size: int = IMAGE_SIZE) -> np.ndarray:
+    """n samples of one glyph as float [n, size, size] in [0, 1]."""
     seg = np.array([_SEGMENTS[s] for s in glyph], dtype=np.float64)  # [S, 2 ends, 2 coords]
-    unit = style.unit
+    unit = style.unit if size == IMAGE_SIZE else style.unit * size / IMAGE_SIZE
     theta = rng.uniform(-0.21, 0.21, n)  # about +-12 degrees
     sx = rng.uniform(0.85, 1.15, n) * unit
     sy = rng.uniform(0.85, 1.15, n) * unit
     shear = style.shear + rng.uniform(-0.1, 0.1, n)
-    shift = rng.uniform(-2.0, 2.0, (n, 2)) + (IMAGE_SIZE - 1) / 2
+    shift = rng.uniform(-2.0, 2.0, (n, 2)) + (size - 1) / 2
     half_width = rng.uniform(*style.stroke, n)
 
     # Forward map of the stroke end points for each sample: shear, scale, rotate, shift.
@@ -84,7 +84,7 @@ def _render_class(rng: np.random.Generator, glyph: str, n: int, style: _Style) -
     # Distance of every pixel to every stroke, in float32 and per coordinate to keep the temporaries small.
     ax, ay = px[..., 0, None].astype(np.float32), py[..., 0, None].astype(np.float32)  # [n, S, 1]
     dx, dy = px[..., 1, None].astype(np.float32) - ax, py[..., 1, None].astype(np.float32) - ay
-    rows, cols = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+    rows, cols = np.mgrid[0:size, 0:size]
     gx = cols.ravel().astype(np.float32)[None, None]  # [1, 1, P]
     gy = rows.ravel().astype(np.float32)[None, None]
     rx, ry = gx - ax, gy - ay
@@ -101,7 +101,7 @@ def _render_class(rng: np.random.Generator, glyph: str, n: int, style: _Style) -
     if style.inverted:
         ink = 1.0 - 0.85 * ink
     ink = ink + rng.normal(0.0, 0.05, ink.shape)
-    return np.clip(ink, 0.0, 1.0).reshape(n, IMAGE_SIZE, IMAGE_SIZE)
+    return np.clip(ink, 0.0, 1.0).reshape(n, size, size)
 
 
 def synthetic_split(per_class: int, train: bool = True, variant: int = 0, name: str = "synthetic") -> ImageSet:
@@ -129,4 +129,55 @@ def synthetic_sets(per_class: int, variant: int = 0, name: str = "synthetic") ->
     )
 
 
-__all__ = ["SYNTHETIC_SEED", "VARIANTS", "synthetic_sets", "synthetic_split"]
+# Colour variant: each class's glyph drawn in its own hue (jittered per sample) on a dark, tinted background.
+COLOUR_SIZE = 32
+_HUES = np.array(
+    [
+        (0.95, 0.25, 0.2),
+        (0.2, 0.8, 0.3),
+        (0.25, 0.45, 0.95),
+        (0.95, 0.85, 0.2),
+        (0.85, 0.3, 0.85),
+        (0.2, 0.85, 0.85),
+        (0.95, 0.6, 0.2),
+        (0.6, 0.95, 0.4),
+        (0.6, 0.5, 0.95),
+        (0.95, 0.95, 0.95),
+    ]
+)
+
+
+def synthetic_colour_split(
+    per_class: int, train: bool = True, name: str = "synthetic-colour", size: int = COLOUR_SIZE
+) -> ImageSet:
+    """A colour split: the digit glyphs as RGB [N, 3, size, size], `per_class` of each of the 10 classes."""
+    if per_class <= 0:
+        raise ValueError("per_class must be positive")
+    style = _STYLES[1]
+    rng = np.random.default_rng([SYNTHETIC_SEED, 100, 0 if train else 1])
+    n = 10 * per_class
+    images = np.empty((n, 3, size, size), dtype=np.uint8)
+    labels = np.repeat(np.arange(10, dtype=np.int64), per_class)
+    for k, glyph in enumerate(style.glyphs):
+        ink = _render_class(rng, glyph, per_class, style, size)[:, None]  # [n, 1, size, size]
+        fg = np.clip(_HUES[k][None] + rng.normal(0.0, 0.06, (per_class, 3)), 0.0, 1.0)[:, :, None, None]
+        bg = rng.uniform(0.0, 0.25, (per_class, 3))[:, :, None, None]
+        rgb = ink * fg + (1.0 - ink) * bg
+        images[k * per_class : (k + 1) * per_class] = np.rint(np.clip(rgb, 0.0, 1.0) * 255)
+    order = rng.permutation(n)
+    return ImageSet.from_numpy(name, images[order], labels[order])
+
+
+def synthetic_colour_sets(per_class: int, name: str = "synthetic-colour") -> tuple[ImageSet, ImageSet]:
+    """(train, test) of the colour variant: `per_class` x 10 training samples and 1,000 test samples."""
+    return synthetic_colour_split(per_class, True, name), synthetic_colour_split(TEST_PER_CLASS, False, name)
+
+
+__all__ = [
+    "SYNTHETIC_SEED",
+    "VARIANTS",
+    "synthetic_colour_sets",
+    "synthetic_colour_split",
+    "synthetic_sets",
+    "synthetic_split",
+]

@@ -64,7 +64,7 @@ def fit_classifier(
     """Fit a scoring classifier on `train_set`; returns (model in eval mode, test accuracy in percent)."""
     x_train, y_train = as_tensors(train_set, "training set")
     x_test, y_test = as_tensors(test_set, "test set")
-    model = seeded_init(lambda: build_model(SCORING_ARCH, num_classes), seed)
+    model = seeded_init(lambda: build_model(SCORING_ARCH, num_classes, x_train.shape[1], x_train.shape[-1]), seed)
     train_supervised(
         model,
         x_train,
@@ -96,6 +96,7 @@ def classifier_record(
         "dataset": dataset,
         "arch": arch,
         "num_classes": int(model.fc2.out_features),
+        "channels": int(model.conv1.in_channels),
         "state_dict": state,
         "test_accuracy": float(test_accuracy),
         "data_digest": data_digest,
@@ -142,7 +143,10 @@ def load_classifier(
     num_classes = record.get("num_classes", 10)
     if not isinstance(num_classes, int) or num_classes <= 0:
         raise ConfigError(f"{path}: bad num_classes {num_classes!r}")
-    model = build_model(record["arch"], num_classes)
+    channels, image_size = record.get("channels", 1), record.get("image_size", 28)
+    if channels not in (1, 3) or not isinstance(image_size, int) or image_size < 12:
+        raise ConfigError(f"{path}: bad image shape (channels {channels!r}, image_size {image_size!r})")
+    model = build_model(record["arch"], num_classes, channels, image_size)
     try:
         model.load_state_dict(record["state_dict"], strict=True)
     except (RuntimeError, TypeError) as exc:
@@ -176,7 +180,13 @@ def fit_classifiers(
 
         with Stopwatch() as sw:
             model, acc = fit_classifier(
-                (x_train, y_train), (x_test, y_test), epochs=epochs, seed=seed, device=device, on_epoch=on_epoch
+                (x_train, y_train),
+                (x_test, y_test),
+                epochs=epochs,
+                seed=seed,
+                device=device,
+                on_epoch=on_epoch,
+                num_classes=int(y_train.max()) + 1,
             )
         digest = data_digest(x_train, y_train)
         record = classifier_record(
@@ -187,6 +197,7 @@ def fit_classifiers(
             epochs=int(epochs),
             seed=int(seed),
             train_samples=int(x_train.shape[0]),
+            image_size=int(x_train.shape[-1]),
         )
         path = save_classifier(record, out_dir / f"{name}.pt")
         results[name] = {"path": str(path), "test_accuracy": acc, "fit_s": sw.seconds, "data_digest": digest}

@@ -4,8 +4,9 @@ Both follow the reference implementation (HuSCF-GAN, Metrics/evaluation.py) laye
 names (`conv1`, `conv2`, `fc1`, `fc2`), so a state dict from the reference loads into them unchanged:
 
 - `ScoringClassifier` (the reference's MNISTClassifier, identical for every domain): unpadded 3x3 convolutions,
-  conv(1,32) -> ReLU -> maxpool2 -> conv(32,64) -> ReLU -> maxpool2 -> fc(1600,128) -> ReLU -> fc(128,10). It gives
+  conv(C,32) -> ReLU -> maxpool2 -> conv(32,64) -> ReLU -> maxpool2 -> fc(1600,128) -> ReLU -> fc(128,10). It gives
   p(y|x) for the generation score and is trained on the domain's real training data (normalised to [-1, 1]).
+  (1600 and 3136 are for 1x28x28 images; both CNNs follow the data's channels and size.)
 - `UtilityCNN` (the reference's `Classifier`): padded 3x3 convolutions, conv(1,32) -> ReLU -> pool ->
   conv(32,64) -> ReLU -> pool -> fc(3136,128) -> ReLU -> fc(128,10). It is trained only on generated samples and
   tested on real data. The reference declares a Dropout(0.5) that its forward pass never uses; it is left out.
@@ -23,32 +24,38 @@ UTILITY_ARCH = "utility-cnn-v1"
 
 
 class ScoringClassifier(nn.Module):
-    """p(y|x) for the generation score; input [B, 1, 28, 28] in [-1, 1], output logits [B, num_classes]."""
+    """p(y|x) for the generation score; input [B, C, S, S] in [-1, 1] (1x28x28 for the MNIST family), output
+    logits [B, num_classes]."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, channels: int = 1, image_size: int = 28) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, kernel_size=3)
+        side = ((image_size - 2) // 2 - 2) // 2  # two unpadded 3x3 convolutions, each followed by a 2x2 pool: 5 at 28
+        self.conv1 = nn.Conv2d(channels, 32, kernel_size=3)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
         self.pool = nn.MaxPool2d(2, 2)
-        self.fc1 = nn.Linear(64 * 5 * 5, 128)
+        self.fc1 = nn.Linear(64 * side * side, 128)
         self.fc2 = nn.Linear(128, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate activations [B, 128] (the space of the classifier Fréchet distance)."""
         x = self.pool(torch.relu(self.conv1(x)))
         x = self.pool(torch.relu(self.conv2(x)))
-        x = torch.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
+        return torch.relu(self.fc1(x.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.features(x))
 
 
 class UtilityCNN(nn.Module):
     """The downstream classifier trained on generated samples (conv32-pool-conv64-pool-fc128-fc10)."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, channels: int = 1, image_size: int = 28) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, kernel_size=3, stride=1, padding=1)
+        side = image_size // 4  # two padded convolutions, each followed by a 2x2 pool: 7 at 28
+        self.conv1 = nn.Conv2d(channels, 32, kernel_size=3, stride=1, padding=1)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=3, stride=1, padding=1)
         self.pool = nn.MaxPool2d(2, 2)
-        self.fc1 = nn.Linear(64 * 7 * 7, 128)
+        self.fc1 = nn.Linear(64 * side * side, 128)
         self.fc2 = nn.Linear(128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,10 +70,10 @@ ARCHITECTURES: MappingProxyType[str, type[nn.Module]] = MappingProxyType(
 )
 
 
-def build_model(arch: str, num_classes: int = 10) -> nn.Module:
-    """A fresh (randomly initialised) model of a named evaluation architecture."""
+def build_model(arch: str, num_classes: int = 10, channels: int = 1, image_size: int = 28) -> nn.Module:
+    """A fresh (randomly initialised) model of a named evaluation architecture for images of this shape."""
     try:
         cls = ARCHITECTURES[arch]
     except KeyError:
         raise ValueError(f"unknown evaluation architecture {arch!r} (known: {', '.join(ARCHITECTURES)})") from None
-    return cls(num_classes)
+    return cls(num_classes, channels, image_size)

@@ -63,15 +63,18 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
 
 
 def encode_png_gray(pixels: np.ndarray) -> bytes:
-    """An 8-bit grayscale PNG of a uint8 [H, W] array (filter type 0 on every row, zlib level 6)."""
+    """An 8-bit grayscale PNG of a uint8 [H, W] array, or an RGB PNG of [H, W, 3] (filter type 0 on every row,
+    zlib level 6)."""
     a = np.ascontiguousarray(pixels)
-    if a.dtype != np.uint8 or a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ValueError("need a non-empty uint8 [H, W] array")
-    h, w = a.shape
-    raw = np.empty((h, w + 1), dtype=np.uint8)
+    colour = a.ndim == 3 and a.shape[2] == 3
+    if a.dtype != np.uint8 or not (a.ndim == 2 or colour) or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError("need a non-empty uint8 [H, W] or [H, W, 3] array")
+    h, w = a.shape[:2]
+    raw = np.empty((h, w * (3 if colour else 1) + 1), dtype=np.uint8)
     raw[:, 0] = 0  # filter byte: None
-    raw[:, 1:] = a
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit, grayscale, deflate, adaptive filters, no interlace
+    raw[:, 1:] = a.reshape(h, -1)
+    # 8-bit, grayscale (0) or truecolour (2), deflate, adaptive filters, no interlace
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2 if colour else 0, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + _png_chunk(b"IHDR", ihdr)
@@ -87,22 +90,24 @@ def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def make_grid(images: torch.Tensor | np.ndarray, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> np.ndarray:
-    """Tile [N, 1, H, W] (or [N, H, W]) images in [-1, 1] into a uint8 [H', W'] grid, `nrow` images per row
-    (torchvision's make_grid layout: `padding` pixels around and between tiles)."""
+    """Tile [N, 1, H, W] (or [N, H, W]) images in [-1, 1] into a uint8 [H', W'] grid, or [N, 3, H, W] images into
+    a uint8 [H', W', 3] grid, `nrow` images per row (torchvision's make_grid layout: `padding` pixels around and
+    between tiles)."""
     x = torch.as_tensor(images)
     if x.dim() == 4:
-        if x.shape[1] != 1:
-            raise ValueError(f"need single-channel images, got {x.shape[1]} channels")
-        x = x[:, 0]
-    if x.dim() != 3 or x.shape[0] == 0:
-        raise ValueError(f"need a non-empty batch [N, 1, H, W], got {list(x.shape)}")
+        if x.shape[1] not in (1, 3):
+            raise ValueError(f"need 1- or 3-channel images, got {x.shape[1]} channels")
+        x = x[:, 0] if x.shape[1] == 1 else x.permute(0, 2, 3, 1)
+    if x.dim() not in (3, 4) or x.shape[0] == 0:
+        raise ValueError(f"need a non-empty batch [N, C, H, W], got {list(x.shape)}")
     if nrow <= 0 or padding < 0:
         raise ValueError("nrow must be positive and padding non-negative")
     tiles = to_uint8(x)
-    n, h, w = tiles.shape
+    n, h, w = tiles.shape[:3]
     cols = min(nrow, n)
     rows = -(-n // cols)
-    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value, dtype=np.uint8)
+    shape = (rows * (h + padding) + padding, cols * (w + padding) + padding, *tiles.shape[3:])
+    grid = np.full(shape, pad_value, dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
         y0 = padding + r * (h + padding)
@@ -114,7 +119,7 @@ def make_grid(images: torch.Tensor | np.ndarray, nrow: int = 8, padding: int = 2
 def save_sample_grid(
     images: torch.Tensor | np.ndarray, path: str | os.PathLike[str], nrow: int = 8, padding: int = 2
 ) -> Path:
-    """Write a PNG grid of [N, 1, 28, 28] images in [-1, 1] (atomically); returns the path."""
+    """Write a PNG grid of [N, C, H, W] images in [-1, 1] (C = 1 or 3; atomically); returns the path."""
     return write_bytes_atomic(path, encode_png_gray(make_grid(images, nrow=nrow, padding=padding)))
 
 

@@ -28,7 +28,8 @@ class ImageSource(Protocol):
 
 
 def as_tensors(data: Any, what: str = "data set") -> tuple[torch.Tensor, torch.Tensor]:
-    """(images float32 [N,1,H,W], labels int64 [N]) from an ImageSet-like object or an (images, labels) pair."""
+    """(images float32 [N,C,H,W], labels int64 [N]) from an ImageSet-like object or an (images, labels) pair
+    (uint8 [N,H,W] is one channel)."""
     if isinstance(data, ImageSource):
         images, labels = data.images, data.labels
     elif isinstance(data, tuple | list) and len(data) == 2:
@@ -42,8 +43,8 @@ def as_tensors(data: Any, what: str = "data set") -> tuple[torch.Tensor, torch.T
         images = images.to(torch.float32).div_(255).sub_(0.5).div_(0.5)
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    if images.dim() != 4 or images.shape[1] != 1:
-        raise ValueError(f"{what}: images must be [N, 1, H, W], got {list(images.shape)}")
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"{what}: images must be [N, C, H, W] with C = 1 or 3, got {list(images.shape)}")
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"{what}: labels must be [N] matching {images.shape[0]} images, got {list(labels.shape)}")
     if not images.is_floating_point():

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .blocks import discriminator_blocks, generator_blocks
+from .blocks import base_side, d_final_side, discriminator_blocks, generator_blocks
 
 CLIENT, HEAD, SERVER, TAIL = "client", "head", "server", "tail"
 
@@ -123,14 +123,23 @@ class Architecture:
 
 
 def cgan28(cfg: ModelConfig) -> Architecture:
+    """The five-block cGAN family (named after its 28x28 member): shapes follow the image size and channels."""
     roles = (CLIENT, HEAD, SERVER, TAIL, CLIENT)
+    s = base_side(cfg)  # 7 at 28x28
+    f = d_final_side(cfg)  # 3 at 28x28
     g = NetworkSpec(
         "G",
         roles,
         generator_blocks,
-        ((256, 7, 7), (128, 14, 14), (128, 14, 14), (64, 28, 28), (cfg.channels, cfg.image_size, cfg.image_size)),
+        ((256, s, s), (128, 2 * s, 2 * s), (128, 2 * s, 2 * s), (64, 4 * s, 4 * s), cfg.image_shape),
     )
-    d = NetworkSpec("D", roles, discriminator_blocks, ((64, 14, 14), (128, 7, 7), (128, 7, 7), (256, 3, 3), (1,)))
+    half, quarter = cfg.image_size // 2, s
+    d = NetworkSpec(
+        "D",
+        roles,
+        discriminator_blocks,
+        ((64, half, half), (128, quarter, quarter), (128, quarter, quarter), (256, f, f), (1,)),
+    )
     return Architecture("cgan28", g, d, summary_block=2)
 
 

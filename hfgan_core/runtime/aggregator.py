@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 import torch
 
+from .. import roles
 from ..federation import (
     StateLayout,
     client_layers,
@@ -36,7 +37,6 @@ from ..transport import AGGREGATE, COORDINATOR, SERVER, client_address
 from ..transport.base import LogRecord
 from . import ledger
 from .host import Reject, Role, RoleContext
-from .host import _forged_sender as forged_sender  # the same rule as for messages
 from .ledger import job_name
 
 
@@ -59,7 +59,25 @@ class UpdateSet:
         self.unusable = unusable or {}
 
 
-def _unusable_record(rec: LogRecord, msg: Message, seen: UpdateSet) -> str | None:
+def forged_sender(user: str | None, sender: str, namespace: str = roles.DEFAULT_NAMESPACE) -> str | None:
+    """Why `user` (the broker user the broker vouches for; None: none) may not speak as `sender`, or None: the rule
+    the receiving host applies to messages (roles.authorize), for records and answers no host receives."""
+    principal = roles.user_principal(user, namespace) if user else None
+    if principal is None:
+        return None  # no broker identity, or one no role owns (guest, administrators): infrastructure credentials
+    found = roles.identify(sender)
+    index = found[1] if found else None
+    same = found is not None and found[0] is principal[0]
+    if same and principal[1] and index != principal[1]:
+        same = index.isdigit() and principal[1].isdigit() and int(index) == int(principal[1])
+    return None if same else f"forged_sender: broker user {user!r} published as {sender!r}"
+
+
+def _namespace(ctx: RoleContext) -> str:
+    return getattr(getattr(ctx.transport, "names", None), "namespace", roles.DEFAULT_NAMESPACE)
+
+
+def _unusable_record(rec: LogRecord, msg: Message, seen: UpdateSet, namespace: str) -> str | None:
     """Why a decoded log record of the round may not be used (None: it may). The broker vouches for who appended
     it: a record is used only if that user may speak for the update's sender, and a client update only if its
     sender is the client it is the update of. The first record of a msg_id wins: a copy never replaces it."""
@@ -67,7 +85,7 @@ def _unusable_record(rec: LogRecord, msg: Message, seen: UpdateSet) -> str | Non
         return f"forged_sender: {msg.sender!r} logged an update of client {msg.client}"
     if isinstance(msg, ServerUpdate) and msg.sender != SERVER:
         return f"forged_sender: {msg.sender!r} logged a server update"
-    forged = forged_sender(rec.publisher, msg.sender)
+    forged = forged_sender(rec.publisher, msg.sender, namespace)
     if forged is not None:
         return forged
     if msg.msg_id in seen.clients or msg.msg_id in seen.server:
@@ -75,7 +93,7 @@ def _unusable_record(rec: LogRecord, msg: Message, seen: UpdateSet) -> str | Non
     return None
 
 
-def _peek_own(rec: LogRecord) -> str | None:
+def _peek_own(rec: LogRecord, namespace: str) -> str | None:
     """The msg_id of an undecodable record, if its envelope is readable and its publisher may speak for its sender:
     then the update it names is in the log but unusable (not merely not read yet)."""
     try:
@@ -83,7 +101,7 @@ def _peek_own(rec: LogRecord) -> str | None:
         msg_id, sender = env["msg_id"], env["sender"]
     except Exception:  # junk: nothing to attribute
         return None
-    if not isinstance(msg_id, str) or not isinstance(sender, str) or forged_sender(rec.publisher, sender):
+    if not isinstance(msg_id, str) or not isinstance(sender, str) or forged_sender(rec.publisher, sender, namespace):
         return None
     return msg_id
 
@@ -97,14 +115,14 @@ def read_round_updates(ctx: RoleContext, round: int) -> UpdateSet:
             msg = decode_message(rec.body, ctx.limits, kinds=(ClientUpdate, ServerUpdate))
         except Exception as exc:  # a bad record in the log cannot be used; it is skipped, not fatal
             out.skipped[rec.offset] = f"malformed: {exc}"
-            msg_id = _peek_own(rec)
+            msg_id = _peek_own(rec, _namespace(ctx))
             if msg_id is not None:
                 out.unusable.setdefault(msg_id, f"malformed: {exc}"[:300])
             ctx.log.warning("update log offset %d: unusable record (%s)", rec.offset, exc)
             continue
         if msg.run != ctx.run or msg.round != round:
             continue
-        why = _unusable_record(rec, msg, out)
+        why = _unusable_record(rec, msg, out, _namespace(ctx))
         if why is not None:
             out.skipped[rec.offset] = why
             ctx.log.warning("update log offset %d: record skipped (%s)", rec.offset, why)

@@ -17,7 +17,8 @@ Labels, noise, images, targets and losses stay here; only activations and gradie
 Every wait has a deadline here too: a step that gets no reply for `step_timeout_factor` x the step deadline (its
 window was lost with a server that died) is abandoned as dropped and the next one starts, so a client never hangs.
 The factor (5) is the longest a reply can legitimately take: a client whose activation missed a window waits for
-that window, whose five phases each end at the step deadline at the latest. The optional
+that window, whose five phases each end at the step deadline at the latest. The step deadline here follows the
+replies' measured pace as the server's does (pace.py), so a busy host does not time out a live server. The optional
 `delay(role, segment)` hook runs after each client-side segment (names in `SEGMENTS`), before its result is sent:
 device emulation (emulation.py) sleeps there.
 """
@@ -59,6 +60,7 @@ from ..transport import COORDINATOR, SERVER, client_address
 from . import checkpoint as ckpt
 from .holder import BlockHolder
 from .host import Reject, Role, RoleContext
+from .pace import Pace
 
 
 class ClientData(Protocol):
@@ -119,6 +121,7 @@ class ClientRole(Role):
         self._seg_t0 = time.perf_counter()
         self._last_progress = ctx.clock()
         self.steps_timed_out = 0
+        self.pace = Pace(ctx.cfg.runtime.step_deadline_s, ctx.cfg.runtime.straggler_factor)
         self._reset_round()
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -212,7 +215,7 @@ class ClientRole(Role):
         self._on_round_start(start)
 
     def tick(self, now: float) -> None:
-        limit = self.step_timeout_factor * self.ctx.cfg.runtime.step_deadline_s
+        limit = self.step_timeout_factor * self.pace.deadline()
         if self.in_round and self.phase not in ("idle", "done") and now - self._last_progress > limit:
             self.ctx.log.warning(
                 "%s: no reply for step %d of round %d in %.0f s (phase %s); abandoning the step",
@@ -255,6 +258,8 @@ class ClientRole(Role):
             raise Reject(f"out_of_order: {msg.KIND} in phase {self.phase}")
 
     def _on_split(self, msg: Message) -> None:
+        if self.in_round and msg.round == self.round and msg.step == self.step:
+            self.pace.observe(self.ctx.clock() - self._last_progress)  # how long the server took to reply
         g, d = self.arch.generator, self.arch.discriminator
         h, t, cuts = self.holder, self._t, self.cuts
         B = t["x"].shape[0] if "x" in t else 0

@@ -35,8 +35,8 @@ from ..state import StateError
 from ..transport import COORDINATOR
 from ..transport.base import EVENTS_PREFIX, Delivery, Transport
 from . import checkpoint as ckpt
+from .aggregator import forged_sender
 from .host import RoleContext
-from .host import _forged_sender as forged_sender
 from .slots import OWNER
 from .worker import EXIT_INTERNAL, EXIT_OK, StopFlag, WorkerExit, WorkerLoop, WorkerSettings, close_quietly, open_broker
 

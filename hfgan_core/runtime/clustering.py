@@ -6,6 +6,7 @@ the coordinator would refuse their result anyway, and clustering them is wasted 
 from __future__ import annotations
 
 from ..federation import cluster_clients
+from ..model.architecture import architecture
 from ..protocol import ActivationSummaries, ClusterResult, Message, expect_shape
 from ..transport import CLUSTERING, COORDINATOR
 from .host import Reject, Role, RoleContext
@@ -16,8 +17,12 @@ class ClusteringRole(Role):
     accepts = (ActivationSummaries,)
     no_grad = True
 
-    def __init__(self, ctx: RoleContext, summary_shape: tuple[int, ...] = (128, 7, 7)):
+    def __init__(self, ctx: RoleContext, summary_shape: tuple[int, ...] | None = None):
         super().__init__(ctx)
+        if summary_shape is None:
+            # The server's output of the summary block of D (128x7x7 for 28x28 images).
+            arch = architecture(ctx.cfg.model)
+            summary_shape = arch.discriminator.output_shapes[arch.summary_block]
         self.summary_shape = summary_shape
         self.results = 0
 

@@ -12,7 +12,10 @@ phases for the window's members together (BatchNorm sees the union of their batc
 
 Stragglers: a window opens when every client the server still waits for has sent its activation, or when the step
 deadline passes (the rest are "lagging": their activation is served in a later window). Within a window, a member
-that misses a phase's deadline is dropped from the step (it gets `step_dropped`, the others go on). The round ends
+that misses a phase's deadline is dropped from the step (it gets `step_dropped`, the others go on). A phase's
+deadline follows the members' measured pace (pace.py): max(step_deadline_s, straggler_factor x the median of the
+recent response times in that phase, counted from when the server has sent the phase's outputs), so a busy host
+slows every client without making them late; a window opens at the longest of the phase deadlines. The round ends
 for the server when every participant has finished its last step or the coordinator closes the round; it then
 sends the clustering summaries, logs its layers and reports to the coordinator.
 
@@ -23,6 +26,7 @@ server process back into the current round (from the last complete round's check
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -57,6 +61,7 @@ from ..transport import CLUSTERING, COORDINATOR, SERVER, client_address
 from . import checkpoint as ckpt
 from .holder import BlockHolder
 from .host import Reject, Role, RoleContext
+from .pace import Pace
 
 PHASE_INPUT = {
     "d_fwd": (DHeadOut, "d"),
@@ -107,6 +112,8 @@ class ServerRole(Role):
         self.windows_run = 0
         self.window_seconds = 0.0
         self._window_t0 = 0.0
+        rt = ctx.cfg.runtime
+        self.pace = {phase: Pace(rt.step_deadline_s, rt.straggler_factor) for phase in PHASE_INPUT}
 
     def addresses(self) -> list[str]:
         return [SERVER]
@@ -198,6 +205,7 @@ class ServerRole(Role):
             raise Reject(f"duplicate: second {msg.KIND} from client {c}")
         self._validate_phase_input(w, c, msg)
         w.inbox[c] = msg
+        self.pace[w.phase].observe(self.ctx.clock() - w.phase_started)
         if all(m in w.inbox for m in w.members):
             self._advance()
 
@@ -230,7 +238,7 @@ class ServerRole(Role):
         if self.window is not None or not self.pending or not self.in_round:
             return
         waiting = self._waiting_for()
-        deadline = self.ctx.cfg.runtime.step_deadline_s
+        deadline = max((p.deadline() for p in self.pace.values() if len(p)), default=self._fixed_deadline())
         if not waiting <= set(self.pending) and now - self.pending_since < deadline:
             return
         members = sorted(self.pending)
@@ -255,6 +263,7 @@ class ServerRole(Role):
             self.send(
                 client_address(c), GMidOut(**self.envelope(self.round, w.steps[c]), client=c, act=g_out[c].detach())
             )
+        w.phase_started = self.ctx.clock()  # the members' time to answer starts once they have the outputs
 
     def _to_phase(self, w: _Window, phase: str, now: float) -> None:
         w.phase = phase
@@ -330,6 +339,8 @@ class ServerRole(Role):
             for c in members:
                 self.send(client_address(c), GMidGrad(**env[c], client=c, grad=w.t["g_in"][c].grad))
             self._close_window()
+            return
+        w.phase_started = self.ctx.clock()  # the members' time to answer starts once they have the outputs
 
     def _close_window(self) -> None:
         w = self.window
@@ -340,6 +351,10 @@ class ServerRole(Role):
         self.windows_run += 1
         self.window_seconds += time.perf_counter() - self._window_t0
         self.window = None
+        if self.pending:
+            # The wait for the others starts when a window can open again: an activation that came in while this
+            # window ran (a straggler's, after it was dropped) does not make the window's members late.
+            self.pending_since = self.ctx.clock()
         self._maybe_finish_round()
         self._maybe_open_window(self.ctx.clock())
 
@@ -361,17 +376,29 @@ class ServerRole(Role):
     def tick(self, now: float) -> None:
         if not self.in_round:
             return
-        deadline = self.ctx.cfg.runtime.step_deadline_s
         w = self.window
+        deadline = self._phase_deadline(w) if w is not None else 0.0
         if w is not None and now - w.phase_started >= deadline:
             missing = [c for c in w.members if c not in w.inbox]
             for c in missing:
-                self._drop(w, c, f"missed the {w.phase} deadline of {deadline:g}s")
+                self._drop(w, c, f"missed the {w.phase} deadline of {deadline:.3g}s")
                 if w.steps[c] >= self.last_step.get(c, -1):
                     self.done_clients.add(c)
             self._advance()
         else:
             self._maybe_open_window(now)
+
+    def _fixed_deadline(self) -> float:
+        """The deadline before anything was measured: the configured one, or none when deadlines follow the pace."""
+        rt = self.ctx.cfg.runtime
+        return rt.step_deadline_s if rt.straggler_factor <= 0 else math.inf
+
+    def _phase_deadline(self, w: _Window) -> float:
+        pace = self.pace[w.phase]
+        if pace.factor > 0 and len(pace) < len(w.members) and 2 * len(w.inbox) < len(w.members):
+            # Too little measured yet (the first windows): a member is late only once half of its peers answered.
+            return math.inf
+        return pace.deadline()
 
     # ---------------------------------------------------------------------------------------------- round end
     def _maybe_finish_round(self) -> None:

@@ -69,12 +69,18 @@ def train(
     run_dir = Path(rt.run_dir)
     run_id = rt.run_id or run_dir.resolve().name
     check_run_id(run_id, " (--run-id)")
+    # No log here: each substitution notice is logged once, below, with its NOTICE prefix. The model takes the
+    # data's image shape and classes (a user dataset's), so the run's recorded config says what was trained.
+    data = load_scenario_data(cfg, allow_synthetic_fallback=allow_synthetic_fallback, adopt_model_shape=True)
+    if data.model != cfg.model:
+        log(
+            f"model: {data.model.image_size}x{data.model.image_size}x{data.model.channels}, "
+            f"{data.model.num_classes} classes (from the data)"
+        )
+        cfg = cfg.replace(model=data.model)
     resume_round = check_run_dir(run_dir, cfg, resume)
     if resume and resume_round >= cfg.train.rounds:
         raise ConfigError(f"run {run_id} already finished its {cfg.train.rounds} rounds")
-
-    # No log here: each substitution notice is logged once, below, with its NOTICE prefix.
-    data = load_scenario_data(cfg, allow_synthetic_fallback=allow_synthetic_fallback)
     for notice in data.notices:
         log(f"NOTICE: {notice}")
     classifiers = ensure_classifiers(
@@ -118,6 +124,7 @@ def train(
         # Bytes each role sent, by message kind (the quality bench separates device-link traffic from the rest).
         "bytes_by_role": {name: dict(role.bytes_sent) for name, role in sorted(result.roles.items())},
         "data_sources": data.sources,
+        "data_digests": data.digests,
         "notices": data.notices,
     }
     if utility:

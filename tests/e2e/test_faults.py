@@ -9,8 +9,9 @@ acknowledged lost.
 - an aggregator killed with a job in hand (the aggregator's test hook HFGAN_TEST_AGGREGATOR_HOLD holds the jobs of
   one round after their digest is recorded): the broker hands the job to the other aggregator, the round completes
   and `hfgan replay` rebuilds it bit for bit;
-- a client slowed 10x by emulation (`emulate_slowdown`): the step windows and the round deadline keep the others
-  going, the slow one is marked late or dropped;
+- a client slowed 10x by device emulation (`emulate_slowdown`): the step windows, whose deadlines follow the
+  clients' measured pace, keep the others going, the slow one is marked late or dropped, on a quiet and on a busy
+  host alike;
 - the server killed with SIGKILL mid-round and the coordinator killed while a later round trains: each restarted
   process picks the run up from the ledger and the last checkpoint, and the run completes and replays;
 - RabbitMQ restarted mid-run (`rabbitmqctl stop_app` / `start_app`: the node and its disk state stay): every
@@ -715,16 +716,20 @@ def test_killed_client_killed_aggregator_and_bad_input_lose_nothing(faults):
 
 def test_a_client_slowed_ten_times_is_late_and_the_others_carry_on(faults):
     rounds, steps = 2, 4
-    # Delays come from the device model, not from this machine's speed (a slowdown of the measured compute missed the
-    # step deadline on a busy CI host and met it on a quiet one). Clients 0, 2 and 3 get a profile so fast that
-    # their emulated delays are microseconds; client 1 (cut bits 1111: the most client-side work) a 100 GFLOP/s one,
-    # slowed 10x. At batch 64 its two backward segments then sleep 2.8 s and 2.7 s (28.2 and 26.5 GFLOP, x10 / 100):
-    # later than the 2 s step deadline whatever the host, while its whole step (about 9 s) keeps it in the round.
+    # Nothing here assumes how fast or how busy this machine is. The server's step deadline follows the clients'
+    # measured pace (runtime/pace.py: max(step_deadline_s, straggler_factor 3 x the median recent response of each
+    # phase)), so a busy host that slows every client down makes none of the honest ones late. The slow client's
+    # delays come from the device model: clients 0, 2 and 3 get a profile so fast that their emulated delays are
+    # microseconds; client 1 (cut bits 1111: the most client-side work) a 50 GFLOP/s one, slowed 10x. At batch 64
+    # its two backward segments then sleep 5.6 s and 5.3 s (28.2 and 26.5 GFLOP, x10 / 50) on top of its real
+    # compute: later than the 2 s floor on a quiet host, and later than 3x its peers' median answer unless that
+    # median is above about 1.9 s (a host several times busier than two CPU-bound processes per core make this
+    # one; docs/testing.md has the measurements). The round deadline is far out of reach.
     run = faults(
         rounds=rounds,
         steps=steps,
         step_deadline=2.0,
-        round_deadline=45.0,
+        round_deadline=900.0,
         batch=64,
         extra=(
             "emulate_devices = true\n"
@@ -733,12 +738,12 @@ def test_a_client_slowed_ten_times_is_late_and_the_others_carry_on(faults):
             'clients = ["fast", "slow", "fast", "fast"]\n'
             "[devices.profiles]\n"
             "fast = {cpu_mhz = 1e9, flops_per_cycle = 1000, data_rate = 1e15}\n"
-            "slow = {cpu_mhz = 10000, flops_per_cycle = 10, data_rate = 1e12}\n"
+            "slow = {cpu_mhz = 5000, flops_per_cycle = 10, data_rate = 1e12}\n"
         ),
     )
     t0 = time.monotonic()
     run.start_all()
-    codes = run.finish(timeout=300)
+    codes = run.finish(timeout=900)
     print(f"run with a slowed client: {time.monotonic() - t0:.1f} s")
     for r in range(1, rounds + 1):
         m = run.store.get_metrics(run.run, r)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -46,7 +47,7 @@ def test_definitions_json_is_the_generated_document(definitions: dict) -> None:
         role_passwords=dev_role_passwords(), admin=DEV_ADMIN, clients=dev_client_passwords()
     )
     assert _without_hashes(definitions) == _without_hashes(expected), (
-        "regenerate: python -m hfgan_core.transport.amqp definitions > broker_config/definitions.json"
+        "regenerate: hfgan broker definitions --out broker_config/definitions.json"
     )
 
 
@@ -136,3 +137,31 @@ def test_import_over_the_management_api_posts_the_document() -> None:
         server.shutdown()
     with pytest.raises(TransportError, match="admin URL"):
         import_definitions(doc, "ftp://nowhere")
+
+
+def test_hfgan_broker_provision_clients_creates_users_that_can_log_in(amqp_url: str, capsys) -> None:
+    """`hfgan broker provision-clients` (what compose's broker-setup runs) against the real broker, through the
+    local rabbitmqctl: each printed user logs in with its printed password and sees its own queue."""
+    import subprocess
+
+    from hfgan_core.cli import main
+    from hfgan_core.transport.amqp import ClientCredentials, _wait_usable
+    from tests.integration.conftest import new_namespace
+
+    ns = new_namespace()
+    admin_url = os.environ.get("HFGAN_TEST_RABBIT_ADMIN_URL", "rabbitmqctl")
+    with AmqpTransport(amqp_url, namespace=ns) as t:
+        t.declare()
+    try:
+        argv = ["broker", "provision-clients", "--clients", "2", "--namespace", ns, "--admin-url", admin_url]
+        assert main([*argv, "--verify-url", amqp_url, "--verify-timeout", "60"]) == 0
+        lines = [ln.split() for ln in capsys.readouterr().out.strip().splitlines()]
+        assert [(int(k), user) for k, user, _ in lines] == [(0, f"{ns}-client-0"), (1, f"{ns}-client-1")]
+        for k, user, password in lines:
+            url = ClientCredentials(int(k), user, password).url(amqp_url)
+            _wait_usable(url, Names(ns).queue(f"client.{k}"), 5)
+    finally:
+        with AmqpTransport(amqp_url, namespace=ns) as t:
+            t.delete_topology(clients=range(2))
+        for k in range(2):
+            subprocess.run(["rabbitmqctl", "-q", "delete_user", f"{ns}-client-{k}"], capture_output=True, check=False)

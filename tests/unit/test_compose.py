@@ -19,19 +19,17 @@ from typing import Any
 
 import pytest
 
+from hfgan_core import roles
+from hfgan_core.cli import build_parser
 from hfgan_core.transport.amqp import check_password_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 DEFINITIONS = ROOT / "broker_config" / "definitions.json"
-ROLES = ("coordinator", "server", "clustering", "aggregator", "client")
+# Every built-in role is a compose service (the role registry's; a test-only role registered later is not).
+ROLES = roles.BUILTIN_ROLES
 # The queue each role consumes; its broker user must be allowed to read it.
-ROLE_QUEUE = {
-    "coordinator": "hfgan.coordinator",
-    "server": "hfgan.server",
-    "clustering": "hfgan.clustering",
-    "aggregator": "hfgan.aggregate",
-}
+ROLE_QUEUE = {s.name: f"hfgan.{s.address()}" for s in roles.BUILTIN if s in tuple(roles.iter_broker_roles())}
 _YAML_TO_JSON = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
 
 
@@ -124,7 +122,7 @@ def test_every_role_runs_its_worker_module(stack):
     services = stack["services"]
     for role in ROLES:
         assert role in services, f"no {role} service"
-        assert services[role]["command"] == ["python", "-m", f"workers.{role}"]
+        assert services[role]["command"] == ["python", "-m", roles.get(role).worker_module]
     images = {services[r].get("image") for r in ROLES}
     assert len(images) == 1 and None not in images, f"the workers must share one image, not {images}"
     assert all(services[r].get("build") for r in ROLES), "every worker service can build the image"
@@ -243,8 +241,11 @@ def test_client_users_are_provisioned_before_clients_start(stack):
     setup = stack["services"]["broker-setup"]
     assert _depends(stack["services"]["client"]).get("broker-setup") == "service_completed_successfully"
     assert _depends(setup).get("rabbitmq") == "service_healthy"
-    script = " ".join(setup["command"])
-    assert "provision_client_users" in script and "dev_client_passwords" in script
+    command = setup["command"]
+    assert command[:3] == ["hfgan", "broker", "provision-clients"], command
+    args = build_parser().parse_args(command[1:])  # what the image's `hfgan` will parse
+    assert args.dev_passwords and args.clients is None, "client count from $HFGAN_CONFIG, development passwords"
+    assert _env(setup)["HFGAN_CONFIG"] and _env(setup)["HFGAN_BROKER_URL"].startswith("amqp://")
     admin = urllib.parse.urlsplit(_env(setup)["HFGAN_ADMIN_URL"])
     assert (admin.hostname, admin.port, admin.username) == ("rabbitmq", 15672, "hfgan-admin")
 

@@ -1,0 +1,127 @@
+"""Step deadlines that follow the measured pace of the peers (runtime/pace.py), on an injected clock.
+
+- `Pace`: no deadline before anything was measured; then max(floor, factor x the upper median of the recent
+  response times); a fixed floor with factor 0;
+- the server, driven message by message over the memory transport with a fake clock: a member that takes more than
+  3x as long as its peers is dropped from the step once its peers answered, however slow they all are; a window
+  whose members are all equally slow (a busy host) drops nobody, where a fixed deadline dropped them all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hfgan_core.config import ConfigError, DomainConfig, RunConfig, RuntimeConfig, ScenarioConfig, TrainConfig
+from hfgan_core.data import TensorClientData
+from hfgan_core.protocol import RoundStart
+from hfgan_core.runtime.client import ClientRole
+from hfgan_core.runtime.host import Role, RoleContext, RoleHost
+from hfgan_core.runtime.pace import Pace
+from hfgan_core.runtime.server import ServerRole
+from hfgan_core.state import MemoryRoundStore
+from hfgan_core.transport import SERVER, MemoryTransport, client_address
+
+
+def test_pace_has_no_deadline_before_it_measured_anything_then_follows_the_median():
+    p = Pace(floor_s=0.5, factor=3.0, keep=4)
+    assert p.deadline() == math.inf and p.typical is None
+    p.observe(1.0)
+    assert p.deadline() == 3.0
+    for s in (0.1, 0.1, 0.1):
+        p.observe(s)
+    assert p.typical == 0.1 and p.deadline() == 0.5  # the floor: never less patient than configured
+    for s in (2.0, 2.0, 2.0):  # the host got busier: the last `keep` observations count
+        p.observe(s)
+    assert p.typical == 2.0 and p.deadline() == 6.0
+    p.observe(60.0)  # one straggler among the peers does not move the median
+    assert p.deadline() == 6.0
+    fixed = Pace(floor_s=0.5, factor=0.0)
+    assert fixed.deadline() == 0.5
+    fixed.observe(10.0)
+    assert fixed.deadline() == 0.5
+
+
+def test_straggler_factor_is_validated():
+    with pytest.raises(ConfigError, match="straggler_factor"):
+        RuntimeConfig(straggler_factor=0.5).validate()
+    RuntimeConfig(straggler_factor=0.0).validate()
+
+
+class Harness:
+    """A server and three clients over the memory transport on a fake clock; every client message is held until
+    the test releases it, so the test decides when each answer reaches the server."""
+
+    def __init__(self, straggler_factor: float, step_deadline_s: float = 0.1):
+        import torch
+
+        self.now = 0.0
+        cfg = RunConfig(
+            scenario=ScenarioConfig(domains=(DomainConfig("synthetic", 3),)),
+            train=TrainConfig(seed=3, batch_size=4, cuts=((0, 0, 0, 0),)),
+            runtime=RuntimeConfig(step_deadline_s=step_deadline_s, straggler_factor=straggler_factor),
+        ).validate()
+        self.transport, store = MemoryTransport(), MemoryRoundStore()
+
+        def ctx() -> RoleContext:
+            return RoleContext(run="pace", cfg=cfg, transport=self.transport, store=store, clock=lambda: self.now)
+
+        g = torch.Generator().manual_seed(0)
+        data = [TensorClientData(torch.rand(8, 1, 28, 28, generator=g) * 2 - 1, torch.arange(8) % 10) for _ in "abc"]
+        self.server = ServerRole(ctx())
+        self.clients = [ClientRole(ctx(), client=i, domain=0, data=d) for i, d in enumerate(data)]
+        self.held: dict[int, list] = {i: [] for i in range(3)}
+        for c in self.clients:
+            c.send = lambda address, msg, i=c.client: self.held[i].append((address, msg))
+        for role in [self.server, *self.clients]:
+            RoleHost(role, strict=True).bind()
+        start = RoundStart(
+            run="pace", round=1, sender="coordinator", participants=(0, 1, 2), cuts=((0, 0, 0, 0),) * 3, steps=2,
+            deadline=1e18,
+        )  # fmt: skip
+        self.transport.publish(SERVER, start.encode())
+        for i in range(3):
+            self.transport.publish(client_address(i), start.encode())
+        self.drain()
+
+    def drain(self) -> None:
+        while self.transport.process_one():
+            pass
+
+    def release(self, *clients: int, at: float) -> None:
+        self.now = at
+        for i in clients:
+            for address, msg in self.held[i]:
+                Role.send(self.clients[i], address, msg)
+            self.held[i] = []
+        self.drain()
+
+
+def _drops(h: Harness) -> dict[int, int]:
+    return {c: n for c, n in h.server.late.items() if n}
+
+
+def test_a_member_three_times_slower_than_its_peers_is_dropped_however_slow_the_host():
+    h = Harness(straggler_factor=3.0)
+    h.release(0, 1, 2, at=0.0)  # the three activations: the window opens with every client
+    w = h.server.window
+    assert w is not None and w.members == [0, 1, 2] and w.phase == "d_fwd"
+    # A busy host: clients 0 and 1 take 5 s to answer (50x the configured 0.1 s); client 2 does not answer yet.
+    h.release(0, 1, at=5.0)
+    h.server.tick(14.9)  # 3 x 5 s: not yet late
+    assert h.server.window is w and _drops(h) == {}
+    h.server.tick(15.1)
+    assert _drops(h) == {2: 1}  # dropped from the step, the others go on
+    assert h.server.window is w and w.members == [0, 1] and w.phase == "d_bwd"
+
+
+def test_a_window_of_equally_slow_members_drops_nobody_where_a_fixed_deadline_drops_all():
+    for factor, expected in ((3.0, {}), (0.0, {0: 1, 1: 1, 2: 1})):
+        h = Harness(straggler_factor=factor)
+        h.release(0, 1, 2, at=0.0)
+        h.server.tick(4.0)  # nobody has answered after 4 s (40x the configured deadline)
+        h.release(0, 1, 2, at=4.5)
+        assert _drops(h) == expected, factor
+        if factor:  # the paced server went on with every member
+            assert h.server.window is not None and h.server.window.members == [0, 1, 2]
