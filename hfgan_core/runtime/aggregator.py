@@ -248,6 +248,7 @@ class AggregatorRole(Role):
             ),
         )
         self.jobs_done += 1
+        self.ctx.metrics.aggregation_job("done")
 
     def _record_screening(self, job: AggregateJob, screened: Screened) -> None:
         """Members left out of the job or clipped, with why, in the ledger (`hfgan status` shows them)."""

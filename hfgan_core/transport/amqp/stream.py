@@ -6,19 +6,18 @@ import logging
 import time
 from typing import Any
 
+from ...protocol.codec import WireError
 from ..base import (
     LogRecord,
 )
+from .chunking import chunk_header
 from .topology import (
-    H_CHUNK_COUNT,
     H_CHUNK_ID,
-    H_CHUNK_INDEX,
     H_ROUND,
     STREAM_PREFETCH,
 )
 
 log = logging.getLogger(__name__)
-MAX_LOG_CHUNKS = 1024  # chunks of one update-log record (8 GiB at the default frame size): more is junk
 
 
 class _UpdateLog:
@@ -139,21 +138,24 @@ class _UpdateLog:
             if offset < from_offset:
                 continue  # a stream starts delivering at the beginning of the chunk holding from_offset
             user = headers.get("user_id")
-            try:
-                rnd = int(headers.get(H_ROUND, -1))
-                if H_CHUNK_ID not in headers:
-                    records.append(LogRecord(offset, rnd, body, user))
-                    continue
-                key = (user, str(headers[H_CHUNK_ID]))
-                count, index = int(headers[H_CHUNK_COUNT]), int(headers[H_CHUNK_INDEX])
-                if not 0 <= index < count <= MAX_LOG_CHUNKS:
-                    raise ValueError(f"chunk {index} of {count} (at most {MAX_LOG_CHUNKS})")
-            except (TypeError, ValueError) as exc:  # junk headers: the record is skipped, never fatal to a reader
-                log.warning("update log offset %d: unusable record headers (%s); skipped", offset, exc)
+            rnd = headers.get(H_ROUND, -1)
+            if not isinstance(rnd, int) or isinstance(rnd, bool):
+                log.warning("update log record at %d skipped: its round header is %r", offset, type(rnd).__name__)
                 continue
-            first, expected, pieces = partials.setdefault(key, (offset, count, {}))
-            if count != expected:
-                log.warning("update log offset %d: chunk count %d differs from %d; skipped", offset, count, expected)
+            if H_CHUNK_ID not in headers:
+                records.append(LogRecord(offset, rnd, body, user))
+                continue
+            try:
+                cid, index, count = chunk_header(headers, self.chunk_limits)
+            except WireError as exc:  # anyone who may append may append junk: skipped, never fatal
+                log.warning("update log record at %d skipped: %s", offset, exc)
+                continue
+            key = (user, cid)
+            first, known, pieces = partials.setdefault(key, (offset, count, {}))
+            if known != count:
+                log.warning(
+                    "update log record at %d skipped: chunk count %d, its first chunk said %d", offset, count, known
+                )
                 continue
             pieces.setdefault(index, body)
             if len(pieces) == count:
