@@ -80,6 +80,7 @@ def _many(dist: str, seed: int = 42):
     return partition(sc, sets), sets["synthetic"].labels_numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dist, count_p, tiers",
     [
