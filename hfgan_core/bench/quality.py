@@ -299,6 +299,7 @@ def _split_result(
     for d, entry in summary["domains"].items():
         domains[d] = {
             "generation_score": entry["generation_score"],
+            "classifier_frechet_distance": entry.get("classifier_frechet_distance"),
             "history": history.get(d, []),
             "utility": entry.get("utility", {}),
             "cluster": entry.get("cluster"),

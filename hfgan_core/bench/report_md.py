@@ -185,7 +185,9 @@ def _results(doc: Doc) -> list[str]:
     L = ["## Results per domain", ""]
     L.append(
         "Generation score: exp(E KL(p(y|x) || p(y))) with the domain's scoring classifier (max 10), final = "
-        "after the last round, best = best round. Utility: a CNN trained only on generated samples, tested on "
+        "after the last round, best = best round. Classifier FD: the Fréchet distance between generated and real "
+        "test images in the scoring classifier's feature space (lower is better; not FID: no Inception network; "
+        "split methods only). Utility: a CNN trained only on generated samples, tested on "
         "the real test set (%). Modelled latency: seconds per training iteration from the cost model (see "
         "*Latency and traffic*). Wall time: measured training time on this machine (evaluation excluded). "
         "Bytes: on the wire per round."
@@ -203,14 +205,16 @@ def _domain_results(doc: Doc, d: str) -> list[str]:
     results = doc.results
     L = [f"### {d}", ""]
     L.append(
-        "| method | final gen score | best gen score | accuracy | precision | recall | F1 | FPR | "
+        "| method | final gen score | best gen score | classifier FD | accuracy | precision | recall | F1 | FPR | "
         "modelled latency (s/iter) | wall time train (min) | bytes/round |"
     )
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for meth, r in results.items():
         u = r["domains"].get(d, {}).get("utility") or {}
+        fd = r["domains"].get(d, {}).get("classifier_frechet_distance")
         L.append(
-            f"| {label(meth)} | {fmt(final_score(r, d))} | {fmt(best_score(r, d))} | {fmt(u.get('accuracy'))} | "
+            f"| {label(meth)} | {fmt(final_score(r, d))} | {fmt(best_score(r, d))} | {fmt(fd, 1)} | "
+            f"{fmt(u.get('accuracy'))} | "
             f"{fmt(u.get('precision'))} | {fmt(u.get('recall'))} | {fmt(u.get('f1'))} | "
             f"{fmt(u.get('fpr'))} | {fmt(r.get('modelled_latency_s'), 3)} | "
             f"{fmt(r.get('wall_train_s', 0) / 60, 1)} | {fmt_bytes(r.get('bytes_per_round'))} |"

@@ -75,9 +75,12 @@ def paper_base_samples(cfg: RunConfig, dom: DomainConfig) -> int:
 def reduced_scenario(paper: RunConfig, clients_per_domain: int, samples_per_client: int) -> RunConfig:
     """The preset with at most `clients_per_domain` clients per domain, each capped at `samples_per_client` samples
     (never more than the preset's own cap)."""
+    # dataclasses.replace keeps a user domain's path, format and test_fraction.
     doms = tuple(
-        DomainConfig(
-            d.dataset, min(d.clients, clients_per_domain), min(samples_per_client, paper_base_samples(paper, d))
+        dataclasses.replace(
+            d,
+            clients=min(d.clients, clients_per_domain),
+            samples_per_client=min(samples_per_client, paper_base_samples(paper, d)),
         )
         for d in paper.scenario.domains
     )

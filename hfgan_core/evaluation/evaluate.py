@@ -1,4 +1,5 @@
-"""Evaluating the generators of a run: per-domain generation score and utility metrics, and sample grids.
+"""Evaluating the generators of a run: per-domain generation score, classifier Fréchet distance and utility
+metrics, and sample grids.
 
 The runtime (per round) and `hfgan eval --run-dir` (after a run) build one `generate(labels, z)` callable per domain
 from the layers of that domain's cluster, put it in eval mode, and call `evaluate_generators`. Randomness is
@@ -20,9 +21,11 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, RunConfig, TrainConfig
+from .frechet import NAME as FD_NAME
+from .frechet import FeatureStats, feature_stats, frechet_distance, has_features, real_feature_stats
 from .metrics import DEFAULT_GEN_BATCH, GenerateFn, generation_score, sample_generator, utility_metrics
 from .outputs import save_sample_grid
-from .training import Stopwatch
+from .training import Stopwatch, as_tensors
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,12 @@ def evaluate_generators(
     cfg: EvalSettings | RunConfig | TrainConfig,
     *,
     log: Callable[[str], None] | None = None,
+    real_stats: dict[str, FeatureStats] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per domain: {"generation_score": float, "score_s": seconds, "utility": {accuracy, precision, recall, f1, fpr,
-    ...} (when cfg.utility)}.
+    """Per domain: {"generation_score": float, "score_s": seconds, "classifier_frechet_distance": float (when the
+    domain's test set is given), "utility": {accuracy, precision, recall, f1, fpr, ...} (when cfg.utility)}.
+
+    `real_stats` caches each domain's real-test-set feature statistics between calls (filled on first use).
 
     `classifiers[domain]` is the domain's scoring classifier (`load_classifier`; moved to `settings.device`),
     `test_sets[domain]` its real test split (ImageSet-like or (images, labels); only needed for utility). Each
@@ -86,6 +92,8 @@ def evaluate_generators(
         if domain not in classifiers:
             raise ConfigError(f"no scoring classifier for domain {domain!r}")
         classifier = classifiers[domain].to(settings.device)
+        want_fd = test_sets is not None and domain in test_sets and has_features(classifier)
+        feats: list[torch.Tensor] | None = [] if want_fd else None
         with Stopwatch() as sw:
             score = generation_score(
                 generate,
@@ -96,10 +104,19 @@ def evaluate_generators(
                 num_classes=settings.num_classes,
                 z_dim=settings.z_dim,
                 device=settings.device,
+                features=feats,
             )
         entry: dict[str, Any] = {"generation_score": score, "score_s": sw.seconds}
         if log is not None:
             log(f"{domain}: generation score {score:.3f} ({settings.score_samples} samples, {sw.seconds:.1f} s)")
+        if feats is not None and test_sets is not None:
+            cache = real_stats if real_stats is not None else {}
+            if domain not in cache:
+                cache[domain] = real_feature_stats(classifier, as_tensors(test_sets[domain], "test set")[0])
+            fd = frechet_distance(cache[domain], feature_stats(torch.cat(feats)))
+            entry["classifier_frechet_distance"] = fd
+            if log is not None:
+                log(f"{domain}: {FD_NAME} {fd:.3f}")
         if settings.utility:
             if test_sets is None or domain not in test_sets:
                 raise ConfigError(f"no test set for domain {domain!r} (needed for the utility metrics)")

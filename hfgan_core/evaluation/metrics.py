@@ -126,17 +126,28 @@ def generation_score(
     num_classes: int = 10,
     z_dim: int = 100,
     device: str | torch.device | None = None,
+    features: list[torch.Tensor] | None = None,
 ) -> float:
     """exp(E_x KL(p(y|x) || p(y))) over `n_samples` generated samples with uniform random labels (max: num_classes).
 
     `classifier` is the domain's scoring classifier; it runs in eval mode (its mode is restored afterwards).
-    `device` defaults to the classifier's device.
+    `device` defaults to the classifier's device. With a `features` list, the classifier's penultimate activations
+    of the same samples are appended to it (for the classifier Fréchet distance; the logits are computed from them,
+    the same operations as the classifier's forward).
     """
     if n_samples <= 0:
         raise ValueError("n_samples must be positive")
     if device is None:
         device = next(classifier.parameters()).device
     chunks: list[torch.Tensor] = []
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        if features is None:
+            return classifier(x)
+        f = classifier.features(x)
+        features.append(f.detach().cpu())
+        return classifier.fc2(f)
+
     was_training = classifier.training
     classifier.eval()
     try:
@@ -148,7 +159,7 @@ def generation_score(
             num_classes=num_classes,
             z_dim=z_dim,
             device=device,
-            consume=lambda x, _y: chunks.append(torch.log_softmax(classifier(x.to(device)).double(), dim=1).cpu()),
+            consume=lambda x, _y: chunks.append(torch.log_softmax(logits(x.to(device)).double(), dim=1).cpu()),
         )
     finally:
         classifier.train(was_training)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import roles
 from ..config import RunConfig
 from ..model import CutBits
 from ..state import MemoryRoundStore, RoundStore, open_store
@@ -56,6 +57,74 @@ def make_planner(cfg: RunConfig) -> tuple[Callable, Callable]:
         return [CutBits(*c) for c in plan_cuts(costs, eff, server).cuts]
 
     return planner, replanner
+
+
+@dataclass
+class EmbeddedEnv:
+    """What a role's embedded factory (its registry entry's `embedded`) builds its instances from."""
+
+    cfg: RunConfig
+    run_id: str
+    run_dir: Path | None
+    transport: Transport
+    store: RoundStore
+    log: logging.Logger
+    clients: list[ClientData]
+    domains: list[int]
+    aggregators: int = 1
+    on_round_end: Callable[[RoundReport], Any] | None = None
+    on_event: Callable[[str, dict[str, Any]], None] | None = None
+
+    def ctx(self) -> RoleContext:
+        return RoleContext(run=self.run_id, cfg=self.cfg, transport=self.transport, store=self.store, log=self.log)
+
+
+def coordinator_roles(env: EmbeddedEnv) -> list[Role]:
+    planner, replanner = make_planner(env.cfg) if env.cfg.train.cuts == "plan" else (None, None)
+    return [
+        CoordinatorRole(
+            env.ctx(),
+            run_dir=env.run_dir,
+            on_round_end=env.on_round_end,
+            on_event=env.on_event,
+            planner=planner,
+            replanner=replanner,
+        )
+    ]
+
+
+def server_roles(env: EmbeddedEnv) -> list[Role]:
+    return [ServerRole(env.ctx(), run_dir=env.run_dir)]
+
+
+def clustering_roles(env: EmbeddedEnv) -> list[Role]:
+    return [ClusteringRole(env.ctx())]
+
+
+def aggregator_roles(env: EmbeddedEnv) -> list[Role]:
+    return [AggregatorRole(env.ctx(), i) for i in range(env.aggregators)]
+
+
+def client_roles(env: EmbeddedEnv) -> list[Role]:
+    cfg = env.cfg
+    profiles = cfg.devices.client_profiles(len(env.clients))
+    costs = None
+    if cfg.runtime.emulate_devices:  # device emulation (emulation.py): one cost table for every client
+        from ..planning import run_costs
+
+        costs = run_costs(cfg)
+    return [
+        ClientRole(
+            env.ctx(),
+            client=i,
+            domain=env.domains[i],
+            data=d,
+            profile=profiles[i],
+            run_dir=env.run_dir,
+            delay=emulator_for(cfg, i, profiles[i], costs),
+        )
+        for i, d in enumerate(env.clients)
+    ]
 
 
 @dataclass
@@ -136,42 +205,30 @@ class EmbeddedRunner:
         self.progress = progress
         self.log = log or logging.getLogger("hfgan")
 
-        def ctx() -> RoleContext:
-            return RoleContext(run=run_id, cfg=cfg, transport=self.transport, store=self.store, log=self.log)
-
-        planner, replanner = make_planner(cfg) if cfg.train.cuts == "plan" else (None, None)
-        self.coordinator = CoordinatorRole(
-            ctx(),
+        env = EmbeddedEnv(
+            cfg=cfg,
+            run_id=run_id,
             run_dir=self.run_dir,
+            transport=self.transport,
+            store=self.store,
+            log=self.log,
+            clients=clients,
+            domains=domains,
+            aggregators=aggregators,
             on_round_end=on_round_end,
             on_event=progress.event if progress else None,
-            planner=planner,
-            replanner=replanner,
         )
-        self.server = ServerRole(ctx(), run_dir=self.run_dir)
-        self.clustering = ClusteringRole(ctx())
-        self.aggregators = [AggregatorRole(ctx(), i) for i in range(aggregators)]
-        profiles = cfg.devices.client_profiles(len(clients))
-        costs = None
-        if cfg.runtime.emulate_devices:  # device emulation (emulation.py): one cost table for every client
-            from ..planning import run_costs
-
-            costs = run_costs(cfg)
-        self.clients = [
-            ClientRole(
-                ctx(),
-                client=i,
-                domain=domains[i],
-                data=d,
-                profile=profiles[i],
-                run_dir=self.run_dir,
-                delay=emulator_for(cfg, i, profiles[i], costs),
-            )
-            for i, d in enumerate(clients)
-        ]
+        # Every registered role, in registry order (the order they bind and start in, which a memory run's
+        # determinism depends on).
+        self.by_role: dict[str, list[Role]] = {spec.name: spec.load("embedded")(env) for spec in roles.specs()}
+        self.coordinator: CoordinatorRole = self.by_role["coordinator"][0]
+        self.server: ServerRole = self.by_role["server"][0]
+        self.clustering: ClusteringRole = self.by_role["clustering"][0]
+        self.aggregators: list[AggregatorRole] = self.by_role["aggregator"]
+        self.clients: list[ClientRole] = self.by_role["client"]
         if resume_round:
             self._restore(resume_round)
-        self.roles: list[Role] = [self.coordinator, self.server, self.clustering, *self.aggregators, *self.clients]
+        self.roles: list[Role] = [r for built in self.by_role.values() for r in built]
         self.hosts = [RoleHost(r, strict=strict) for r in self.roles]
 
     def _restore(self, round: int) -> None:

@@ -1,9 +1,11 @@
 """What every role shares: its context, the message dispatch loop around it, and its error policy.
 
 A role is message-driven logic (`on_message`, `tick`); `RoleHost` binds it to a transport: it decodes each delivery
-against the kinds the role accepts, drops duplicates by msg_id, calls the role, then acknowledges. A message that
-cannot be used (undecodable, wrong run, wrong shape, unexpected in the role's state) is rejected with its reason,
-which dead-letters it; the worker keeps running.
+against the kinds the role accepts, checks that the sender may send that kind to this role (the authorization table
+of the role registry, roles.py: a client cannot send a server model, end the run or speak for another client), drops
+duplicates by msg_id, calls the role, then acknowledges. A message that cannot be used (undecodable, wrong run,
+unauthorized, wrong shape, unexpected in the role's state) is rejected with its reason, which dead-letters it; the
+worker keeps running.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import roles
 from ..config import RunConfig
 from ..protocol import DEFAULT_LIMITS, Limits, Message, WireError, decode
 from ..state import RoundStore
@@ -93,6 +96,9 @@ class RoleHost:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._dedupe_window = dedupe_window
         self.rejected: Counter[str] = Counter()
+        # The AMQP namespace decides the names of role-bound broker users (`<namespace>-client-3` in a test one).
+        names = getattr(role.ctx.transport, "names", None)
+        self.namespace = getattr(names, "namespace", roles.DEFAULT_NAMESPACE)
 
     def bind(self) -> None:
         for address in self.role.addresses():
@@ -109,9 +115,10 @@ class RoleHost:
         if msg.run != ctx.run:
             self._reject(delivery, f"wrong_run: message for run {msg.run!r}, this worker serves {ctx.run!r}")
             return
-        forged = _forged_sender(delivery.headers.get("user_id"), msg.sender)
-        if forged:
-            self._reject(delivery, forged)
+        # Authorization before any handler runs: may this (broker-vouched) sender send this kind to this role?
+        refused = roles.authorize(msg, self.role.name, delivery.headers.get("user_id"), self.namespace)
+        if refused:
+            self._reject(delivery, refused)
             return
         if msg.msg_id in self._seen:
             delivery.ack()  # a redelivered duplicate of something already handled
@@ -140,23 +147,6 @@ class RoleHost:
         self.rejected[reason.split(":", 1)[0]] += 1
         self.role.ctx.log.warning("%s: rejected a message on %s: %s", self.role.name, delivery.address, reason)
         delivery.reject(reason)
-
-
-def _forged_sender(user: str | None, sender: str) -> str | None:
-    """When the broker vouches for the publishing user (AMQP `user_id`, checked by RabbitMQ against the connection)
-    and that user is one of the role users, the message's self-declared sender must be that role: a client cannot
-    speak for another client or for the server. Other users (guest, administrators, tests) are not role-bound."""
-    if not user:
-        return None
-    if user in ("coordinator", "server", "clustering"):
-        ok = sender == user
-    elif user == "aggregator":
-        ok = sender.startswith("aggregator.")
-    elif user.startswith("client-") and user[7:].isdigit():
-        ok = sender == f"client.{int(user[7:])}"
-    else:
-        return None
-    return None if ok else f"forged_sender: broker user {user!r} sent a message as {sender!r}"
 
 
 class _null:

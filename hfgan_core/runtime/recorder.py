@@ -116,6 +116,8 @@ class RunRecorder:
         ) = None
         self.t0 = time.perf_counter()
         self.settings = EvalSettings.from_config(cfg, utility=False)
+        # Each domain's real-test-set features under its scoring classifier (the Fréchet distance's reference).
+        self.real_stats: dict[str, Any] = {}
 
     def generators(self, report_models, global_model, assignment, cuts) -> dict[str, Any]:
         gens = {}
@@ -147,8 +149,17 @@ class RunRecorder:
             r, every = report.round, self.cfg.train.eval_every
             if r % every == 0 or r == self.cfg.train.rounds:
                 gens = self.generators(report.cluster_models, report.global_model, report.assignment, report.cuts)
-                results = evaluate_generators(gens, self.classifiers, None, self.settings)
+                results = evaluate_generators(
+                    gens, self.classifiers, self.test_sets, self.settings, real_stats=self.real_stats
+                )
                 entry["generation_score"] = {d: res["generation_score"] for d, res in results.items()}
+                fds = {
+                    d: res["classifier_frechet_distance"]
+                    for d, res in results.items()
+                    if "classifier_frechet_distance" in res
+                }
+                if fds:
+                    entry["classifier_frechet_distance"] = fds
                 for d, res in results.items():
                     self.scores.setdefault(d, []).append((r, res["generation_score"]))
                 self._samples(report)
@@ -162,9 +173,10 @@ class RunRecorder:
         self.metrics.append(record)
         scores = record.get("generation_score")
         if scores:
+            fds = record.get("classifier_frechet_distance", {})
             self.log(
                 f"round {report.round}: "
-                + ", ".join(f"{d} score {s:.2f}" for d, s in scores.items())
+                + ", ".join(f"{d} score {s:.2f}" + (f" FD {fds[d]:.1f}" if d in fds else "") for d, s in scores.items())
                 + f" | clusters {_fmt_clusters(report.assignment)} | {report.wall_s:.1f} s"
             )
         return {k: record[k] for k in ("generation_score",) if k in record}
@@ -198,10 +210,13 @@ class RunRecorder:
             models, global_model, assignment, cuts = self.last_models
             gens = self.generators(models, global_model, assignment, cuts)
             settings = EvalSettings.from_config(self.cfg, utility=utility)
-            results = evaluate_generators(gens, self.classifiers, self.test_sets, settings, log=self.log)
+            results = evaluate_generators(
+                gens, self.classifiers, self.test_sets, settings, log=self.log, real_stats=self.real_stats
+            )
             for d, res in results.items():
                 domains[d] = {
                     "generation_score": res["generation_score"],
+                    **{k: res[k] for k in ("classifier_frechet_distance",) if k in res},
                     "cluster": domain_clusters(self.cfg, assignment)[d][0],
                 }
                 if "utility" in res:

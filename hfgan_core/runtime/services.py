@@ -1,5 +1,6 @@
 """Each role as a process of its own: settings, identity, restart and resume. `workers/<role>.py` parse the flags
-and call `serve(WorkerOptions)`; the loop itself is worker.py's.
+and call `serve(WorkerOptions)`, which runs the role's `serve` function as the role registry (roles.py) names it;
+the loop itself is worker.py's.
 
 Settings: flags win over the environment (HFGAN_CONFIG, HFGAN_RUN_ID, HFGAN_BROKER_URL, HFGAN_STATE_URL,
 HFGAN_DATA_DIR, HFGAN_RUN_DIR, HFGAN_DEVICE), which wins over the config file's `[runtime]`. The run id is
@@ -32,15 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import roles
 from ..config import ConfigError, RunConfig, apply_env, load_config
-from ..settings import Settings, check_run_id, redact_url
+from ..settings import Settings, check_run_id
 from . import checkpoint as ckpt
 from . import ledger
 from .host import RoleContext
@@ -61,7 +61,6 @@ from .worker import (
     owner_id,
 )
 
-ROLES = ("coordinator", "server", "clustering", "aggregator", "client")
 ALLOWED_IN_NEW_RUN_DIR = {"logs"}
 log = logging.getLogger("hfgan.worker")
 
@@ -122,8 +121,8 @@ def setup_logging(role: str, level: int = logging.INFO) -> None:
 
 def serve(opts: WorkerOptions, settings: WorkerSettings | None = None) -> int:
     """Run one role as this process until it is done; returns the exit code (worker.EXIT_*)."""
-    if opts.role not in ROLES:
-        log.error("unknown role %r (known: %s)", opts.role, ", ".join(ROLES))
+    if opts.role not in roles.names():
+        log.error("unknown role %r (known: %s)", opts.role, ", ".join(roles.names()))
         return EXIT_CONFIG
     stop = StopFlag().install()
     try:
@@ -133,7 +132,7 @@ def serve(opts: WorkerOptions, settings: WorkerSettings | None = None) -> int:
             import torch
 
             torch.set_num_threads(cfg.runtime.torch_threads)
-        return _SERVE[opts.role](opts, cfg, run_id, settings, stop)
+        return roles.get(opts.role).load("serve")(opts, cfg, run_id, settings, stop)
     except Exception as exc:
         code = classify(exc)
         if code == EXIT_INTERNAL and not isinstance(exc, WorkerExit):
@@ -388,249 +387,6 @@ class _ClientResume:
 def _check_shared(cfg: RunConfig) -> None:
     check_shared("broker", cfg.runtime.broker_url)
     check_shared("state", cfg.runtime.state_url)
-
-
-# -------------------------------------------------------------------------------------------- coordinator
-def check_coordinator_run_dir(run_dir: Path, cfg: RunConfig, known_in_ledger: bool) -> str:
-    """ "new" (an empty directory, or one holding only logs/), "resume" (this run); ConfigError otherwise."""
-    from .recorder import same_run_marker
-
-    marker = same_run_marker(run_dir, cfg, "choose another run directory")
-    if marker is not None:
-        if marker.get("run_id") not in (None, cfg.runtime.run_id):
-            raise ConfigError(f"run directory {run_dir} holds run {marker.get('run_id')!r}, not {cfg.runtime.run_id!r}")
-        return "resume"
-    if known_in_ledger:
-        raise ConfigError(
-            f"run {cfg.runtime.run_id!r} already exists in the state store but {run_dir} does not hold "
-            "it; choose another run id, or point --run-dir at the run's directory"
-        )
-    if run_dir.exists() and any(p.name not in ALLOWED_IN_NEW_RUN_DIR for p in run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} is not empty and holds no hfgan run; choose another one")
-    return "new"
-
-
-class Lease:
-    """The coordinator's leader lease in the ledger."""
-
-    ROLE = "coordinator"
-
-    def __init__(self, store, run: str, owner: str, settings: WorkerSettings):
-        self.store, self.run, self.owner, self.settings = store, run, owner, settings
-        self.held = False
-
-    def acquire(self, stop: StopFlag, standby_ok: bool) -> bool:
-        """Take the lease, waiting as standby as allowed; False if stopped first, WorkerExit if not allowed."""
-        s = self.settings
-        give_up = time.monotonic() + s.lease_ttl_s + s.heartbeat_s
-        announced = False
-        while not stop.requested:
-            if self.store.acquire_leader(self.run, self.ROLE, self.owner, s.lease_ttl_s):
-                self.held = True
-                return True
-            if not announced:
-                log.info(
-                    "coordinator: another coordinator leads run %s; %s",
-                    self.run,
-                    "waiting as its standby"
-                    if standby_ok
-                    else f"waiting up to {s.lease_ttl_s + s.heartbeat_s:.0f} s for its lease to expire",
-                )
-                announced = True
-            if not standby_ok and time.monotonic() > give_up:
-                raise WorkerExit(
-                    EXIT_CONFIG, f"another coordinator leads run {self.run} (pass --standby-ok to wait as its standby)"
-                )
-            self.store.heartbeat(self.run, f"coordinator.standby.{self.owner}", s.heartbeat_ttl_s, "standby")
-            stop.sleep(min(s.heartbeat_s, 1.0))
-        return False
-
-    def renew(self) -> None:
-        if not self.store.acquire_leader(self.run, self.ROLE, self.owner, self.settings.lease_ttl_s):
-            self.held = False
-            raise WorkerExit(EXIT_INTERNAL, f"lost the coordinator lease of run {self.run} to another coordinator")
-
-    def release(self) -> None:
-        if self.held:
-            self.store.release_leader(self.run, self.ROLE, self.owner)
-            self.held = False
-
-
-def _serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
-    from ..data import load_scenario_data
-    from ..evaluation import MetricsLog
-    from .coordinator import CoordinatorRole, RoundReport
-    from .embedded import make_planner
-    from .recorder import RunRecorder, ensure_classifiers, write_run_marker
-    from .train import modelled_latency
-
-    rt = cfg.runtime
-    run_dir = Path(rt.run_dir)
-    _check_shared(cfg)
-    store = open_state(rt.state_url, settings)
-    transport = None
-    lease = Lease(store, run_id, owner_id(), settings)
-    try:
-
-        def say(line: str) -> None:
-            log.info("coordinator: %s", line)
-
-        # The slow part first (a standby is then ready the moment it takes over).
-        data = load_scenario_data(cfg, allow_synthetic_fallback=opts.allow_fallback)
-        for notice in data.notices:
-            log.warning("coordinator: NOTICE: %s", notice)
-        classifiers = ensure_classifiers(cfg, data.train_sets, data.test_sets, data.sources, log=say)
-        if not lease.acquire(stop, opts.standby_ok):
-            return EXIT_OK
-        log.info("coordinator: leading run %s as %s", run_id, lease.owner)
-        # The broker only now: a standby holds no idle connection (and no consumer) while it waits.
-        transport = open_broker(rt.broker_url, settings, "coordinator")
-
-        info = store.run_info(run_id)
-        mode = check_coordinator_run_dir(run_dir, cfg, info is not None)
-        if info is not None and info.get("digest") != cfg.digest():
-            raise ConfigError(f"run {run_id!r} exists in the state store with a different configuration")
-        if info is not None and info.get("status") == "finished":
-            log.info("coordinator: run %s already finished", run_id)
-            return EXIT_OK
-        if mode == "new":
-            write_run_marker(run_dir, cfg, run_id)
-        r, phase = store.get_round(run_id) if info is not None else (0, "admitting")
-        resume_from = (r if phase == "done" else max(r - 1, 0)) if info is not None else 0
-        blob = None
-        if mode == "resume" and info is None:
-            done = ckpt.complete_rounds(run_dir)
-            resume_from = done[-1] if done else 0
-        if resume_from:
-            path = ckpt.round_dir(run_dir, resume_from) / "coordinator.pt"
-            if path.is_file():
-                blob = ckpt.load_checkpoint(path, role="coordinator")
-        if info is not None or mode == "resume":
-            MetricsLog(run_dir).drop_after(resume_from)  # records of a round that is being redone
-        recorder = RunRecorder(
-            cfg, run_dir, test_sets=data.test_sets, classifiers=classifiers, log=say, resume_from=resume_from
-        )
-        if blob is not None and blob["extra"].get("aggregated", True):
-            # The models the final evaluation uses until a round ends in this process.
-            recorder.last_models = ckpt.models_from_checkpoint(blob)
-        planner, replanner = make_planner(cfg) if cfg.train.cuts == "plan" else (None, None)
-
-        def on_round_end(report: RoundReport):
-            return recorder.on_round_end(report)
-
-        def on_event(event: str, detail: dict[str, Any]) -> None:
-            if event in (
-                "admitting",
-                "admitted",
-                "started",
-                "closing",
-                "aggregating",
-                "done",
-                "finished",
-                "resumed",
-                "skipped",
-                "replanned",
-            ):
-                log.info(
-                    "coordinator: round %s %s %s",
-                    detail.get("round"),
-                    event,
-                    " ".join(f"{k}={v}" for k, v in detail.items() if k != "round"),
-                )
-
-        ctx = _context(cfg, run_id, transport, store)
-        role = CoordinatorRole(
-            ctx, run_dir=run_dir, on_round_end=on_round_end, on_event=on_event, planner=planner, replanner=replanner
-        )
-        if info is not None:
-            # A run stopped on purpose gets its round deadline again; after a crash the deadline continues.
-            role.resume_from_ledger(blob, restart_deadline=info.get("status") == "stopped")
-        elif blob is not None:
-            role.restore(blob)  # the ledger lost the run: carry on from the checkpoint, as `train --resume`
-            log.info("coordinator: resuming run %s from the checkpoint of round %d", run_id, resume_from)
-        sizes = ", ".join(str(len(s.indices)) for s in data.shards)
-        log.info(
-            "coordinator: run %s: %d clients (%s samples), %d rounds, broker %s, state %s",
-            run_id,
-            cfg.scenario.total_clients,
-            sizes,
-            cfg.train.rounds,
-            redact_url(rt.broker_url),
-            redact_url(rt.state_url),
-        )
-
-        loop = WorkerLoop(
-            role,
-            settings,
-            stop,
-            info=lambda: f"leader {lease.owner} {_round_info(role)}",
-            on_beat=lease.renew,
-            watch_run_status=False,
-        )
-        reason = loop.run()
-        if reason != "finished":
-            if role.phase != "finished":
-                store.set_status(run_id, "stopped")
-            log.info("coordinator: stopped in round %d (%s)", role.round, role.phase)
-            return EXIT_OK
-        lease.release()
-        close_quietly(transport)
-        transport = None
-        summary = finalize_run(
-            cfg, store, run_id, recorder, role, data, utility=opts.utility, latency=modelled_latency(cfg, role.cuts)
-        )
-        log.info(
-            "coordinator: run %s finished; summary in %s (%s)",
-            run_id,
-            run_dir / "summary.json",
-            ", ".join(f"{d}: score {v.get('generation_score', math.nan):.3f}" for d, v in summary["domains"].items()),
-        )
-        return EXIT_OK
-    finally:
-        try:
-            lease.release()
-        except Exception as exc:  # the lease expires by itself
-            log.debug("release_leader: %s", exc)
-        close_quietly(transport, store)
-
-
-def finalize_run(
-    cfg: RunConfig, store, run_id: str, recorder, role, data, *, utility: bool, latency: float | None
-) -> dict[str, Any]:
-    """summary.json as `hfgan train` writes it, with what the ledger knows of the whole run."""
-    rounds = range(1, role.round + 1)
-    window_s = []
-    for r in rounds:
-        server = store.get_metrics(run_id, r).get("server", {})
-        if server.get("window_s"):
-            window_s.append(server["window_s"])
-    traffic = store.get_metrics(run_id, 0)
-    bytes_sent = sum(int(m.get("bytes_sent", 0)) for who, m in traffic.items() if who.startswith("traffic."))
-    messages = sum(int(m.get("messages_sent", 0)) for who, m in traffic.items() if who.startswith("traffic."))
-    bytes_sent += sum(role.bytes_sent.values())  # the coordinator's own, reported at its exit otherwise
-    extra = {
-        "run_id": run_id,
-        "cuts": {str(c): str(b) for c, b in sorted(role.cuts.items())},
-        "measured_step_s": sum(window_s) / len(window_s) if window_s else None,
-        "round_wall_s": [rec.get("wall_s") for rec in recorder.metrics.records],
-        "messages_sent": messages + sum(role.messages_sent.values()),
-        "data_sources": data.sources,
-        "data_digests": data.digests,
-        "notices": data.notices,
-        "runtime": "workers",
-    }
-    if utility:
-        log.info("coordinator: final evaluation: generation score and utility metrics per domain ...")
-    return recorder.finalize(modelled_latency_s=latency, bytes_sent=bytes_sent, utility=utility, extra=extra)
-
-
-_SERVE = {
-    "coordinator": _serve_coordinator,
-    "server": _serve_server,
-    "clustering": _serve_clustering,
-    "aggregator": _serve_aggregator,
-    "client": _serve_client,
-}
 
 
 def options_from_args(role: str, args: Any) -> WorkerOptions:

@@ -3,9 +3,10 @@
     hfgan up --config PRESET_OR_TOML [--clients N] [--aggregators M] [--broker amqp://...] [--state redis://...]
              [--run-dir R] [--run-id ID] [every option of `hfgan train`]
 
-Starts `python -m workers.<role>` for the coordinator, the server, the clustering service, M aggregators and N
-clients, with the environment compose.yaml gives them (HFGAN_CONFIG, HFGAN_RUN_ID, HFGAN_BROKER_URL,
-HFGAN_STATE_URL, HFGAN_DATA_DIR, HFGAN_RUN_DIR), hosts on 127.0.0.1. The configuration, options applied, is written
+Starts the worker of every registered role (roles.py: `python -m workers.<role>` for the coordinator, the server,
+the clustering service, M aggregators and N clients, and one process of any other registered role), with the
+environment compose.yaml gives them (HFGAN_CONFIG, HFGAN_RUN_ID, HFGAN_BROKER_URL, HFGAN_STATE_URL,
+HFGAN_DATA_DIR, HFGAN_RUN_DIR), hosts on 127.0.0.1. The configuration, options applied, is written
 to `R/logs/up-config.toml` and every worker reads that file. Each worker logs to `R/logs/<role>.log`. Progress comes
 from the ledger (a line per phase of each round, arrivals as they come). The coordinator writes the run directory,
 as `hfgan train` does; once it exits the other workers get SIGTERM. Ctrl-C stops every worker (SIGTERM, then
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from .. import roles
 from ..config import ConfigError, RunConfig, dump_toml
 from ..settings import DEFAULT_BROKER_URL, DEFAULT_STATE_URL, Settings, check_run_id, redact_url
 
@@ -196,12 +198,24 @@ class Up:
         return env
 
     def _broker_for(self, role: str) -> str | None:
-        if not self.args.role_users:
+        """With --role-users: the role's broker user and its development password (`<user>-dev`); `{slot}` is a
+        client's slot, filled in by the client once it has one."""
+        user = roles.get(role).broker_user
+        if not self.args.role_users or user is None:
             return None
-        base = self.cfg.runtime.broker_url
-        if role == "client":
-            return role_url(base, "client-{slot}", "client-{slot}-dev")
-        return role_url(base, role, f"{role}-dev")
+        user = user.replace("{n}", "{slot}")
+        return role_url(self.cfg.runtime.broker_url, user, f"{user}-dev")
+
+    def processes(self, spec: roles.RoleSpec) -> list[tuple[str, list[str]]]:
+        """(name, flags) of each process of a role (its registry entry's `instances`)."""
+        if spec.instances == "coordinator":
+            standby = [(f"{spec.name}.standby", ["--standby-ok"])] if self.args.standby else []
+            return [(spec.name, []), *standby]
+        if spec.instances == "aggregators":
+            return [(f"{spec.name}.{i}", ["--index", str(i)]) for i in range(self.args.aggregators)]
+        if spec.instances == "clients":
+            return [(f"{spec.name}.{i}", []) for i in range(self.n_clients)]
+        return [(spec.name, [])]
 
     def spawn(self, name: str, role: str, flags: list[str], env: dict[str, str]) -> Proc:
         path = self.log_dir / f"{name}.log"
@@ -212,7 +226,7 @@ class Up:
             env["HFGAN_BROKER_URL"] = url
         # A session of its own: the terminal's Ctrl-C reaches `up` only, which stops the workers in order.
         popen = subprocess.Popen(
-            [sys.executable, "-m", f"workers.{role}", *flags],
+            [sys.executable, "-m", roles.get(role).worker_module, *flags],
             env=env,
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -229,20 +243,14 @@ class Up:
         cfg = self.cfg.with_overrides("runtime", run_id=self.run_id, run_dir=str(self.run_dir))
         self.config_path.write_text(dump_toml(cfg.redacted()))  # the workers get the URLs from their environment
         env = self.environment()
-        self.coordinator = self.spawn("coordinator", "coordinator", [], env)
-        self.coordinators = [self.coordinator]
-        if self.args.standby:
-            self.coordinators.append(self.spawn("coordinator.standby", "coordinator", ["--standby-ok"], env))
-        self.spawn("server", "server", [], env)
-        self.spawn("clustering", "clustering", [], env)
-        for i in range(self.args.aggregators):
-            self.spawn(f"aggregator.{i}", "aggregator", ["--index", str(i)], env)
-        for i in range(self.n_clients):
-            self.spawn(f"client.{i}", "client", [], env)
-        self.say(
-            f"run {self.run_id}: started {len(self.procs)} workers (coordinator, server, clustering, "
-            f"{self.args.aggregators} aggregator(s), {self.n_clients} client(s)); logs in {self.log_dir}"
-        )
+        started = []
+        for spec in roles.specs():
+            procs = [self.spawn(name, spec.name, flags, env) for name, flags in self.processes(spec)]
+            if spec.instances == "coordinator":
+                self.coordinators = procs  # the run goes on while one of them lives
+            started.append(f"{len(procs)} {spec.name}")
+        self.coordinator = self.coordinators[0]
+        self.say(f"run {self.run_id}: started {len(self.procs)} workers ({', '.join(started)}); logs in {self.log_dir}")
 
     # ---------------------------------------------------------------------------------------------- watch
     def _on_signal(self, signum: int, frame: Any) -> None:

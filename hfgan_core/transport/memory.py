@@ -7,6 +7,7 @@ All state lives on the instance.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import itertools
 import time
@@ -30,6 +31,7 @@ class _Queued:
     seq: int
     body: bytes
     redelivered: bool = False
+    user: str | None = None
 
 
 def _topic_match(pattern: str, key: str) -> bool:
@@ -64,6 +66,14 @@ class MemoryTransport(Transport):
         self.published_messages = 0
         # Optional observer of every publish (address, body): the privacy test's spy.
         self.spy = None
+        self.user: str | None = None  # the publishing user of this view (as_user)
+
+    def as_user(self, user: str) -> MemoryTransport:
+        """A view of the same queues whose publishes carry `user_id=user`, as those of a broker connection logged
+        in as `user` do (RabbitMQ validates the property): how tests speak as a client or a role user."""
+        view = copy.copy(self)  # shares every queue, handler and list; only `user` differs
+        view.user = user
+        return view
 
     # ---------------------------------------------------------------------------------------------- topology
     def declare(self) -> None:
@@ -98,7 +108,7 @@ class MemoryTransport(Transport):
             if len(q) >= self.max_queue:
                 self._dead.append(DeadLetter(name, body, "queue_full"))
                 continue
-            q.append(_Queued(next(self._seq), body))
+            q.append(_Queued(next(self._seq), body, user=self.user))
 
     # ------------------------------------------------------------------------------------------------ consume
     def consume(self, address: str, handler: Handler, *, prefetch: int = 1) -> None:
@@ -176,7 +186,8 @@ class MemoryTransport(Transport):
             if how == "reject":
                 self._dead.append(DeadLetter(address, item.body, reason or "rejected"))
 
-        delivery = Delivery(item.body, address, redelivered=item.redelivered, _settle=settle)
+        headers = {"user_id": item.user} if item.user else {}
+        delivery = Delivery(item.body, address, redelivered=item.redelivered, headers=headers, _settle=settle)
         self._handlers[name](delivery)
 
     # ---------------------------------------------------------------------------------------------------- log

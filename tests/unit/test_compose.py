@@ -19,20 +19,17 @@ from typing import Any
 
 import pytest
 
+from hfgan_core import roles
 from hfgan_core.cli import build_parser
 from hfgan_core.transport.amqp import check_password_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 DEFINITIONS = ROOT / "broker_config" / "definitions.json"
-ROLES = ("coordinator", "server", "clustering", "aggregator", "client")
+# Every built-in role is a compose service (the role registry's; a test-only role registered later is not).
+ROLES = roles.BUILTIN_ROLES
 # The queue each role consumes; its broker user must be allowed to read it.
-ROLE_QUEUE = {
-    "coordinator": "hfgan.coordinator",
-    "server": "hfgan.server",
-    "clustering": "hfgan.clustering",
-    "aggregator": "hfgan.aggregate",
-}
+ROLE_QUEUE = {s.name: f"hfgan.{s.address()}" for s in roles.BUILTIN if s in tuple(roles.iter_broker_roles())}
 _YAML_TO_JSON = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
 
 
@@ -126,7 +123,7 @@ def test_every_role_runs_its_worker_module(stack):
     services = stack["services"]
     for role in ROLES:
         assert role in services, f"no {role} service"
-        assert services[role]["command"] == ["python", "-m", f"workers.{role}"]
+        assert services[role]["command"] == ["python", "-m", roles.get(role).worker_module]
     images = {services[r].get("image") for r in ROLES}
     assert len(images) == 1 and None not in images, f"the workers must share one image, not {images}"
     assert all(services[r].get("build") for r in ROLES), "every worker service can build the image"

@@ -14,9 +14,9 @@ from typing import Any
 from .topology import (
     ADMIN_PERMISSIONS,
     DEFAULT_NAMESPACE,
-    ROLES,
     Names,
     _definition_entities,
+    broker_roles,
     client_permissions,
     client_username,
     role_permissions,
@@ -115,7 +115,7 @@ DEV_CLIENTS = 4
 
 
 def dev_role_passwords() -> dict[str, str]:
-    return {role: f"{role}-dev" for role in ROLES}
+    return {role: f"{role}-dev" for role in broker_roles()}
 
 
 def dev_client_passwords(n: int = DEV_CLIENTS) -> dict[int, str]:

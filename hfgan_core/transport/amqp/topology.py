@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ... import roles
 from ..base import (
     AGGREGATE,
     CLUSTERING,
@@ -184,11 +185,10 @@ def role_permissions(names: Names) -> dict[str, dict[str, str]]:
     client_q = re.escape(n.namespace) + r"\.client\.\d+"
     configure = _alt(*ex, *static_q, patterns=(client_q,)) + "|" + _SERVER_NAMED
     write = configure
+    # What each role consumes, and the streams and queues it reads besides: its role registry entry (roles.py).
     reads = {
-        "coordinator": [n.queue(COORDINATOR), n.updates, n.dead],
-        "server": [n.queue(SERVER)],
-        "clustering": [n.queue(CLUSTERING)],
-        "aggregator": [n.queue(AGGREGATE), n.updates],
+        spec.name: [n.queue(a) for a in spec.addresses] + [getattr(n, extra) for extra in spec.broker_reads]
+        for spec in roles.iter_broker_roles()
     }
     return {
         role: {"configure": configure, "write": write, "read": _alt(*ex, *qs) + "|" + _SERVER_NAMED}
@@ -200,7 +200,7 @@ def client_permissions(names: Names, client: int) -> dict[str, str]:
     """A client may configure and read only its own queue (and its event subscriptions), publish to the split,
     work, events, log and dead-letter exchanges, and read (bind from) only the events exchange. Without read on
     `<ns>.split` it cannot bind a queue of its own to another client's routing key."""
-    own = names.queue(f"client.{int(client)}")
+    own = names.queue(roles.get("client").address(int(client)))
     return {
         "configure": _alt(own) + "|" + _SERVER_NAMED,
         "write": _alt(names.split, names.work, names.events, names.log, names.dlx) + "|" + _SERVER_NAMED,
@@ -211,7 +211,12 @@ def client_permissions(names: Names, client: int) -> dict[str, str]:
 ADMIN_PERMISSIONS = {"configure": ".*", "write": ".*", "read": ".*"}
 
 
-ROLES = ("coordinator", "server", "clustering", "aggregator")
+ROLES = tuple(s.name for s in roles.iter_broker_roles())  # the built-in roles with broker users of their own
+
+
+def broker_roles() -> tuple[str, ...]:
+    """Every registered role with a broker user of its own (roles.py), now."""
+    return tuple(s.name for s in roles.iter_broker_roles())
 
 
 def role_username(role: str, namespace: str = DEFAULT_NAMESPACE) -> str:
