@@ -199,6 +199,7 @@ def test_rerun_skips_finished_methods_and_refuses_other_settings(full_bench, ben
 # Baselines
 
 
+@pytest.mark.slow
 def test_fedgan_average_is_the_weighted_mean_loaded_by_every_client(tmp_path):
     cfg = tiny_cfg(tmp_path)
     gans = [UnsplitGAN(cfg, seed=s) for s in (1, 2, 3)]

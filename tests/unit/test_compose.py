@@ -129,6 +129,7 @@ def test_every_role_runs_its_worker_module(stack):
     assert all(services[r].get("build") for r in ROLES), "every worker service can build the image"
 
 
+@pytest.mark.slow
 def test_workers_wait_for_healthy_broker_and_ledger(stack):
     for role in ROLES:
         deps = _depends(stack["services"][role])

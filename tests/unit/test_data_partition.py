@@ -122,6 +122,7 @@ def test_noniid_client_keeps_its_share_minus_excluded_labels_when_under_the_cap(
     assert any(s.excluded_labels for s in shards) and any(not s.excluded_labels for s in shards)
 
 
+@pytest.mark.slow
 def test_partition_is_deterministic_and_seeded():
     a, _ = _many("noniid", seed=42)
     b, _ = _many("noniid", seed=42)

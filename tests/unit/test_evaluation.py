@@ -301,6 +301,7 @@ def test_class_grid_has_one_row_per_class(tmp_path):
         assert abs(int(px[2 + 30 * r + 10, 2 + 30 * 2 + 10]) - expected) <= 1
 
 
+@pytest.mark.slow
 def test_plot_scores_writes_a_png(tmp_path):
     path = plot_scores(
         {"MNIST": [(1, 2.0), (2, 3.5), (3, float("nan"))], "FashionMNIST": [(1, 1.5)]}, tmp_path / "scores.png"
