@@ -209,7 +209,7 @@ class Run:
                 raise AssertionError(f"{name} did not exit after the run ended\n" + self.tails()) from None
         return codes
 
-    def hfgan(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    def hfgan(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "hfgan_core.cli", *args],
             env=self.env,
@@ -796,15 +796,15 @@ def test_a_killed_server_and_a_killed_coordinator_restart_and_the_run_continues(
         info = run.store.alive(run.run).get("server", "")
         return run.round_phase() == (2, "training") and "round 2 training" in info and int(info.split()[-1]) >= 1
 
-    run.wait("the server in the middle of round 2", server_mid_round_2, timeout=240, poll=0.1)
+    run.wait("the server in the middle of round 2", server_mid_round_2, timeout=600, poll=0.1)
     run.kill("server")
     run.start("server", "server")
-    run.wait("the restarted server rejoining round 2", lambda: "rejoined round 2" in run.log("server"), timeout=120)
+    run.wait("the restarted server rejoining round 2", lambda: "rejoined round 2" in run.log("server"), timeout=600)
     assert "restored" in run.log("server") and "round_0001/server.pt (round 1)" in run.log("server")
 
     # 2. SIGKILL the coordinator while round 3 trains, then start a new one: it takes the lease once the dead one's
     # expires and resumes round 3 from the ledger.
-    run.wait("round 3 training", lambda: run.round_phase() == (3, "training"), timeout=240)
+    run.wait("round 3 training", lambda: run.round_phase() == (3, "training"), timeout=600)
     run.kill("coordinator")
     run.start("coordinator", "coordinator")
 

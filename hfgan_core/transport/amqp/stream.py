@@ -58,8 +58,9 @@ class _UpdateLog:
                 if follow_s is not None:
                     now = time.monotonic()
                     if flow["until"] is None:
-                        # As long as the first record took, at least: a busy broker delivers the rest slower too.
-                        flow["until"] = now + max(follow_s, now - flow["start"])
+                        # Ten times as long as the first record took, at least: a busy broker delivers the rest of
+                        # the last chunk (a whole chunked update, often) slower too, and the tail must reach its end.
+                        flow["until"] = now + max(follow_s, 10 * (now - flow["start"]))
                     elif now >= flow["until"]:
                         flow["ack"] = False
                 if flow["ack"]:
