@@ -30,7 +30,16 @@ DEFAULT_NAMESPACE = "hfgan"
 DEFAULT_DATA_DIR = "data"
 FILE_SUFFIX = "_FILE"
 # The `[runtime]` fields of a RunConfig that the environment may override (containers).
-RUNTIME_FIELDS = ("broker_url", "state_url", "data_dir", "run_dir", "run_id", "device", "server_device")
+RUNTIME_FIELDS = (
+    "broker_url",
+    "state_url",
+    "data_dir",
+    "run_dir",
+    "run_id",
+    "device",
+    "server_device",
+    "tensorboard_dir",
+)
 _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
 
@@ -72,6 +81,10 @@ VARIABLES: tuple[Var, ...] = (
     Var("HFGAN_PROVISION_SECRET", "provision_secret", help="secret client broker passwords are derived from"),
     Var("HFGAN_REFERENCE_DIR", "reference_dir", help="bench: the reference implementation's directory"),
     Var("HFGAN_TEST_AGGREGATOR_HOLD", "test_aggregator_hold", help="fault tests only: <round>:<seconds>"),
+    Var("HFGAN_METRICS_PORT", "metrics_port", int, "workers: serve Prometheus metrics on this port (off)"),
+    Var("HFGAN_METRICS_ADDR", "metrics_addr", help="workers: the metrics address (127.0.0.1)"),
+    Var("HFGAN_METRICS_LINGER_S", "metrics_linger_s", float, "workers: serve the final metrics this long (0)"),
+    Var("HFGAN_TENSORBOARD_DIR", "tensorboard_dir", help="TensorBoard event files of the run (off)"),
 )
 
 
@@ -97,6 +110,10 @@ def _typed(var: Var, text: str) -> object:
         if low in _TRUE or low in _FALSE:
             return low in _TRUE
         raise ConfigError(f"{var.name}: expected 1/true/yes or 0/false/no, not {text!r}")
+    if var.kind is int:
+        if not text.strip().isdigit() or not 0 < int(text) < 65536:
+            raise ConfigError(f"{var.name}={text!r} is not a port number (1-65535)")
+        return int(text)
     if var.kind is float:
         try:
             value = float(text)
@@ -134,6 +151,10 @@ class Settings:
     provision_secret: str | None = None
     reference_dir: str | None = None
     test_aggregator_hold: str | None = None
+    metrics_port: int | None = None
+    metrics_addr: str | None = None
+    metrics_linger_s: float | None = None
+    tensorboard_dir: str | None = None
 
     def __repr__(self) -> str:  # URLs and secrets never reach a log through a repr
         shown = []

@@ -53,6 +53,7 @@ class QueueLimits:
     aggregate_bytes: int = 64 * MIB
     client_bytes: int = 256 * MIB
     dead_bytes: int = 1 * GIB
+    other_bytes: int = 512 * MIB  # the queue of a role added to the registry (roles.py)
     client_max_connections: int = 4  # one transport, plus reconnects the broker has not noticed yet
     client_max_channels: int = 64  # a transport opens one per consumer, plus publishing and declaring
 
@@ -64,7 +65,7 @@ class QueueLimits:
             COORDINATOR: self.coordinator_bytes,
             CLUSTERING: self.clustering_bytes,
             AGGREGATE: self.aggregate_bytes,
-        }[address]
+        }.get(address, self.other_bytes)
 
     def client_user_limits(self) -> dict[str, int]:
         """The `limits` of a client user in a definitions document (rabbitmqctl set_user_limits' keys)."""
@@ -73,8 +74,15 @@ class QueueLimits:
 
 DEFAULT_QUEUE_LIMITS = QueueLimits()
 
+
+def single_consumer(address: str) -> bool:
+    """Whether `address`'s queue has one active consumer (`x-single-active-consumer`) rather than competing ones:
+    the consumer mode of the role that consumes it (role registry, roles.py)."""
+    return not any(address in s.addresses and s.consumer == "competing" for s in roles.specs())
+
+
 # Addresses whose queue has competing consumers: a chunked message could be split between them.
-NO_CHUNK_ADDRESSES = frozenset({AGGREGATE})
+NO_CHUNK_ADDRESSES = frozenset(a for s in roles.BUILTIN if s.consumer == "competing" for a in s.addresses)
 _SINGLE_CONSUMER = (SERVER, COORDINATOR, CLUSTERING)
 _WORK_KEYS = (COORDINATOR, CLUSTERING, AGGREGATE)
 
@@ -136,14 +144,14 @@ class Names:
 
     def work_queue_args(self, address: str) -> dict[str, Any]:
         """Arguments of the queue of a point-to-point address: dead letters to the DLX, bounded in bytes (a full
-        queue refuses publishes), a single active consumer except for `aggregate` (competing consumers)."""
+        queue refuses publishes), a single active consumer unless its role's consumers compete (`aggregate`)."""
         args: dict[str, Any] = {
             "x-queue-type": "classic",
             "x-dead-letter-exchange": self.dlx,
             "x-max-length-bytes": self.limits.queue_bytes(address),
             "x-overflow": "reject-publish",
         }
-        if address != AGGREGATE:
+        if single_consumer(address):
             args["x-single-active-consumer"] = True
         return args
 
