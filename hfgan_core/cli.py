@@ -43,6 +43,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-device", help="torch device of the split server (default: --device)")
     p.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), help="activation/gradient precision")
     p.add_argument("--threads", type=int, help="torch CPU threads (1: bit-reproducible from the seed)")
+    p.add_argument(
+        "--tensorboard", metavar="DIR", help="write per-round scalars and sample grids for TensorBoard to DIR"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--aggregators", type=int, default=1, help="aggregator roles (embedded)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    from .runtime import dashboard as dashboard_cli
     from .runtime import replay as replay_cli
     from .runtime import status as status_cli
     from .runtime import up as up_cli
@@ -74,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     up_cli.add_parser(sub, _run_options)
     status_cli.add_parser(sub)
     replay_cli.add_parser(sub)
+    dashboard_cli.add_parser(sub)
 
     ev = eval_cli.add_parser(sub)
     ev.add_argument("--run-dir", help="evaluate a finished run: final generation score and utility per domain")
@@ -109,6 +114,7 @@ def load_run_config(args: argparse.Namespace) -> RunConfig:
         device=args.device,
         server_device=args.server_device,
         torch_threads=args.threads,
+        tensorboard_dir=args.tensorboard,
     )
     if getattr(args, "synthetic", False):
         import dataclasses
@@ -180,6 +186,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status.run(args)
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .runtime import dashboard
+
+    return dashboard.run(args)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .runtime import replay
 
@@ -198,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     handlers = {"train": cmd_train, "eval": cmd_eval, "up": cmd_up, "status": cmd_status, "replay": cmd_replay}
+    handlers["dashboard"] = cmd_dashboard
     try:
         if args.command in handlers:
             return handlers[args.command](args)

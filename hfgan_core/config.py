@@ -311,6 +311,8 @@ class RuntimeConfig:
     torch_threads: int | None = None
     # Complete per-round checkpoints kept in the run directory (older ones are deleted); 0 keeps them all.
     keep_checkpoints: int = 3
+    # Per-round scalars and sample grids for TensorBoard (tensorboard.py), written by whoever records the run.
+    tensorboard_dir: str | None = None
 
     @property
     def resolved_server_device(self) -> str:

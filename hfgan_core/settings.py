@@ -30,7 +30,16 @@ DEFAULT_NAMESPACE = "hfgan"
 DEFAULT_DATA_DIR = "data"
 FILE_SUFFIX = "_FILE"
 # The `[runtime]` fields of a RunConfig that the environment may override (containers).
-RUNTIME_FIELDS = ("broker_url", "state_url", "data_dir", "run_dir", "run_id", "device", "server_device")
+RUNTIME_FIELDS = (
+    "broker_url",
+    "state_url",
+    "data_dir",
+    "run_dir",
+    "run_id",
+    "device",
+    "server_device",
+    "tensorboard_dir",
+)
 _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
 
@@ -63,6 +72,7 @@ VARIABLES: tuple[Var, ...] = (
     Var("HFGAN_HEARTBEAT_TTL_S", "heartbeat_ttl_s", float, "a heartbeat's lifetime (10)"),
     Var("HFGAN_LEASE_TTL_S", "lease_ttl_s", float, "the coordinator lease's lifetime (15)"),
     Var("HFGAN_CONNECT_TIMEOUT_S", "connect_timeout_s", float, "how long broker and state are retried (60)"),
+    Var("HFGAN_HEALTH_FILE", "health_file", help="a file the worker rewrites with every heartbeat (health checks)"),
     Var("HFGAN_STANDBY_OK", "standby_ok", bool, "coordinator: wait as standby while another leads"),
     Var("HFGAN_NO_UTILITY", "no_utility", bool, "coordinator: skip the final utility metrics"),
     Var("HFGAN_NO_FALLBACK", "no_fallback", bool, "no synthetic stand-in for a missing dataset"),
@@ -72,6 +82,10 @@ VARIABLES: tuple[Var, ...] = (
     Var("HFGAN_PROVISION_SECRET", "provision_secret", help="secret client broker passwords are derived from"),
     Var("HFGAN_REFERENCE_DIR", "reference_dir", help="bench: the reference implementation's directory"),
     Var("HFGAN_TEST_AGGREGATOR_HOLD", "test_aggregator_hold", help="fault tests only: <round>:<seconds>"),
+    Var("HFGAN_METRICS_PORT", "metrics_port", int, "workers: serve Prometheus metrics on this port (off)"),
+    Var("HFGAN_METRICS_ADDR", "metrics_addr", help="workers: the metrics address (127.0.0.1)"),
+    Var("HFGAN_METRICS_LINGER_S", "metrics_linger_s", float, "workers: serve the final metrics this long (0)"),
+    Var("HFGAN_TENSORBOARD_DIR", "tensorboard_dir", help="TensorBoard event files of the run (off)"),
 )
 
 
@@ -97,6 +111,10 @@ def _typed(var: Var, text: str) -> object:
         if low in _TRUE or low in _FALSE:
             return low in _TRUE
         raise ConfigError(f"{var.name}: expected 1/true/yes or 0/false/no, not {text!r}")
+    if var.kind is int:
+        if not text.strip().isdigit() or not 0 < int(text) < 65536:
+            raise ConfigError(f"{var.name}={text!r} is not a port number (1-65535)")
+        return int(text)
     if var.kind is float:
         try:
             value = float(text)
@@ -125,6 +143,7 @@ class Settings:
     heartbeat_ttl_s: float | None = None
     lease_ttl_s: float | None = None
     connect_timeout_s: float | None = None
+    health_file: str | None = None
     standby_ok: bool = False
     no_utility: bool = False
     no_fallback: bool = False
@@ -134,6 +153,10 @@ class Settings:
     provision_secret: str | None = None
     reference_dir: str | None = None
     test_aggregator_hold: str | None = None
+    metrics_port: int | None = None
+    metrics_addr: str | None = None
+    metrics_linger_s: float | None = None
+    tensorboard_dir: str | None = None
 
     def __repr__(self) -> str:  # URLs and secrets never reach a log through a repr
         shown = []

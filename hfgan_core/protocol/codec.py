@@ -53,6 +53,7 @@ class Limits:
     max_tensor_elements: int = 64 * 1024 * 1024
     max_total_elements: int = 128 * 1024 * 1024
     max_depth: int = 8
+    max_dims: int = 8
     max_collection: int = 100_000
     allowed_dtypes: frozenset[str] = frozenset({"float32", "float16", "bfloat16", "int64"})
 
@@ -81,15 +82,25 @@ def tensor_from_wire(obj: dict, limits: Limits, where: str) -> torch.Tensor:
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
     if not isinstance(dtype, str) or dtype not in TORCH_DTYPES or dtype not in limits.allowed_dtypes:
         raise WireError("bad_dtype", f"{where}: dtype {dtype!r} is not allowed")
-    if not isinstance(shape, list) or len(shape) > 8 or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise WireError("malformed", f"{where}: shape must be a list of at most 8 non-negative integers")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > limits.max_dims
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+    ):
+        raise WireError("malformed", f"{where}: shape must be a list of at most {limits.max_dims} integers >= 0")
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireError("malformed", f"{where}: data must be bytes")
-    n = 1
+    # Each dimension and the product of the non-zero ones are bounded, so an empty tensor cannot claim a shape
+    # (e.g. [0, 2**64-1]) that torch refuses to build.
+    cap = limits.max_tensor_elements
+    n, extent = 1, 1
     for s in shape:
+        if s > cap:
+            raise WireError("too_large", f"{where}: dimension {s} exceeds the limit of {cap}")
         n *= s
-    if n > limits.max_tensor_elements:
-        raise WireError("too_large", f"{where}: {n} elements exceed the limit of {limits.max_tensor_elements}")
+        extent *= max(s, 1)
+        if extent > cap:
+            raise WireError("too_large", f"{where}: {extent} elements (shape {shape}) exceed the limit of {cap}")
     if len(data) != n * ITEMSIZE[dtype]:
         raise WireError("malformed", f"{where}: {len(data)} bytes do not hold {shape} {dtype}")
     tdt = TORCH_DTYPES[dtype]

@@ -144,6 +144,15 @@ def decode(
     kinds: tuple[type[Message], ...] | None = None,
 ) -> Message:
     """Bytes -> message, or WireError. `kinds` restricts which message types the receiving queue accepts."""
+    try:
+        return _decode(body, limits, kinds)
+    except WireError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a receiver must never crash on its input; the fuzz tests hunt these
+        raise WireError("malformed", f"undecodable message ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+def _decode(body: bytes | bytearray | memoryview, limits: Limits, kinds: tuple[type[Message], ...] | None) -> Message:
     obj = unpack(body, limits)
     for key, typ in _ENVELOPE.items():
         if key not in obj:

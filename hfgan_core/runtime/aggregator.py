@@ -144,6 +144,7 @@ class AggregatorRole(Role):
             ),
         )
         self.jobs_done += 1
+        self.ctx.metrics.aggregation_job("done")
 
 
 def job_document(job: AggregateJob) -> str:

@@ -379,6 +379,7 @@ class ClientRole(Role):
     def _finish_step(self, dropped: bool) -> None:
         self._t = {}
         self._step_times.append(time.perf_counter() - self._step_started)
+        self.ctx.metrics.step(self._step_times[-1], dropped)
         self._compute_times.append(self._compute_in_step)
         self._compute_in_step = 0.0
         if not dropped:
@@ -392,6 +393,7 @@ class ClientRole(Role):
     def _finish_round(self) -> None:
         self.phase = "done"
         self.in_round = False
+        self.ctx.metrics.round_finished()
         state = self.holder.state()
         update = ClientUpdate(
             **self.envelope(self.round),

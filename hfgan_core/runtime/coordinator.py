@@ -171,6 +171,8 @@ class CoordinatorRole(Role):
         self._requeue_at = self.ctx.clock() + self._requeue_after
 
     def _event(self, event: str, **detail: Any) -> None:
+        if event == "aggregating":
+            self.ctx.metrics.aggregation_job("queued", len(self.jobs))
         if self.on_event is not None:
             self.on_event(event, {"round": self.round, **detail})
         self.send(
@@ -802,6 +804,7 @@ class CoordinatorRole(Role):
         self.history.append(entry)
         self._save_checkpoint(report)
         ctx.store.transition(ctx.run, self.round, "aggregating", self.round, "done")
+        ctx.metrics.round_finished(ctx.store.round_clients(ctx.run, self.round) if ctx.metrics.enabled else None)
         self._event("done", wall_s=f"{report.wall_s:.2f}", aggregated=aggregated)
         self._after_round()
 

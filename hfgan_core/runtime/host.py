@@ -23,6 +23,7 @@ from ..config import RunConfig
 from ..protocol import DEFAULT_LIMITS, Limits, Message, WireError, decode
 from ..state import RoundStore
 from ..transport import Delivery, Transport
+from .metrics import Metrics
 
 
 class Reject(Exception):
@@ -42,6 +43,7 @@ class RoleContext:
     clock: Callable[[], float] = time.time
     limits: Limits = DEFAULT_LIMITS
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("hfgan"))
+    metrics: Metrics = field(default_factory=Metrics)  # no-op unless the worker serves metrics (metrics.py)
 
     @property
     def wire_dtype(self) -> str:
@@ -72,15 +74,19 @@ class Role:
         """Called once after the role's consumers are bound."""
 
     def send(self, address: str, msg: Message) -> None:
+        t0 = time.perf_counter()
         body = msg.encode(self.ctx.wire_dtype)
+        encode_s = time.perf_counter() - t0
         self.ctx.transport.publish(address, body, persistent=msg.PERSISTENT)
         self.bytes_sent[msg.KIND] += len(body)
         self.messages_sent[msg.KIND] += 1
+        self.ctx.metrics.message("out", msg.KIND, len(body), encode_s)
 
     def log_update(self, body: bytes, round: int, kind: str) -> None:
         self.ctx.transport.append_log(body, round=round)
         self.bytes_sent[kind] += len(body)
         self.messages_sent[kind] += 1
+        self.ctx.metrics.message("out", kind, len(body))
 
     def envelope(self, round: int, step: int = -1) -> dict:
         return {"run": self.ctx.run, "round": round, "step": step, "sender": self.name}
@@ -107,11 +113,14 @@ class RoleHost:
 
     def on_delivery(self, delivery: Delivery) -> None:
         ctx = self.role.ctx
+        t0 = time.perf_counter()
         try:
             msg = decode(delivery.body, ctx.limits, kinds=self.role.accepts)
         except WireError as exc:
+            ctx.metrics.message("in", "invalid", len(delivery.body), time.perf_counter() - t0)
             self._reject(delivery, f"{exc.reason}: {exc.detail}")
             return
+        ctx.metrics.message("in", msg.KIND, len(delivery.body), time.perf_counter() - t0)
         if msg.run != ctx.run:
             self._reject(delivery, f"wrong_run: message for run {msg.run!r}, this worker serves {ctx.run!r}")
             return
@@ -142,11 +151,21 @@ class RoleHost:
         if len(self._seen) > self._dedupe_window:
             self._seen.popitem(last=False)
         delivery.ack()
+        observe_role(self.role)
 
     def _reject(self, delivery: Delivery, reason: str) -> None:
         self.rejected[reason.split(":", 1)[0]] += 1
+        self.role.ctx.metrics.dead_letter(reason)
         self.role.ctx.log.warning("%s: rejected a message on %s: %s", self.role.name, delivery.address, reason)
         delivery.reject(reason)
+
+
+def observe_role(role: Role) -> None:
+    """Where a role is, for its metrics (a role without phases is `training` while in a round, else `idle`)."""
+    metrics = role.ctx.metrics
+    if metrics.enabled:
+        phase = getattr(role, "phase", None) or ("training" if getattr(role, "in_round", False) else "idle")
+        metrics.observe(int(getattr(role, "round", 0)), str(phase))
 
 
 class _null:

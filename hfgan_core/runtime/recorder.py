@@ -118,6 +118,13 @@ class RunRecorder:
         self.settings = EvalSettings.from_config(cfg, utility=False)
         # Each domain's real-test-set features under its scoring classifier (the Fréchet distance's reference).
         self.real_stats: dict[str, Any] = {}
+        # Bytes sent by every role so far, when the runtime can tell (for TensorBoard); set by the runtime.
+        self.traffic: Callable[[], int] | None = None
+        self.tensorboard = None
+        if cfg.runtime.tensorboard_dir:
+            from .tensorboard import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(cfg.runtime.tensorboard_dir)
 
     def generators(self, report_models, global_model, assignment, cuts) -> dict[str, Any]:
         gens = {}
@@ -142,6 +149,7 @@ class RunRecorder:
                 if k in m:
                     losses.setdefault(k, []).append(m[k])
         entry["train"] = {k: sum(v) / len(v) for k, v in losses.items()}
+        entry.update(self._per_domain(report))
         if report.kld_intra:
             entry["kld_intra"] = {str(c): v for c, v in report.kld_intra.items()}
         if report.aggregated and report.cluster_models:
@@ -171,6 +179,8 @@ class RunRecorder:
             **entry,
         }
         self.metrics.append(record)
+        if self.tensorboard is not None:
+            self._to_tensorboard(record, report)
         scores = record.get("generation_score")
         if scores:
             fds = record.get("classifier_frechet_distance", {})
@@ -180,6 +190,36 @@ class RunRecorder:
                 + f" | clusters {_fmt_clusters(report.assignment)} | {report.wall_s:.1f} s"
             )
         return {k: record[k] for k in ("generation_score",) if k in record}
+
+    def _per_domain(self, report: RoundReport) -> dict[str, Any]:
+        """Mean losses per domain and each client's mean step time (the dashboard's curves and table)."""
+        names, domains = self.cfg.scenario.domain_names, self.cfg.scenario.client_domains()
+        by_domain: dict[str, dict[str, list[float]]] = {}
+        for c, m in sorted(report.client_metrics.items()):
+            if 0 <= c < len(domains):
+                for k in ("d_loss_real", "d_loss_fake", "g_loss"):
+                    if k in m:
+                        by_domain.setdefault(names[domains[c]], {}).setdefault(k, []).append(m[k])
+        return {
+            "train_by_domain": {d: {k: sum(v) / len(v) for k, v in ks.items()} for d, ks in by_domain.items()},
+            "step_s": {str(c): m["step_s"] for c, m in sorted(report.client_metrics.items()) if "step_s" in m},
+        }
+
+    def _to_tensorboard(self, record: dict[str, Any], report: RoundReport) -> None:
+        from .train import modelled_latency
+
+        samples = {}
+        if "generation_score" in record:  # the rounds whose sample grids were drawn
+            for k in report.cluster_models:
+                path = self.run_dir / "samples" / f"round_{report.round:03d}_cluster_{k}.png"
+                if path.is_file():
+                    samples[k] = path
+        self.tensorboard.round(
+            record,
+            samples,
+            latency_s=modelled_latency(self.cfg, report.cuts),
+            bytes_sent=self.traffic() if self.traffic is not None else None,
+        )
 
     def _samples(self, report: RoundReport) -> None:
         reps: dict[int, int] = {}
@@ -234,6 +274,9 @@ class RunRecorder:
             **(extra or {}),
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.tensorboard is not None:
+            self.tensorboard.final(summary["rounds"], domains)
+            self.tensorboard.close()
         return summary
 
 

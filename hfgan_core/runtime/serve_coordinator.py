@@ -219,6 +219,7 @@ def serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
             resume_from=resume.resume_from,
         )
         role = _coordinator_role(cfg, run_id, transport, store, recorder, resume)
+        recorder.traffic = lambda: ledger_traffic(store, run_id)[0] + sum(role.bytes_sent.values())
         sizes = ", ".join(str(len(s.indices)) for s in data.shards)
         log.info(
             "coordinator: run %s: %d clients (%s samples), %d rounds, broker %s, state %s",
@@ -266,9 +267,7 @@ def finalize_run(
         server = store.get_metrics(run_id, r).get("server", {})
         if server.get("window_s"):
             window_s.append(server["window_s"])
-    traffic = store.get_metrics(run_id, 0)
-    bytes_sent = sum(int(m.get("bytes_sent", 0)) for who, m in traffic.items() if who.startswith("traffic."))
-    messages = sum(int(m.get("messages_sent", 0)) for who, m in traffic.items() if who.startswith("traffic."))
+    bytes_sent, messages = ledger_traffic(store, run_id)
     bytes_sent += sum(role.bytes_sent.values())  # the coordinator's own, reported at its exit otherwise
     extra = {
         "run_id": run_id,
@@ -284,3 +283,11 @@ def finalize_run(
     if utility:
         log.info("coordinator: final evaluation: generation score and utility metrics per domain ...")
     return recorder.finalize(modelled_latency_s=latency, bytes_sent=bytes_sent, utility=utility, extra=extra)
+
+
+def ledger_traffic(store, run_id: str) -> tuple[int, int]:
+    """(bytes, messages) the workers reported sending so far (`traffic.<role>`, worker.py)."""
+    traffic = store.get_metrics(run_id, 0)
+    bytes_sent = sum(int(m.get("bytes_sent", 0)) for who, m in traffic.items() if who.startswith("traffic."))
+    messages = sum(int(m.get("messages_sent", 0)) for who, m in traffic.items() if who.startswith("traffic."))
+    return bytes_sent, messages

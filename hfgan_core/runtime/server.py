@@ -350,6 +350,7 @@ class ServerRole(Role):
                 self.done_clients.add(c)
         self.windows_run += 1
         self.window_seconds += time.perf_counter() - self._window_t0
+        self.ctx.metrics.step(time.perf_counter() - self._window_t0)
         self.window = None
         if self.pending:
             # The wait for the others starts when a window can open again: an activation that came in while this
@@ -412,6 +413,7 @@ class ServerRole(Role):
 
     def _finish_round(self) -> None:
         self.in_round = False
+        self.ctx.metrics.round_finished()
         env = self.envelope(self.round)
         if self.summaries:
             self.send(

@@ -111,6 +111,7 @@ def train(
         resume_round=resume_round or None,
         log=logging.getLogger("hfgan"),
     )
+    recorder.traffic = lambda: sum(sum(r.bytes_sent.values()) for r in runner.roles)
     result: EmbeddedResult = runner.run()
     cuts = runner.coordinator.cuts
     latency = modelled_latency(cfg, cuts)

@@ -74,6 +74,12 @@ def add_parser(sub: Any, run_options) -> argparse.ArgumentParser:
         "(development passwords; clients as client-<slot>) instead of the broker URL's user",
     )
     p.add_argument("--standby", action="store_true", help="also start a standby coordinator")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve each worker's Prometheus metrics on 127.0.0.1 from this port on (one port per worker, in start "
+        "order; the list in R/logs/metrics-targets.json, Prometheus file_sd format)",
+    )
     return p
 
 
@@ -135,6 +141,8 @@ class Up:
             raise ConfigError(f"--clients {clients}: the scenario has {n} clients and admission waits for all of them")
         if self.args.aggregators < 0:
             raise ConfigError("--aggregators must not be negative")
+        if self.args.metrics_port is not None and not 0 < self.args.metrics_port < 65536 - 8 - clients:
+            raise ConfigError(f"--metrics-port {self.args.metrics_port}: not a port with room for every worker")
         self.n_clients = clients
         for what, url in (("--broker", self.cfg.runtime.broker_url), ("--state", self.cfg.runtime.state_url)):
             if url.startswith("memory:"):
@@ -225,6 +233,10 @@ class Up:
         if url:
             env["HFGAN_BROKER_URL"] = url
         # A session of its own: the terminal's Ctrl-C reaches `up` only, which stops the workers in order.
+        env.pop("HFGAN_METRICS_PORT", None)  # one port per worker, or none: never one shared by all
+        if self.args.metrics_port:
+            env["HFGAN_METRICS_PORT"] = str(self.args.metrics_port + len(self.procs))
+            self._metrics_target(name, role, int(env["HFGAN_METRICS_PORT"]))
         popen = subprocess.Popen(
             [sys.executable, "-m", roles.get(role).worker_module, *flags],
             env=env,
@@ -236,6 +248,14 @@ class Up:
         proc = Proc(name, role, popen, path, fh)
         self.procs.append(proc)
         return proc
+
+    def _metrics_target(self, name: str, role: str, port: int) -> None:
+        """Add a worker's metrics endpoint to R/logs/metrics-targets.json (what a Prometheus file_sd reads)."""
+        path = self.log_dir / "metrics-targets.json"
+        targets = json.loads(path.read_text()) if path.is_file() else []
+        targets = [t for t in targets if t["labels"].get("worker") != name]
+        targets.append({"targets": [f"127.0.0.1:{port}"], "labels": {"worker": name, "role": role, "run": self.run_id}})
+        path.write_text(json.dumps(targets, indent=1))
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)

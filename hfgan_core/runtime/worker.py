@@ -16,8 +16,12 @@ Exit codes (`EXIT_*`, the same for every role):
 
 Settings beyond the run config come from the environment (`WorkerSettings.from_env`; settings.py reads it):
 `HFGAN_HEARTBEAT_S` (2), `HFGAN_HEARTBEAT_TTL_S` (10), `HFGAN_LEASE_TTL_S` (15, the coordinator lease),
-`HFGAN_CONNECT_TIMEOUT_S` (60, how long the broker and Redis are retried before exit code 3) and
-`HFGAN_BROKER_NAMESPACE` (the AMQP namespace, `hfgan`; tests use throw-away ones).
+`HFGAN_CONNECT_TIMEOUT_S` (60, how long the broker and Redis are retried before exit code 3),
+`HFGAN_BROKER_NAMESPACE` (the AMQP namespace, `hfgan`; tests use throw-away ones) and `HFGAN_HEALTH_FILE` (a file
+rewritten with every heartbeat, for container health checks: runtime/health.py). Metrics (metrics.py), off unless
+a port is set: `HFGAN_METRICS_PORT` (serve Prometheus metrics there), `HFGAN_METRICS_ADDR` (127.0.0.1; compose
+binds 0.0.0.0) and `HFGAN_METRICS_LINGER_S` (0: how long a finished worker keeps serving its final numbers, so
+that the last scrape sees them).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from ..config import ConfigError
 from ..settings import Settings, redact_url
 from ..state import RoundStore, StateError, open_store
 from ..transport import Delivery, Transport, TransportError, open_transport
-from .host import Role, RoleHost
+from .health import write_beat
+from .host import Role, RoleHost, observe_role
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -63,16 +68,18 @@ class WorkerSettings:
     connect_timeout_s: float = 60.0
     poll_s: float = 0.1
     namespace: str | None = None
+    health_file: str | None = None  # rewritten with every heartbeat (HFGAN_HEALTH_FILE, see runtime/health.py)
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    metrics_linger_s: float = 0.0
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None) -> WorkerSettings:
         """The loop's settings from the environment (settings.py reads the variables)."""
         env = Settings.from_env(environ)
-        values: dict[str, Any] = {
-            name: getattr(env, name)
-            for name in ("heartbeat_s", "heartbeat_ttl_s", "lease_ttl_s", "connect_timeout_s", "namespace")
-            if getattr(env, name) is not None
-        }
+        names = ("heartbeat_s", "heartbeat_ttl_s", "lease_ttl_s", "connect_timeout_s", "namespace")
+        names += ("metrics_port", "metrics_addr", "metrics_linger_s", "health_file")
+        values: dict[str, Any] = {name: getattr(env, name) for name in names if getattr(env, name) is not None}
         s = WorkerSettings(**values)
         if s.heartbeat_ttl_s <= s.heartbeat_s or s.lease_ttl_s <= s.heartbeat_s:
             raise ConfigError("the heartbeat and lease TTLs must be longer than the heartbeat interval")
@@ -249,6 +256,8 @@ class WorkerLoop:
         info = self.info()
         for name in self.beat_names:
             ctx.store.heartbeat(ctx.run, name, s.heartbeat_ttl_s, info)
+        if s.health_file:  # only after the ledger took the beat: the probe must not pass for a worker Redis lost
+            write_beat(s.health_file)
         self.report_traffic()
         if self.on_beat is not None:
             self.on_beat()
@@ -309,6 +318,13 @@ class WorkerLoop:
 
     def run(self) -> str:
         """Bind the role and loop; returns "finished" or "stopped"."""
+        self.start_metrics()
+        try:
+            return self._run()
+        finally:
+            self.ctx.metrics.close()  # after a failure too (stop_metrics closed it already otherwise)
+
+    def _run(self) -> str:
         ctx, s = self.ctx, self.settings
         self.beat()
         self.host.bind()
@@ -330,6 +346,7 @@ class WorkerLoop:
             if now >= self._next_tick:
                 self._next_tick = now + s.poll_s
                 self.role.tick(time.time())
+                observe_role(self.role)
                 if role_done(self.role):
                     self.reason = "finished"
                     break
@@ -342,7 +359,35 @@ class WorkerLoop:
                     break
         self._consuming = False
         self.farewell()
+        self.stop_metrics()
         return self.reason
+
+    def start_metrics(self) -> None:
+        """Serve this worker's Prometheus metrics when a port is set (off by default)."""
+        s = self.settings
+        if s.metrics_port is None or self.ctx.metrics.enabled:
+            return
+        from .metrics import PromMetrics
+
+        metrics = PromMetrics(self.role.name, self.ctx.run)
+        try:
+            port = metrics.serve(s.metrics_port, s.metrics_addr)
+        except OSError as exc:
+            raise WorkerExit(EXIT_CONFIG, f"cannot serve metrics on {s.metrics_addr}:{s.metrics_port}: {exc}") from exc
+        self.ctx.metrics = metrics
+        observe_role(self.role)
+        log.info("%s: metrics on http://%s:%d/metrics", self.role.name, s.metrics_addr, port)
+
+    def stop_metrics(self) -> None:
+        """The final numbers stay up for `metrics_linger_s` (cut short by a stop request), then the endpoint goes."""
+        metrics = self.ctx.metrics
+        if not metrics.enabled:
+            return
+        observe_role(self.role)
+        metrics.finished()
+        if self.reason == "finished" and self.settings.metrics_linger_s > 0:
+            self.stop.sleep(self.settings.metrics_linger_s)
+        metrics.close()
 
     def farewell(self) -> None:
         """Last traffic numbers; the heartbeat expires at once (the worker is gone, not silent)."""

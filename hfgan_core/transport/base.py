@@ -21,6 +21,7 @@ when its consumer goes away is delivered again, flagged `redelivered`.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,6 +67,10 @@ class Delivery:
         """Dead-letter this message with a reason (one line, kept in the `x-hfgan-reason` header)."""
         self._finish("reject", reason)
 
+    def requeue(self, reason: str) -> None:
+        """Put the message back in its queue; it arrives again flagged `redelivered` (see `run_handler`)."""
+        self._finish("requeue", reason)
+
     def _finish(self, how: str, reason: str | None) -> None:
         if self.settled is not None:
             raise TransportError(f"delivery already settled ({self.settled})")
@@ -89,6 +94,27 @@ class LogRecord:
 
 
 Handler = Callable[[Delivery], None]
+
+
+def run_handler(handler: Handler, delivery: Delivery, log: logging.Logger) -> None:
+    """Run `handler` on `delivery`, so that no message can crash its consumer or be retried forever.
+
+    A handler that raises and leaves the delivery unsettled gets it once more (it is requeued and comes back flagged
+    `redelivered`); a redelivered message that fails again is dead-lettered with the reason `failed_twice`. The
+    exception is logged, not raised. A handler that settled the delivery itself and then raised meant to raise
+    (strict embedded runs): its exception propagates."""
+    try:
+        handler(delivery)
+    except Exception as exc:
+        if delivery.settled is not None:
+            raise
+        what = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        if delivery.redelivered:
+            log.error("handler failed again on a message to %s; dead-lettering it: %s", delivery.address, what)
+            delivery.reject(f"failed_twice: {what}")
+        else:
+            log.error("handler failed on a message to %s; it is delivered once more: %s", delivery.address, what)
+            delivery.requeue(what)
 
 
 class Transport(abc.ABC):

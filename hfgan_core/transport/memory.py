@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -23,7 +24,10 @@ from .base import (
     Transport,
     TransportError,
     is_valid_address,
+    run_handler,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -185,10 +189,13 @@ class MemoryTransport(Transport):
                 unsettled.remove(item)
             if how == "reject":
                 self._dead.append(DeadLetter(address, item.body, reason or "rejected"))
+            elif how == "requeue":
+                item.redelivered = True
+                self._queue(name).appendleft(item)
 
         headers = {"user_id": item.user} if item.user else {}
         delivery = Delivery(item.body, address, redelivered=item.redelivered, headers=headers, _settle=settle)
-        self._handlers[name](delivery)
+        run_handler(self._handlers[name], delivery, log)
 
     # ---------------------------------------------------------------------------------------------------- log
     def append_log(self, body: bytes, *, round: int) -> None:

@@ -122,6 +122,48 @@ class TransportContract:
         t.consume("coordinator", handler2)
         assert t.process(0.3) == 0 and got2 == []
 
+    def test_a_message_whose_handler_fails_twice_is_dead_lettered(self, t: Transport) -> None:
+        """A handler that raises gets the message once more (redelivered); failing again dead-letters it with the
+        reason. process() never raises for it, and the next message is handled."""
+        t.publish("server", b"crashes its handler")
+        t.publish("server", b"fine")
+        seen: list[tuple[bytes, bool]] = []
+        ok: list[Delivery] = []
+
+        def handler(d: Delivery) -> None:
+            seen.append((d.body, d.redelivered))
+            if d.body.startswith(b"crashes"):
+                raise RuntimeError("handler bug")
+            ok.append(d)
+            d.ack()
+
+        t.consume("server", handler)
+        drain(t, ok, 1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(x.reason.startswith("failed_twice") for x in t.dead_letters()):
+            t.process(0.1)
+        crashes = [r for b, r in seen if b.startswith(b"crashes")]
+        assert crashes == [False, True], seen
+        dead = [x for x in t.dead_letters() if x.address == "server" and x.body == b"crashes its handler"]
+        assert [x.reason for x in dead] == ["failed_twice: RuntimeError: handler bug"]
+        assert [d.body for d in ok] == [b"fine"]
+        t.cancel("server")
+        handler2, got2 = collect()
+        t.consume("server", handler2)
+        assert t.process(0.3) == 0 and got2 == []
+
+    def test_a_handler_that_settles_and_raises_propagates(self, t: Transport) -> None:
+        """Strict embedded runs reject a message and re-raise, so that bugs fail loudly: that is not swallowed."""
+        t.publish("server", b"x")
+
+        def handler(d: Delivery) -> None:
+            d.reject("internal: bug")
+            raise RuntimeError("bug")
+
+        t.consume("server", handler)
+        with pytest.raises(RuntimeError):
+            drain(t, [], 1)
+
     def test_delivery_settles_once(self, t: Transport) -> None:
         t.publish("server", b"x")
         handler, got = collect()

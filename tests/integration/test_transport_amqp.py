@@ -13,7 +13,7 @@ import pika
 import pytest
 
 from hfgan_core.transport import open_transport
-from hfgan_core.transport.amqp import H_ADDRESS, AmqpTransport, Names
+from hfgan_core.transport.amqp import H_ADDRESS, H_CHUNK_COUNT, H_CHUNK_ID, H_CHUNK_INDEX, AmqpTransport, Names
 from hfgan_core.transport.base import Delivery, TransportError
 from tests.contract.transport_contract import TransportContract, collect, drain
 from tests.integration.conftest import new_namespace
@@ -272,21 +272,28 @@ def test_broker_side_dead_letters_report_x_death(amqp_url: str, ns: str) -> None
         assert len(t.dead_letters()) == 1  # reading the dead letters does not consume them
 
 
-def test_handler_errors_leave_the_delivery_for_redelivery(amqp_url: str, ns: str) -> None:
-    with AmqpTransport(amqp_url, namespace=ns) as t:
-        t.publish("server", b"boom")
+def test_a_chunked_message_whose_handler_fails_is_reassembled_again(amqp_url: str, ns: str) -> None:
+    """The requeued chunks of a failed message come back and are reassembled (not taken for duplicates)."""
+    with AmqpTransport(amqp_url, namespace=ns, max_frame_body=1024) as t:
+        body = os.urandom(3000)
+        t.publish("server", body)
+        seen: list[bool] = []
 
         def failing(d: Delivery) -> None:
+            seen.append(d.redelivered)
+            assert d.body == body
             raise RuntimeError("handler bug")
 
         t.consume("server", failing)
-        with pytest.raises(RuntimeError):
-            drain(t, [], 1)
-        t.cancel("server")
-        handler, got = collect()
-        t.consume("server", handler)
-        drain(t, got, 1)
-        assert got[0].body == b"boom" and got[0].redelivered
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            t.process(0.1)
+        assert seen == [False, True]
+        dead = []
+        while not dead and time.monotonic() < deadline:
+            t.process(0.1)
+            dead = [d for d in t.dead_letters() if d.reason.startswith("failed_twice")]
+        assert len(dead) == 1 and dead[0].body == body
 
 
 def test_connect_failure_is_a_clear_transport_error() -> None:
@@ -372,3 +379,39 @@ def test_update_log_reads_never_reject_stream_deliveries(amqp_url: str, ns: str,
             th.join(timeout=30)
         writer.close()
         t.close()
+
+
+def _raw_chunk(ch, t: AmqpTransport, cid: str, index, count, body: bytes = b"c" * 100) -> None:
+    headers = {H_ADDRESS: "server", H_CHUNK_ID: cid, H_CHUNK_INDEX: index, H_CHUNK_COUNT: count}
+    ch.basic_publish(t.names.split, "server", body, pika.BasicProperties(headers=headers, user_id="guest"))
+
+
+def test_chunk_poisons_are_dead_lettered_and_the_prefetch_stays_bounded(amqp_url: str, ns: str) -> None:
+    """The audit's chunk-count poison (count=100000 made basic.qos raise struct.error) and 150 incomplete chunked
+    messages of one sender (prefetch grew to 151): each is dead-lettered with its reason, the prefetch stays within
+    ChunkLimits, and the honest message behind them is delivered."""
+    from hfgan_core.transport.amqp import ChunkLimits
+
+    limits = ChunkLimits(max_partials_per_sender=4)
+    with AmqpTransport(amqp_url, namespace=ns, max_frame_body=1024, chunk_limits=limits) as t:
+        t.declare()
+        conn = raw(amqp_url)
+        ch = conn.channel()
+        _raw_chunk(ch, t, "poison", 0, 100_000)
+        _raw_chunk(ch, t, "junk", "zero", [2])
+        for i in range(150):
+            _raw_chunk(ch, t, f"open-{i}", 0, 2)
+        conn.close()
+        t.publish("server", b"honest")
+        handler, got = collect()
+        t.consume("server", handler, prefetch=1)
+        drain(t, got, 1, timeout=30)
+        assert [d.body for d in got] == [b"honest"]
+        assert t._consumers["server"].qos <= 1 + 4, t._consumers["server"].qos
+        dead: list = []
+        deadline = time.monotonic() + 10
+        while len(dead) < 148 and time.monotonic() < deadline:
+            t.process(0.1)
+            dead = [d for d in t.dead_letters(limit=500) if d.address == "server"]
+        reasons = [d.reason.split(":")[0] for d in dead]
+        assert reasons.count("bad_chunk") == 2 and reasons.count("chunk_flood") == 146, reasons

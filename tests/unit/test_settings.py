@@ -31,10 +31,12 @@ def test_defaults_and_empty_values_count_as_unset() -> None:
 def test_every_variable_fills_its_field() -> None:
     env = {}
     for var in VARIABLES:
-        env[var.name] = {bool: "yes", float: "2.5", str: f"value-of-{var.field}"}[var.kind]
+        env[var.name] = {bool: "yes", float: "2.5", int: "9464", str: f"value-of-{var.field}"}[var.kind]
     s = Settings.from_env(env)
     for var in VARIABLES:
-        assert getattr(s, var.field) == {bool: True, float: 2.5, str: f"value-of-{var.field}"}[var.kind], var.name
+        assert getattr(s, var.field) == {bool: True, float: 2.5, int: 9464, str: f"value-of-{var.field}"}[var.kind], (
+            var.name
+        )
 
 
 def test_typed_values_are_checked() -> None:

@@ -8,7 +8,7 @@ Modules: `connection` (connect, reconnect, declare), `topology` (names, queue ar
 
 from __future__ import annotations
 
-from .chunking import _Partial
+from .chunking import DEFAULT_CHUNK_LIMITS, ChunkLimits, ChunkRefused, Reassembly, _Partial, chunk_header
 from .cli import main
 from .connection import AccessRefused, _ConnectionLost
 from .definitions import (
@@ -81,7 +81,12 @@ __all__ = [
     "STREAM_MAX_BYTES",
     "STREAM_PREFETCH",
     "STREAM_SEGMENT_BYTES",
+    "DEFAULT_CHUNK_LIMITS",
     "AccessRefused",
+    "ChunkLimits",
+    "ChunkRefused",
+    "Reassembly",
+    "chunk_header",
     "AmqpTransport",
     "ClientCredentials",
     "Names",

@@ -6,13 +6,13 @@ import logging
 import time
 from typing import Any
 
+from ...protocol.codec import WireError
 from ..base import (
     LogRecord,
 )
+from .chunking import chunk_header
 from .topology import (
-    H_CHUNK_COUNT,
     H_CHUNK_ID,
-    H_CHUNK_INDEX,
     H_ROUND,
     STREAM_PREFETCH,
 )
@@ -135,13 +135,25 @@ class _UpdateLog:
         for offset, headers, body in raw:
             if offset < from_offset:
                 continue  # a stream starts delivering at the beginning of the chunk holding from_offset
-            rnd = int(headers.get(H_ROUND, -1))
+            rnd = headers.get(H_ROUND, -1)
+            if not isinstance(rnd, int) or isinstance(rnd, bool):
+                log.warning("update log record at %d skipped: its round header is %r", offset, type(rnd).__name__)
+                continue
             if H_CHUNK_ID not in headers:
                 records.append(LogRecord(offset, rnd, body))
                 continue
-            cid = str(headers[H_CHUNK_ID])
-            first, count, pieces = partials.setdefault(cid, (offset, int(headers[H_CHUNK_COUNT]), {}))
-            pieces.setdefault(int(headers[H_CHUNK_INDEX]), body)
+            try:
+                cid, index, count = chunk_header(headers, self.chunk_limits)
+            except WireError as exc:  # anyone who may append may append junk: skipped, never fatal
+                log.warning("update log record at %d skipped: %s", offset, exc)
+                continue
+            first, known, pieces = partials.setdefault(cid, (offset, count, {}))
+            if known != count:
+                log.warning(
+                    "update log record at %d skipped: chunk count %d, its first chunk said %d", offset, count, known
+                )
+                continue
+            pieces.setdefault(index, body)
             if len(pieces) == count:
                 records.append(LogRecord(first, rnd, b"".join(pieces[i] for i in range(count))))
                 partials[cid] = (first, count, {})  # completed: later duplicates start a new (ignored) partial

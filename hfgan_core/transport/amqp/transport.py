@@ -13,8 +13,8 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
+from ...protocol.codec import WireError
 from ..base import (
-    AGGREGATE,
     EVENTS_PREFIX,
     SERVER,
     DeadLetter,
@@ -23,8 +23,9 @@ from ..base import (
     Transport,
     TransportError,
     is_valid_address,
+    run_handler,
 )
-from .chunking import _Chunking, _Partial
+from .chunking import DEFAULT_CHUNK_LIMITS, ChunkLimits, Reassembly, _Chunking, chunk_header
 from .connection import _amqp_error, _Connection, _ConnectionLost
 from .stream import _UpdateLog
 from .topology import (
@@ -33,13 +34,12 @@ from .topology import (
     DEFAULT_MAX_FRAME_BODY,
     DEFAULT_NAMESPACE,
     H_ADDRESS,
-    H_CHUNK_COUNT,
     H_CHUNK_ID,
-    H_CHUNK_INDEX,
     H_REASON,
     H_REJECTED_BY,
     NO_CHUNK_ADDRESSES,
     Names,
+    single_consumer,
 )
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ class _Consumer:
     epoch: int = 0
     broken: bool = False
     qos: int = 0
-    partials: dict[str, _Partial] = field(default_factory=dict)
-    done: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)
+    chunks: Reassembly = field(default_factory=Reassembly)
     unsettled_extra: dict[int, int] = field(default_factory=dict)  # chunked deliveries in flight -> extra chunks
 
 
@@ -71,6 +70,7 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
       passive checks after the first ACCESS_REFUSED;
     - `reconnect_timeout` (60 s) and `reconnect_max_wait` (5 s): how long and how far apart reconnects are tried;
     - `chunk_timeout` (120 s): an incomplete chunked message older than this is dead-lettered;
+    - `chunk_limits` (`ChunkLimits()`): chunks per message, incomplete messages and bytes per sender, prefetch;
     - `log_idle` (0.25 s): `read_log` stops when no record arrives for this long;
     - `name`: connection name shown by the broker.
     URL query parameters (`heartbeat`, `blocked_connection_timeout`, `socket_timeout`, ...) are pika's.
@@ -88,6 +88,7 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
         chunk_timeout: float = 120.0,
         log_idle: float = 0.25,
         name: str | None = None,
+        chunk_limits: ChunkLimits = DEFAULT_CHUNK_LIMITS,
     ):
         if topology not in ("auto", "declare", "passive"):
             raise TransportError(f"topology must be auto, declare or passive, not {topology!r}")
@@ -101,6 +102,7 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
         self.reconnect_max_wait = float(reconnect_max_wait)
         self.chunk_timeout = float(chunk_timeout)
         self.log_idle = float(log_idle)
+        self.chunk_limits = chunk_limits
         self._params = self._parameters(url, name)
         self._username = self._params.credentials.username
         self._passive = topology == "passive"
@@ -184,9 +186,9 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
             raise TransportError(f"unknown address {address!r}")
         if address in self._consumers:
             raise TransportError(f"{address} already has a consumer in this transport")
-        if prefetch < 0:
-            raise TransportError("prefetch must be >= 0")
-        cons = _Consumer(address, handler, int(prefetch))
+        if not 0 <= prefetch <= self.chunk_limits.max_prefetch:
+            raise TransportError(f"prefetch must be between 0 and {self.chunk_limits.max_prefetch}")
+        cons = _Consumer(address, handler, int(prefetch), chunks=Reassembly(self.chunk_limits))
         self._consumers[address] = cons
 
         def start() -> None:
@@ -215,7 +217,7 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
             # Declared again here, not only at start-up: a consumer is restarted after its queue was deleted.
             queue = self.names.queue(address)
             exchange, key, _ = self._route(address)
-            self._declare_queue(queue, self.names.work_queue_args(address != AGGREGATE))
+            self._declare_queue(queue, self.names.work_queue_args(single_consumer(address)))
             self._bind(exchange, queue, key)
         ch = self._conn.channel()
         try:
@@ -246,7 +248,7 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
         """Invalidate everything delivered to the consumer's current channel (those deliveries come back)."""
         cons.epoch += 1
         cons.channel, cons.tag = None, None
-        cons.partials.clear()
+        cons.chunks.clear()
         cons.unsettled_extra.clear()
 
     def cancel(self, address: str) -> None:
@@ -313,7 +315,7 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
                     method.routing_key,
                 )
             handled += 1
-            cons.handler(delivery)
+            run_handler(cons.handler, delivery, log)
         for cons in list(self._consumers.values()):
             self._expire_partials(cons)
         return handled
@@ -340,6 +342,8 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
         epoch = cons.epoch
 
         def settle(how: str, reason: str | None) -> None:
+            if how == "requeue" and H_CHUNK_ID in headers:
+                cons.chunks.reopen(user_id or "", str(headers[H_CHUNK_ID]))  # its chunks come back: reassemble
             self._settle(cons, epoch, key, tags, address, body, headers, how, reason)
 
         return Delivery(body, address, redelivered=redelivered, headers=shown, _settle=settle)
@@ -376,7 +380,10 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
                 with self._guard():
                     self._send(self.names.dlx, "", self._frames(body, dead_headers), True, True)
             for tag in tags:
-                ch.basic_ack(tag)
+                if how == "requeue":
+                    ch.basic_nack(tag, requeue=True)  # the broker flags it redelivered
+                else:
+                    ch.basic_ack(tag)
         except (_ConnectionLost, pex.AMQPError) as exc:
             log.warning("%s of a delivery from %s failed (%s); the broker delivers it again", how, address, exc)
             return
@@ -402,12 +409,17 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
                     headers = dict(props.headers or {})
                     address, reason = self._dead_origin(headers)
                     if H_CHUNK_ID in headers:
-                        pieces = partials.setdefault(str(headers[H_CHUNK_ID]), {})
-                        pieces.setdefault(int(headers[H_CHUNK_INDEX]), body)
-                        if len(pieces) < int(headers[H_CHUNK_COUNT]):
+                        try:
+                            cid, index, count = chunk_header(headers, self.chunk_limits)
+                        except WireError as exc:  # junk on the dead-letter exchange: listed as it is
+                            out.append(DeadLetter(address, body, f"{reason} ({exc})"))
                             continue
-                        body = b"".join(pieces[i] for i in range(len(pieces)))
-                        del partials[str(headers[H_CHUNK_ID])]
+                        pieces = partials.setdefault(cid, {})
+                        pieces.setdefault(index, body)
+                        if len(pieces) < count:
+                            continue
+                        body = b"".join(pieces.get(i, b"") for i in range(count))
+                        del partials[cid]
                     out.append(DeadLetter(address, body, reason))
             finally:
                 with contextlib.suppress(Exception):
