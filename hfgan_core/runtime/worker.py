@@ -16,8 +16,9 @@ Exit codes (`EXIT_*`, the same for every role):
 
 Settings beyond the run config come from the environment (`WorkerSettings.from_env`; settings.py reads it):
 `HFGAN_HEARTBEAT_S` (2), `HFGAN_HEARTBEAT_TTL_S` (10), `HFGAN_LEASE_TTL_S` (15, the coordinator lease),
-`HFGAN_CONNECT_TIMEOUT_S` (60, how long the broker and Redis are retried before exit code 3) and
-`HFGAN_BROKER_NAMESPACE` (the AMQP namespace, `hfgan`; tests use throw-away ones). Metrics (metrics.py), off unless
+`HFGAN_CONNECT_TIMEOUT_S` (60, how long the broker and Redis are retried before exit code 3),
+`HFGAN_BROKER_NAMESPACE` (the AMQP namespace, `hfgan`; tests use throw-away ones) and `HFGAN_HEALTH_FILE` (a file
+rewritten with every heartbeat, for container health checks: runtime/health.py). Metrics (metrics.py), off unless
 a port is set: `HFGAN_METRICS_PORT` (serve Prometheus metrics there), `HFGAN_METRICS_ADDR` (127.0.0.1; compose
 binds 0.0.0.0) and `HFGAN_METRICS_LINGER_S` (0: how long a finished worker keeps serving its final numbers, so
 that the last scrape sees them).
@@ -39,6 +40,7 @@ from ..config import ConfigError
 from ..settings import Settings, redact_url
 from ..state import RoundStore, StateError, open_store
 from ..transport import Delivery, Transport, TransportError, open_transport
+from .health import write_beat
 from .host import Role, RoleHost, observe_role
 
 EXIT_OK = 0
@@ -66,6 +68,7 @@ class WorkerSettings:
     connect_timeout_s: float = 60.0
     poll_s: float = 0.1
     namespace: str | None = None
+    health_file: str | None = None  # rewritten with every heartbeat (HFGAN_HEALTH_FILE, see runtime/health.py)
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     metrics_linger_s: float = 0.0
@@ -75,7 +78,7 @@ class WorkerSettings:
         """The loop's settings from the environment (settings.py reads the variables)."""
         env = Settings.from_env(environ)
         names = ("heartbeat_s", "heartbeat_ttl_s", "lease_ttl_s", "connect_timeout_s", "namespace")
-        names += ("metrics_port", "metrics_addr", "metrics_linger_s")
+        names += ("metrics_port", "metrics_addr", "metrics_linger_s", "health_file")
         values: dict[str, Any] = {name: getattr(env, name) for name in names if getattr(env, name) is not None}
         s = WorkerSettings(**values)
         if s.heartbeat_ttl_s <= s.heartbeat_s or s.lease_ttl_s <= s.heartbeat_s:
@@ -253,6 +256,8 @@ class WorkerLoop:
         info = self.info()
         for name in self.beat_names:
             ctx.store.heartbeat(ctx.run, name, s.heartbeat_ttl_s, info)
+        if s.health_file:  # only after the ledger took the beat: the probe must not pass for a worker Redis lost
+            write_beat(s.health_file)
         self.report_traffic()
         if self.on_beat is not None:
             self.on_beat()
