@@ -35,8 +35,15 @@ H_CHUNK_INDEX = "x-hfgan-chunk-index"
 H_CHUNK_COUNT = "x-hfgan-chunk-count"
 _CHUNK_HEADERS = (H_CHUNK_ID, H_CHUNK_INDEX, H_CHUNK_COUNT)
 
+
+def single_consumer(address: str) -> bool:
+    """Whether `address`'s queue has one active consumer (`x-single-active-consumer`) rather than competing ones:
+    the consumer mode of the role that consumes it (role registry, roles.py)."""
+    return not any(address in s.addresses and s.consumer == "competing" for s in roles.specs())
+
+
 # Addresses whose queue has competing consumers: a chunked message could be split between them.
-NO_CHUNK_ADDRESSES = frozenset({AGGREGATE})
+NO_CHUNK_ADDRESSES = frozenset(a for s in roles.BUILTIN if s.consumer == "competing" for a in s.addresses)
 _SINGLE_CONSUMER = (SERVER, COORDINATOR, CLUSTERING)
 _WORK_KEYS = (COORDINATOR, CLUSTERING, AGGREGATE)
 
@@ -114,7 +121,7 @@ class Names:
 
     def queues(self) -> list[tuple[str, dict[str, Any]]]:
         """The static queues with their arguments (client queues are per client, see `client_queue`)."""
-        out = [(self.queue(a), self.work_queue_args(a != AGGREGATE)) for a in (SERVER, *_WORK_KEYS)]
+        out = [(self.queue(a), self.work_queue_args(single_consumer(a))) for a in (SERVER, *_WORK_KEYS)]
         out.append((self.updates, self.stream_args()))
         out.append((self.dead, self.dead_args()))
         return out

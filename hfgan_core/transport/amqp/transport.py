@@ -15,7 +15,6 @@ import pika.exceptions as pex
 
 from ...protocol.codec import WireError
 from ..base import (
-    AGGREGATE,
     EVENTS_PREFIX,
     SERVER,
     DeadLetter,
@@ -40,6 +39,7 @@ from .topology import (
     H_REJECTED_BY,
     NO_CHUNK_ADDRESSES,
     Names,
+    single_consumer,
 )
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
             # Declared again here, not only at start-up: a consumer is restarted after its queue was deleted.
             queue = self.names.queue(address)
             exchange, key, _ = self._route(address)
-            self._declare_queue(queue, self.names.work_queue_args(address != AGGREGATE))
+            self._declare_queue(queue, self.names.work_queue_args(single_consumer(address)))
             self._bind(exchange, queue, key)
         ch = self._conn.channel()
         try:
