@@ -1,32 +1,47 @@
 # The one image of the hfgan workers (coordinator, server, clustering, aggregator, client) and the `hfgan` CLI.
 #
-#   docker build -t hfgan:dev .
+#   docker build -t hfgan:dev .                     # python:3.11-slim, torch from PyTorch's CPU index
 #   docker run --rm hfgan:dev                       # prints `hfgan --help`
-#   docker compose up --scale client=4              # the whole stack, see compose.yaml
+#   docker compose up                               # the whole stack, see compose.yaml
 #
-# torch is installed first from PyTorch's CPU index, so that nothing later can pull a CUDA build from PyPI
-# (gigabytes the CPU workers never use); the project's dependency range admits that build.
-FROM python:3.11-slim
+# Two build arguments choose where Python and torch come from (docs/deployment.md):
+#   BASE_IMAGE      an image with python3 (3.11) and its venv module: python:3.11-slim, or the local Debian image
+#                   scripts/compose-images.sh builds (hfgan-local/python:3.11) where Docker Hub is out of reach
+#   TORCH_PIP_ARGS  where pip finds torch==2.13.0: PyTorch's CPU index, or `--find-links /wheels` for a wheel copied
+#                   into deploy/wheels/ (scripts/compose-images.sh does; git ignores the wheels)
+# torch is installed first and alone, so that nothing later can pull a CUDA build from PyPI (gigabytes the CPU
+# workers never use); the project's dependency range admits that build. It is installed in a throw-away stage, so a
+# wheel copied into the build context never becomes a layer of the image.
+ARG BASE_IMAGE=python:3.11-slim
 
+FROM ${BASE_IMAGE} AS deps
+ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY deploy/wheels/ /wheels/
+RUN python3 -m venv /opt/hfgan \
+    && /opt/hfgan/bin/pip install torch==2.13.0 ${TORCH_PIP_ARGS} \
+    && /opt/hfgan/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)"
+# The other dependencies in their own layer: a source change does not reinstall them.
+COPY pyproject.toml /tmp/pyproject.toml
+RUN /opt/hfgan/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && /opt/hfgan/bin/pip install -r /tmp/requirements.txt
+
+FROM ${BASE_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-    && python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/hfgan/bin:$PATH
+COPY --from=deps /opt/hfgan /opt/hfgan
 
 WORKDIR /app
-
-# The other dependencies in their own layer: a source change does not reinstall them.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
-
-COPY . .
-RUN pip install . \
+# Only what the package needs (never deploy/wheels: the wheel stays out of the image).
+COPY pyproject.toml README.md ./
+COPY hfgan_core ./hfgan_core
+COPY workers ./workers
+COPY broker_config ./broker_config
+RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info \
     && python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)"
 

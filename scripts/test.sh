@@ -7,18 +7,12 @@ bash scripts/setup.sh
 bash scripts/ci-services.sh
 ruff check hfgan_core workers tests bench
 ruff format --check hfgan_core workers tests bench
-# The compose stack, validated without a Docker engine: `docker-compose config -q` checks compose.yaml against the
-# Compose schema (Debian's docker-compose 1.29, installed here when missing, without the Docker engine it recommends;
-# tests/unit/test_compose.py needs it too).
-if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "test.sh: installing docker-compose (apt-get)" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1 \
-    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1; } \
-    || true
-fi
-command -v docker-compose >/dev/null 2>&1 \
-  || { echo "test.sh: docker-compose is missing (apt-get install docker-compose) and compose.yaml is unchecked" >&2; exit 1; }
+# The compose stack: a Docker engine, Compose and mmdebstrap, installed with apt-get when missing (Debian's
+# docker.io, docker-compose 1.29, mmdebstrap) and dockerd started when none answers (scripts/compose-setup.sh);
+# `docker-compose config -q` validates compose.yaml (tests/unit/test_compose.py checks its structure). The stack in
+# containers (tests/compose/, marker `compose`, deselected here by pyproject's addopts) runs with
+# scripts/test-compose.sh, which also builds the local images.
+bash scripts/compose-setup.sh
 docker-compose -f compose.yaml config -q || { echo "test.sh: compose.yaml is invalid" >&2; exit 1; }
 # The dashboard's test loads the page in a real browser: Debian's chromium, headless (tests/browser.py).
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -16,8 +16,9 @@ Exit codes (`EXIT_*`, the same for every role):
 
 Settings beyond the run config come from the environment (`WorkerSettings.from_env`; settings.py reads it):
 `HFGAN_HEARTBEAT_S` (2), `HFGAN_HEARTBEAT_TTL_S` (10), `HFGAN_LEASE_TTL_S` (15, the coordinator lease),
-`HFGAN_CONNECT_TIMEOUT_S` (60, how long the broker and Redis are retried before exit code 3) and
-`HFGAN_BROKER_NAMESPACE` (the AMQP namespace, `hfgan`; tests use throw-away ones). Metrics (metrics.py), off unless
+`HFGAN_CONNECT_TIMEOUT_S` (60, how long the broker and Redis are retried before exit code 3),
+`HFGAN_BROKER_NAMESPACE` (the AMQP namespace, `hfgan`; tests use throw-away ones) and `HFGAN_HEALTH_FILE` (a file
+rewritten with every heartbeat, for container health checks: runtime/health.py). Metrics (metrics.py), off unless
 a port is set: `HFGAN_METRICS_PORT` (serve Prometheus metrics there), `HFGAN_METRICS_ADDR` (127.0.0.1; compose
 binds 0.0.0.0) and `HFGAN_METRICS_LINGER_S` (0: how long a finished worker keeps serving its final numbers, so
 that the last scrape sees them).
@@ -39,6 +40,7 @@ from ..config import ConfigError
 from ..settings import Settings, redact_url
 from ..state import RoundStore, StateError, open_store
 from ..transport import Delivery, Transport, TransportError, open_transport
+from .health import write_beat
 from .host import Role, RoleHost, observe_role
 
 EXIT_OK = 0
@@ -66,6 +68,7 @@ class WorkerSettings:
     connect_timeout_s: float = 60.0
     poll_s: float = 0.1
     namespace: str | None = None
+    health_file: str | None = None  # rewritten with every heartbeat (HFGAN_HEALTH_FILE, see runtime/health.py)
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     metrics_linger_s: float = 0.0
@@ -75,7 +78,7 @@ class WorkerSettings:
         """The loop's settings from the environment (settings.py reads the variables)."""
         env = Settings.from_env(environ)
         names = ("heartbeat_s", "heartbeat_ttl_s", "lease_ttl_s", "connect_timeout_s", "namespace")
-        names += ("metrics_port", "metrics_addr", "metrics_linger_s")
+        names += ("metrics_port", "metrics_addr", "metrics_linger_s", "health_file")
         values: dict[str, Any] = {name: getattr(env, name) for name in names if getattr(env, name) is not None}
         s = WorkerSettings(**values)
         if s.heartbeat_ttl_s <= s.heartbeat_s or s.lease_ttl_s <= s.heartbeat_s:
@@ -136,7 +139,8 @@ def classify(exc: BaseException) -> int:
     if isinstance(exc, StateError):
         if "unreachable" in text:
             return EXIT_UNREACHABLE
-        if "bad Redis URL" in text or "bad run id" in text or "different configuration" in text:
+        config = ("bad Redis URL", "bad run id", "different configuration", "refused the credentials")
+        if any(s in text for s in config):
             return EXIT_CONFIG
         return EXIT_INTERNAL
     return EXIT_INTERNAL
@@ -231,6 +235,7 @@ class WorkerLoop:
         on_beat: Callable[[], None] | None = None,
         after_bind: Callable[[], None] | None = None,
         watch_run_status: bool = True,
+        send_beat: Callable[[str, bool], None] | None = None,
     ):
         self.role = role
         self.ctx = role.ctx
@@ -241,6 +246,8 @@ class WorkerLoop:
         self.on_beat = on_beat
         self.after_bind = after_bind
         self.watch_run_status = watch_run_status
+        # A client beats over the broker (send_beat(info, leaving)): it has no ledger access at all.
+        self.send_beat = send_beat
         self.host = _WorkerHost(role, self)
         self.reason = ""
         self._traffic: tuple[int, int] = (-1, -1)
@@ -251,8 +258,15 @@ class WorkerLoop:
     def beat(self) -> None:
         ctx, s = self.ctx, self.settings
         info = self.info()
+        if self.send_beat is not None:
+            self.send_beat(info, False)
+            if self.on_beat is not None:
+                self.on_beat()
+            return
         for name in self.beat_names:
             ctx.store.heartbeat(ctx.run, name, s.heartbeat_ttl_s, info)
+        if s.health_file:  # only after the ledger took the beat: the probe must not pass for a worker Redis lost
+            write_beat(s.health_file)
         self.report_traffic()
         if self.on_beat is not None:
             self.on_beat()
@@ -388,6 +402,9 @@ class WorkerLoop:
         """Last traffic numbers; the heartbeat expires at once (the worker is gone, not silent)."""
         ctx = self.ctx
         try:
+            if self.send_beat is not None:
+                self.send_beat("exited", True)
+                return
             self.report_traffic()
             for name in self.beat_names:
                 ctx.store.heartbeat(ctx.run, name, 0.001, "exited")

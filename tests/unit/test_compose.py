@@ -69,12 +69,15 @@ def _yaml_to_data(text: str, cmd: list[str]) -> Any:
     return json.loads(res.stdout)
 
 
-def _resolved(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """compose.yaml as Compose resolves it, with a clean HFGAN_* environment plus `env`."""
+def _resolved(env: dict[str, str] | None = None, files: list[Path] | None = None) -> dict[str, Any]:
+    """compose.yaml (and `files` over it) as Compose resolves it, with a clean HFGAN_* environment plus `env`."""
     cmd, major = _compose_cli()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HFGAN_", "COMPOSE_"))}
     clean.update(env or {})
-    args = [*cmd, "-f", str(COMPOSE), "config"]
+    args = [*cmd]
+    for f in files or [COMPOSE]:
+        args += ["-f", str(f)]
+    args += ["config"]
     if major >= 2:
         args += ["--format", "json"]
     res = subprocess.run(args, capture_output=True, text=True, timeout=120, env=clean, cwd=ROOT)
@@ -118,6 +121,7 @@ def _mounts(svc: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 def test_every_role_runs_its_worker_module(stack):
     services = stack["services"]
     for role in ROLES:
@@ -128,6 +132,7 @@ def test_every_role_runs_its_worker_module(stack):
     assert all(services[r].get("build") for r in ROLES), "every worker service can build the image"
 
 
+@pytest.mark.slow
 def test_workers_wait_for_healthy_broker_and_ledger(stack):
     for role in ROLES:
         deps = _depends(stack["services"][role])
@@ -143,20 +148,78 @@ def test_infrastructure_images_and_healthchecks(stack):
     for name, svc, probe in (("rabbitmq", rabbit, "rabbitmq-diagnostics"), ("redis", redis, "redis-cli")):
         test = svc.get("healthcheck", {}).get("test")
         assert test and probe in " ".join(test), f"{name} healthcheck {test!r}"
-    # Ports: "host:container" strings (1.x) or {target: container, published: host} maps (v2).
-    targets = {
-        str(p["target"]) if isinstance(p, dict) else str(p).removesuffix("/tcp").rsplit(":", 1)[-1]
-        for p in rabbit.get("ports", [])
-    }
-    assert {"5672", "15672"} <= targets, f"AMQP and management UI ports are not published: {targets}"
+    # Published: AMQP over TLS (any interface) and the management UI on 127.0.0.1 only; plain AMQP and Redis only
+    # on the compose network.
+    published = {_port_target(p): _port_host_ip(p) for p in rabbit.get("ports", [])}
+    assert published == {"5671": "", "15672": "127.0.0.1"}, published
+    assert not redis.get("ports"), "Redis must not be published on the host"
     mounts = _mounts(rabbit)
     for name in ("rabbitmq.conf", "enabled_plugins", "definitions.json"):
         assert Path(mounts[f"/etc/rabbitmq/{name}"]).resolve() == (ROOT / "broker_config" / name).resolve()
     assert Path(_mounts(redis)["/usr/local/etc/redis/redis.conf"]).resolve() == ROOT / "broker_config/redis.conf"
     assert "/usr/local/etc/redis/redis.conf" in redis["command"]
+    # Redis requires the password dev-certs made (requirepass, included from the secrets volume).
+    include = redis["command"][redis["command"].index("--include") + 1]
+    assert _mounts(redis)[str(Path(include).parent)].endswith("secrets"), redis["command"]
+    assert "redis-auth.conf" in include and "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
     # rabbitmq.conf must load the definitions from where they are mounted.
     conf = (ROOT / "broker_config" / "rabbitmq.conf").read_text()
     assert re.search(r"^load_definitions\s*=\s*/etc/rabbitmq/definitions\.json\s*$", conf, re.M)
+
+
+def _port_target(p: Any) -> str:
+    """Ports: "host:container" strings (1.x) or {target: container, published: host} maps (v2)."""
+    return str(p["target"]) if isinstance(p, dict) else str(p).removesuffix("/tcp").rsplit(":", 1)[-1]
+
+
+def _port_host_ip(p: Any) -> str:
+    if isinstance(p, dict):
+        return p.get("host_ip", "")
+    parts = str(p).removesuffix("/tcp").split(":")
+    return parts[0] if len(parts) == 3 else ""
+
+
+def test_tls_for_clients_and_the_broker(stack):
+    services = stack["services"]
+    conf = (ROOT / "broker_config" / "rabbitmq.conf").read_text()
+    assert re.search(r"^listeners\.ssl\.default\s*=\s*5671$", conf, re.M)
+    certs = {m.group(1): m.group(2) for m in re.finditer(r"^ssl_options\.(\w+)\s*=\s*(\S+)$", conf, re.M)}
+    tls_dir = next(t for t, src in _mounts(services["rabbitmq"]).items() if src.endswith("tls-server"))
+    for key in ("cacertfile", "certfile", "keyfile"):
+        assert certs[key].startswith(tls_dir + "/"), (key, certs[key])
+    # Clients (and broker-setup, which checks each client user) connect with amqps:// and a CA file they have.
+    for name in ("client", "broker-setup"):
+        url = urllib.parse.urlsplit(_env(services[name])["HFGAN_BROKER_URL"].replace("{slot}", "0"))
+        assert (url.scheme, url.port) == ("amqps", 5671), url
+        cafile = dict(urllib.parse.parse_qsl(url.query))["cafile"]
+        ca_mount = _mounts(services[name]).get(str(Path(cafile).parent), "")
+        assert ca_mount.endswith("tls-ca"), (name, cafile)
+    # dev-certs makes them before the broker and Redis start.
+    for name in ("rabbitmq", "redis"):
+        assert _depends(services[name]).get("dev-certs") == "service_completed_successfully", name
+
+
+def test_workers_have_a_heartbeat_health_check(stack):
+    for role in ROLES:
+        svc = stack["services"][role]
+        assert svc["healthcheck"]["test"] == ["CMD", "python", "-m", "workers.health"], role
+        health_file = _env(svc)["HFGAN_HEALTH_FILE"]
+        # In the container's own filesystem: on a shared volume another replica's beats would count.
+        assert not any(health_file.startswith(t.rstrip("/") + "/") for t in _mounts(svc)), (role, health_file)
+
+
+def test_local_images_override_only_images(stack):
+    local = _resolved(files=[COMPOSE, ROOT / "deploy" / "compose.local.yaml"])
+    for name, svc in stack["services"].items():
+        other = dict(local["services"][name])
+        assert other.pop("image") != svc["image"] or name not in ("rabbitmq", "redis", *ROLES), name
+        mine = {k: v for k, v in svc.items() if k != "image"}
+        if "build" in mine:  # the local build differs in its arguments only
+            assert other["build"].get("args") and mine["build"].get("args") in (None, {}), name
+            other.pop("build"), mine.pop("build")
+        for svc_doc in (other, mine):  # the merge may reorder mounts
+            svc_doc["volumes"] = sorted(map(str, svc_doc.get("volumes", [])))
+        assert other == mine, f"{name}: deploy/compose.local.yaml changes more than the image"
 
 
 def test_workers_are_scalable(stack):
@@ -174,7 +237,9 @@ def test_shared_environment_and_volumes(stack):
         env, mounts = _env(svc), _mounts(svc)
         assert env["HFGAN_CONFIG"] == "quickstart"
         assert env["HFGAN_RUN_ID"] == "compose"
-        assert env["HFGAN_STATE_URL"].startswith("redis://redis:6379/")
+        # The state URL, with Redis's password, comes from a file of the secrets volume.
+        state_file = env["HFGAN_STATE_URL_FILE"]
+        assert "HFGAN_STATE_URL" not in env and _mounts(svc)[str(Path(state_file).parent)].endswith("secrets")
         assert urllib.parse.urlsplit(env["HFGAN_BROKER_URL"]).hostname == "rabbitmq"
         assert env["HFGAN_DEVICE"] == "cpu"
         # Datasets and the run directory are shared volumes mounted where the environment points.
@@ -188,6 +253,7 @@ def test_shared_environment_and_volumes(stack):
     assert {"data", "runs"} <= {n.split("_", 1)[-1] for n in named} | named, named
 
 
+@pytest.mark.slow
 def test_preset_and_run_id_come_from_the_environment():
     stack = _resolved({"HFGAN_CONFIG": "s3_lite", "HFGAN_RUN_ID": "exp-7"})
     for role in ROLES:
@@ -245,7 +311,7 @@ def test_client_users_are_provisioned_before_clients_start(stack):
     assert command[:3] == ["hfgan", "broker", "provision-clients"], command
     args = build_parser().parse_args(command[1:])  # what the image's `hfgan` will parse
     assert args.dev_passwords and args.clients is None, "client count from $HFGAN_CONFIG, development passwords"
-    assert _env(setup)["HFGAN_CONFIG"] and _env(setup)["HFGAN_BROKER_URL"].startswith("amqp://")
+    assert _env(setup)["HFGAN_CONFIG"] and _env(setup)["HFGAN_BROKER_URL"].startswith("amqps://")
     admin = urllib.parse.urlsplit(_env(setup)["HFGAN_ADMIN_URL"])
     assert (admin.hostname, admin.port, admin.username) == ("rabbitmq", 15672, "hfgan-admin")
 
@@ -253,10 +319,12 @@ def test_client_users_are_provisioned_before_clients_start(stack):
 def test_dockerfile_installs_cpu_torch_first_and_drops_root():
     text = (ROOT / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    assert lines[0] == "FROM python:3.11-slim"
+    # The base image and torch's source are build arguments whose defaults are Docker Hub's and PyTorch's.
+    assert lines[0] == "ARG BASE_IMAGE=python:3.11-slim"
+    assert 'ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"' in lines
     torch_at = next(i for i, ln in enumerate(lines) if "torch==2.13.0" in ln)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in lines[torch_at]
-    project_at = next(i for i, ln in enumerate(lines) if re.search(r"pip install \.(\s|$)", ln))
+    assert "${TORCH_PIP_ARGS}" in lines[torch_at]
+    project_at = next(i for i, ln in enumerate(lines) if re.search(r"pip install (--no-deps )?\.(\s|$)", ln))
     assert torch_at < project_at, "torch (CPU build) must be installed before the project"
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), users

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import ssl
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from ...settings import redact_url
 from ..base import (
     TransportError,
 )
+from .tls import tls_options
 from .topology import (
     DEFAULT_BLOCKED_TIMEOUT_S,
     DEFAULT_HEARTBEAT_S,
@@ -65,6 +67,7 @@ class _Connection:
     def _parameters(url: str, name: str | None) -> pika.URLParameters:
         parts = urllib.parse.urlsplit(url)
         query = dict(urllib.parse.parse_qsl(parts.query))
+        ssl_options = tls_options(parts.scheme, parts.hostname, query)
         query.setdefault("heartbeat", str(DEFAULT_HEARTBEAT_S))
         query.setdefault("blocked_connection_timeout", str(DEFAULT_BLOCKED_TIMEOUT_S))
         query.setdefault("connection_attempts", "1")  # retries are ours (tenacity), with backoff
@@ -73,6 +76,7 @@ class _Connection:
             params = pika.URLParameters(urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query))))
         except (ValueError, TypeError) as exc:
             raise TransportError(f"bad broker URL {redact_url(url)!r}: {exc}") from exc
+        params.ssl_options = ssl_options
         params.client_properties = {"connection_name": name or f"hfgan-{os.getpid()}", "product": "hfgan"}
         return params
 
@@ -89,6 +93,8 @@ class _Connection:
             if exc.reply_code in (403, 530):
                 raise TransportError(f"broker refused the connection: {exc.reply_text}") from exc
             raise _ConnectionLost(repr(exc)) from exc
+        except ssl.SSLCertVerificationError as exc:  # a wrong CA or host name does not heal by retrying
+            raise TransportError(f"broker certificate rejected: {exc.verify_message or exc}") from exc
         except _LOST_CONN as exc:
             raise _ConnectionLost(repr(exc)) from exc
         self._conn = conn

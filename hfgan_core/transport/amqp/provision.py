@@ -25,6 +25,7 @@ from ...settings import redact_url
 from ..base import (
     TransportError,
 )
+from .connection import _Connection
 from .definitions import client_definitions
 from .topology import (
     DEFAULT_NAMESPACE,
@@ -147,8 +148,7 @@ def _wait_usable(url: str, queue: str | None, timeout: float) -> None:
     """Retry logging in at `url` (and, with `queue`, checking that it exists) until it works or `timeout` passes:
     a broker still booting, or still applying imported definitions, refuses logins for a while."""
     deadline = time.monotonic() + timeout
-    params = pika.URLParameters(url)
-    params.connection_attempts = 1
+    params = _Connection._parameters(url, "hfgan-provision")  # amqps:// with its CA file, as the workers
     while True:
         try:
             conn = pika.BlockingConnection(params)
