@@ -207,7 +207,7 @@ def print_tables(out: dict, repeats: int) -> None:
     variants = out["variants"]
     first = next(iter(variants.values()))["unsplit"]["samples_per_s"]
     batch = out["batch_per_client"] * out["clients"]
-    print(f"| code | what | samples/s (best of {repeats}) | vs the first row |\n|---|---|---|---|")
+    print(f"| code | what | samples/s (best of {out['repeats_done']}) | vs the first row |\n|---|---|---|---|")
     for name, v in variants.items():
         for row, key, label in ROWS:
             label = f"{label}, batch {batch}" if row == "unsplit" else label
@@ -219,6 +219,27 @@ def print_tables(out: dict, repeats: int) -> None:
                 print(f"{name} / baseline ({how}): {json.dumps(ratios)}")
         ph = v["embedded_round"]["phases"]
         print(f"{name}, phases of its best round (s): " + ", ".join(f"{k} {x:.2f}" for k, x in ph.items()))
+
+
+def report(args: argparse.Namespace, variants: list, runs: dict, repeats_done: int) -> dict:
+    out = {
+        "clients": args.clients,
+        "steps": args.steps,
+        "batch_per_client": 64,
+        "wire_dtype": args.wire,
+        "torch_threads": args.threads,
+        "repeats_done": repeats_done,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "variants": {name: summarize(runs[name]) for name, _, _ in variants},
+    }
+    if args.baseline_tree:
+        for name, _, _ in variants[1:]:
+            out["variants"][name]["vs_baseline"] = compare(runs[name], runs["baseline"], out["variants"], name)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    return out
 
 
 def main() -> int:
@@ -249,22 +270,8 @@ def main() -> int:
                 runs[name][kind].append(r)
                 extra = f" (steps only {r['train_samples_per_s']:.1f})" if kind == "embedded" else ""
                 print(f"repeat {i + 1} {name} {kind}: {r['samples_per_s']:.1f} samples/s{extra}", file=sys.stderr)
-    out = {
-        "clients": args.clients,
-        "steps": args.steps,
-        "batch_per_client": 64,
-        "wire_dtype": args.wire,
-        "torch_threads": args.threads,
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
-        "variants": {name: summarize(runs[name]) for name, _, _ in variants},
-    }
-    if args.baseline_tree:
-        for name, _, _ in variants[1:]:
-            out["variants"][name]["vs_baseline"] = compare(runs[name], runs["baseline"], out["variants"], name)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+        # Written after every complete repeat: on a loaded machine a long run may not be allowed to finish.
+        out = report(args, variants, runs, i + 1)
     print_tables(out, args.repeats)
     return 0
 
