@@ -115,7 +115,11 @@ class ResumeMixin:
             self._send_start(replace(start, deadline=self.deadline), waiting)
             self._maybe_close()
             return
-        # aggregating: the jobs are recorded; results that were acknowledged are recomputed, the rest re-queued.
+        self._resume_aggregating(r, docs)
+
+    def _resume_aggregating(self, r: int, docs: ledger.RoundDocs) -> None:
+        """The jobs are recorded; results that were acknowledged are recomputed, the rest re-queued."""
+        ctx, run = self.ctx, self.ctx.run
         self.phase = "aggregating"
         self._dropped = {c: "missed the round deadline" for c in self.participants if c not in self.done}
         self._late = {int(c): n for c, n in (self.server_done.late if self.server_done else {}).items()}
