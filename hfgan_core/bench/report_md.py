@@ -74,6 +74,15 @@ class Doc:
         return list(self.cfg.scenario.domain_names)
 
     @property
+    def has_fd(self) -> bool:
+        """Whether any method measured the classifier FD (reports made before it existed have no such column)."""
+        return any(
+            r.get("domains", {}).get(d, {}).get("classifier_frechet_distance") is not None
+            for r in self.results.values()
+            for d in self.domains
+        )
+
+    @property
     def domain_of(self) -> dict[int, str]:
         return {int(r["client"]): r["domain"] for r in self.rep["scenario"]["clients"]}
 
@@ -183,11 +192,15 @@ def _further_answers(doc: Doc) -> list[str]:
 
 def _results(doc: Doc) -> list[str]:
     L = ["## Results per domain", ""]
+    fd = (
+        " Classifier FD: the Fréchet distance between generated and real test images in the scoring classifier's "
+        "feature space (lower is better; not FID: no Inception network; split methods only)."
+        if doc.has_fd
+        else ""
+    )
     L.append(
         "Generation score: exp(E KL(p(y|x) || p(y))) with the domain's scoring classifier (max 10), final = "
-        "after the last round, best = best round. Classifier FD: the Fréchet distance between generated and real "
-        "test images in the scoring classifier's feature space (lower is better; not FID: no Inception network; "
-        "split methods only). Utility: a CNN trained only on generated samples, tested on "
+        f"after the last round, best = best round.{fd} Utility: a CNN trained only on generated samples, tested on "
         "the real test set (%). Modelled latency: seconds per training iteration from the cost model (see "
         "*Latency and traffic*). Wall time: measured training time on this machine (evaluation excluded). "
         "Bytes: on the wire per round."
@@ -204,16 +217,18 @@ def _results(doc: Doc) -> list[str]:
 def _domain_results(doc: Doc, d: str) -> list[str]:
     results = doc.results
     L = [f"### {d}", ""]
+    fd_head = " classifier FD |" if doc.has_fd else ""
     L.append(
-        "| method | final gen score | best gen score | classifier FD | accuracy | precision | recall | F1 | FPR | "
+        f"| method | final gen score | best gen score |{fd_head} accuracy | precision | recall | F1 | FPR | "
         "modelled latency (s/iter) | wall time train (min) | bytes/round |"
     )
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|" + ("---|" if doc.has_fd else "") + "---|---|---|---|---|---|---|---|")
     for meth, r in results.items():
         u = r["domains"].get(d, {}).get("utility") or {}
         fd = r["domains"].get(d, {}).get("classifier_frechet_distance")
+        fd_cell = f" {fmt(fd, 1)} |" if doc.has_fd else ""
         L.append(
-            f"| {label(meth)} | {fmt(final_score(r, d))} | {fmt(best_score(r, d))} | {fmt(fd, 1)} | "
+            f"| {label(meth)} | {fmt(final_score(r, d))} | {fmt(best_score(r, d))} |{fd_cell} "
             f"{fmt(u.get('accuracy'))} | "
             f"{fmt(u.get('precision'))} | {fmt(u.get('recall'))} | {fmt(u.get('f1'))} | "
             f"{fmt(u.get('fpr'))} | {fmt(r.get('modelled_latency_s'), 3)} | "

@@ -171,7 +171,7 @@ def calibrate(cfg: RunConfig, test_set: Any, log: Callable[[str], None] = print)
     gan = UnsplitGAN(cfg, dev)
     b = cfg.scenario.total_clients * cfg.train.batch_size
     rng = torch.Generator().manual_seed(0)
-    x = torch.rand(b, 1, 28, 28, generator=rng) * 2 - 1
+    x = torch.rand(b, *cfg.model.image_shape, generator=rng) * 2 - 1
     y = torch.randint(0, cfg.model.num_classes, (b,), generator=rng)
     z = torch.randn(b, cfg.model.z_dim, generator=rng)
     gan.train_step(x, y, z)  # warm-up

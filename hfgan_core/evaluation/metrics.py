@@ -15,7 +15,7 @@ Definitions follow the reference implementation (HuSCF-GAN, Metrics/evaluation.p
   FP / (FP + TN), 0 when undefined, averaged), all in percent. Classes are those that occur in the true or the
   predicted labels (scikit-learn's `unique_labels`). Implemented with numpy; no scikit-learn.
 
-A generator is a callable `generate(labels: LongTensor[B], z: FloatTensor[B, z_dim]) -> images [B, 1, 28, 28]` in
+A generator is a callable `generate(labels: LongTensor[B], z: FloatTensor[B, z_dim]) -> images [B, C, H, W]` in
 [-1, 1], e.g. the model composed from a cluster's layers in eval mode; it is called under `torch.no_grad()`.
 Generation runs in batches of `batch_size` (default 250): eval-mode BatchNorm makes the result independent of it.
 """

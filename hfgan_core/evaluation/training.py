@@ -1,6 +1,6 @@
 """Image-set adapters and the plain supervised training / inference loops shared by the evaluation classifiers.
 
-Evaluation code takes images as float32 [N, 1, 28, 28] in [-1, 1] (the reference normalises with
+Evaluation code takes images as float32 [N, C, H, W] in [-1, 1] (the reference normalises with
 ToTensor + Normalize(0.5, 0.5)) and labels as int64 [N]. It accepts anything with `.images` and `.labels` (the
 `ImageSet` of `hfgan_core.data`) or a plain `(images, labels)` pair, so it does not depend on the data package.
 uint8 images (raw IDX pixels) are converted with the reference's normalisation.

@@ -239,6 +239,8 @@ class ServerRole(Role):
             return
         waiting = self._waiting_for()
         deadline = max((p.deadline() for p in self.pace.values() if len(p)), default=self._fixed_deadline())
+        if 2 * len(waiting & set(self.pending)) < len(waiting):
+            deadline *= self._spike_factor()  # most have not sent yet: the host is slow, not they
         if not waiting <= set(self.pending) and now - self.pending_since < deadline:
             return
         members = sorted(self.pending)
@@ -394,11 +396,18 @@ class ServerRole(Role):
         rt = self.ctx.cfg.runtime
         return rt.step_deadline_s if rt.straggler_factor <= 0 else math.inf
 
+    def _spike_factor(self) -> float:
+        return max(1.0, self.ctx.cfg.runtime.straggler_factor)
+
     def _phase_deadline(self, w: _Window) -> float:
         pace = self.pace[w.phase]
-        if pace.factor > 0 and len(pace) < len(w.members) and 2 * len(w.inbox) < len(w.members):
-            # Too little measured yet (the first windows): a member is late only once half of its peers answered.
-            return math.inf
+        if pace.factor > 0 and 2 * len(w.inbox) < len(w.members):
+            if len(pace) < len(w.members):
+                # Too little measured yet (the first windows): a member is late only once half its peers answered.
+                return math.inf
+            # Most members have not answered: the host slowed them all (a load spike the median has not caught up
+            # with), not one of them. They get factor times longer; a dead member is dropped all the same.
+            return pace.deadline() * self._spike_factor()
         return pace.deadline()
 
     # ---------------------------------------------------------------------------------------------- round end

@@ -291,8 +291,8 @@ def test_a_standby_coordinator_takes_over_and_a_second_leader_is_refused(e2e):
     leader.send_signal(signal.SIGKILL)
     leader.wait()
     # The standby takes the lease once it expires, and resumes the run the ledger records (still admitting).
-    wait_for(logs / "b.log", "leading run", timeout=30)
-    wait_for(logs / "b.log", "resuming run", timeout=30)
+    wait_for(logs / "b.log", "leading run", timeout=120)
+    wait_for(logs / "b.log", "resuming run", timeout=120)
     store = open_store(e2e["redis"])
     try:
         assert store.get_round(e2e["run"]) == (0, "admitting")
@@ -300,7 +300,7 @@ def test_a_standby_coordinator_takes_over_and_a_second_leader_is_refused(e2e):
     finally:
         store.close()
     standby.send_signal(signal.SIGTERM)
-    assert standby.wait(timeout=30) == 0
+    assert standby.wait(timeout=120) == 0
     assert "stopped in round 0" in (logs / "b.log").read_text()
 
 
@@ -337,5 +337,5 @@ def test_worker_exit_codes(e2e, tmp_path):
     finally:
         store.close()
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=30) == 0
+    assert p.wait(timeout=120) == 0
     assert "SIGTERM received" in log.read_text()

@@ -7,6 +7,8 @@ re-planner records what the coordinator hands it and answers with different cuts
 
 from __future__ import annotations
 
+import pytest
+
 from hfgan_core.config import (
     DevicesConfig,
     DomainConfig,
@@ -22,6 +24,7 @@ from hfgan_core.runtime.embedded import EmbeddedRunner
 NEW_CUTS = [CutBits(1, 1, 1, 1), CutBits(0, 0, 0, 0), CutBits(1, 0, 1, 0)]
 
 
+@pytest.mark.slow
 def test_replanned_cuts_reach_clients_and_server():
     cfg = RunConfig(
         scenario=ScenarioConfig(domains=(DomainConfig("synthetic", 3),)),

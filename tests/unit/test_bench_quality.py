@@ -101,6 +101,7 @@ def full_bench(bench_env):
 # The whole bench
 
 
+@pytest.mark.slow
 def test_every_method_runs_and_writes_its_summary(full_bench):
     out, rep, _ = full_bench
     assert list(rep["methods"]) == list(METHODS)
@@ -134,6 +135,7 @@ def test_every_method_runs_and_writes_its_summary(full_bench):
     assert fed["modelled_latency_s"] > rep["methods"]["huscf"]["modelled_latency_s"]
 
 
+@pytest.mark.slow
 def test_report_has_every_method_and_domain_the_answers_and_the_scale(full_bench):
     out, rep, _ = full_bench
     md = (out / "report.md").read_text()
@@ -161,6 +163,7 @@ def test_report_has_every_method_and_domain_the_answers_and_the_scale(full_bench
     assert f"synthetic test accuracy {scorer['test_accuracy']:.2f}% (seed 0, 1 epochs" in md
 
 
+@pytest.mark.slow
 def test_the_scoring_classifier_does_not_depend_on_the_training_seed(tmp_path, monkeypatch):
     from hfgan_core.data import load_scenario_data
     from hfgan_core.runtime.recorder import classifier_facts, ensure_classifiers
@@ -177,6 +180,7 @@ def test_the_scoring_classifier_does_not_depend_on_the_training_seed(tmp_path, m
     assert digests[0] == digests[1]  # the same instrument, bit for bit
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_methods_and_refuses_other_settings(full_bench, bench_env):
     out, rep, _ = full_bench
     files = {m: out / "runs" / m / quality.RESULT_FILE for m in METHODS}
@@ -195,6 +199,7 @@ def test_rerun_skips_finished_methods_and_refuses_other_settings(full_bench, ben
 # Baselines
 
 
+@pytest.mark.slow
 def test_fedgan_average_is_the_weighted_mean_loaded_by_every_client(tmp_path):
     cfg = tiny_cfg(tmp_path)
     gans = [UnsplitGAN(cfg, seed=s) for s in (1, 2, 3)]
@@ -243,6 +248,7 @@ def _ctx(baseline_ctx, root, method):
     return BaselineContext(cfg, data, classifiers, root / method, root / "samples", log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_fedgan_clients_end_identical_and_local_only_clients_never_average(baseline_ctx, tmp_path):
     cfg, data, _ = baseline_ctx
     initial = model_state(UnsplitGAN(cfg, seed=cfg.train.seed))
@@ -270,6 +276,7 @@ def test_fedgan_clients_end_identical_and_local_only_clients_never_average(basel
     assert all(torch.allclose(l0[k].float(), mine[k].float(), rtol=0, atol=1e-6) for k in l0)
 
 
+@pytest.mark.slow
 def test_centralized_pools_each_domain_and_draws_the_domains_batch(baseline_ctx, tmp_path):
     cfg, data, _ = baseline_ctx
     run = run_baseline(_ctx(baseline_ctx, tmp_path, "centralized"), "centralized")

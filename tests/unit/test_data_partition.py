@@ -80,6 +80,7 @@ def _many(dist: str, seed: int = 42):
     return partition(sc, sets), sets["synthetic"].labels_numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dist, count_p, tiers",
     [
@@ -121,6 +122,7 @@ def test_noniid_client_keeps_its_share_minus_excluded_labels_when_under_the_cap(
     assert any(s.excluded_labels for s in shards) and any(not s.excluded_labels for s in shards)
 
 
+@pytest.mark.slow
 def test_partition_is_deterministic_and_seeded():
     a, _ = _many("noniid", seed=42)
     b, _ = _many("noniid", seed=42)

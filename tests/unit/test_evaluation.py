@@ -211,6 +211,7 @@ def test_metrics_with_a_class_only_predicted_follow_sklearn_label_union():
         confusion_matrix([0, 5], [0, 1], labels=[0, 1])
 
 
+@pytest.mark.slow
 def test_utility_metrics_learn_a_separable_generated_domain():
     x_test, y_test = band_set(500, seed=99)
     gen = band_generator()
@@ -300,6 +301,7 @@ def test_class_grid_has_one_row_per_class(tmp_path):
         assert abs(int(px[2 + 30 * r + 10, 2 + 30 * 2 + 10]) - expected) <= 1
 
 
+@pytest.mark.slow
 def test_plot_scores_writes_a_png(tmp_path):
     path = plot_scores(
         {"MNIST": [(1, 2.0), (2, 3.5), (3, float("nan"))], "FashionMNIST": [(1, 1.5)]}, tmp_path / "scores.png"
@@ -420,6 +422,7 @@ def mnist_subset():
     return (x_train[keep], y_train[keep]), test
 
 
+@pytest.mark.slow
 def test_fit_scoring_classifier_on_5k_mnist_one_epoch(mnist_subset):
     train, test = mnist_subset
     model, acc = fit_classifier(train, test, epochs=1, seed=0)
@@ -427,6 +430,7 @@ def test_fit_scoring_classifier_on_5k_mnist_one_epoch(mnist_subset):
     assert isinstance(model, ScoringClassifier) and not model.training
 
 
+@pytest.mark.slow
 def test_cli_fit_classifiers(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="hfgan")
     eval_cli.add_parser(parser.add_subparsers(dest="command"))

@@ -221,6 +221,7 @@ def test_an_aggregation_result_must_be_the_recorded_model():
     assert 0 in role.results
 
 
+@pytest.mark.slow
 def test_a_round_aggregates_when_an_arrived_client_has_no_kld_score():
     """Client 1's real-data passes never reached the server (all its steps dropped): the clustering result has no
     score for it. The coordinator weights it like the least similar client instead of failing the round."""

@@ -211,6 +211,7 @@ def test_silhouette_hand_computed():
     assert s == pytest.approx((1 - 1 / 10 + 1 - 1 / 9) / 4)
 
 
+@pytest.mark.slow
 def test_choose_k_finds_the_blob_count_and_one_without_structure():
     x2, _ = _blobs([0, 1], per=5, dim=100, seed=1)
     x4, _ = _blobs([0, 1, 2, 3], per=4, dim=100, seed=2)

@@ -125,3 +125,23 @@ def test_a_window_of_equally_slow_members_drops_nobody_where_a_fixed_deadline_dr
         assert _drops(h) == expected, factor
         if factor:  # the paced server went on with every member
             assert h.server.window is not None and h.server.window.members == [0, 1, 2]
+
+
+def test_a_load_spike_that_slows_every_member_makes_none_of_them_late():
+    h = Harness(straggler_factor=3.0)
+    t = 0.0
+    h.release(0, 1, 2, at=t)
+    for _ in range(5):  # step 1: every phase answered by everyone after 1 s
+        t += 1.0
+        h.release(0, 1, 2, at=t)
+    assert h.server.windows_run == 1 and _drops(h) == {}
+    h.release(0, 1, 2, at=t)  # the step-2 activations: the second window
+    w = h.server.window
+    assert w is not None and w.steps == {0: 1, 1: 1, 2: 1}
+    # Now the host gets ten times slower for everyone: 3.5 s pass (the measured deadline is 3 x 1 s) and nobody has
+    # answered. Nobody is late: most members missing means the host, not a member, is slow.
+    h.server.tick(t + 3.5)
+    assert _drops(h) == {} and h.server.window is w
+    h.release(0, 1, at=t + 8.0)  # two answer after 8 s; the third has not answered 9 s in: it is dropped
+    h.server.tick(t + 9.1)
+    assert _drops(h) == {2: 1}

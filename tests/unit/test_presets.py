@@ -69,6 +69,7 @@ def test_s3_lite_matches_the_reference_run():
     assert t.steps_per_epoch is None and -(-1500 // t.batch_size) == 24
 
 
+@pytest.mark.slow
 def test_quickstart_partitions_on_synthetic_data(tmp_path):
     cfg = load_config("quickstart").with_overrides("runtime", data_dir=str(tmp_path))
     data = load_scenario_data(cfg, allow_synthetic_fallback=True)

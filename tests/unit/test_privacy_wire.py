@@ -11,6 +11,7 @@ Checked:
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hfgan_core.config import DomainConfig, RunConfig, RuntimeConfig, ScenarioConfig, TrainConfig
@@ -58,6 +59,7 @@ class SpiedData(TensorClientData):
         return x, y
 
 
+@pytest.mark.slow
 def test_nothing_private_leaves_a_client(monkeypatch):
     cfg = RunConfig(
         scenario=ScenarioConfig(domains=(DomainConfig("synthetic", 4),)),

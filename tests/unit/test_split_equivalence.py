@@ -90,6 +90,7 @@ def run_split_step(cfg: RunConfig, datas: list[TensorClientData], steps: int = 1
 # ------------------------------------------------------------------------------------------ one client, 16 cuts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", list(itertools.product((0, 1), repeat=4)), ids=lambda b: "".join(map(str, b)))
 def test_one_client_matches_unsplit(bits):
     cfg = make_cfg(1, [bits])
@@ -239,6 +240,7 @@ def direct_reference_steps(cfg: RunConfig, datas: list[TensorClientData], steps:
     return client_g, client_d, server_g, server_d, history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [1, 2])
 def test_several_clients_match_direct_reference(steps):
     bits = [(0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0), (0, 1, 1, 0)]

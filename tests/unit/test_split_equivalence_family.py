@@ -48,11 +48,13 @@ def _run(bits: tuple[int, ...], size: int, channels: int, monkeypatch) -> None:
     assert made == [(channels, size, size)]  # the check ran on this family member
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", list(itertools.product((0, 1), repeat=4)), ids=lambda b: "".join(map(str, b)))
 def test_32x32_rgb_one_client_matches_unsplit(bits, monkeypatch):
     _run(bits, 32, 3, monkeypatch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [(0, 0, 0, 0), (1, 1, 1, 1)], ids=lambda b: "".join(map(str, b)))
 def test_64x64_rgb_one_client_matches_unsplit(bits, monkeypatch):
     _run(bits, 64, 3, monkeypatch)

@@ -9,6 +9,8 @@ Two ways an update goes unused, each over the memory transport with real deadlin
 
 from __future__ import annotations
 
+import pytest
+
 from hfgan_core.config import DomainConfig, RunConfig, RuntimeConfig, ScenarioConfig, TrainConfig
 from hfgan_core.data import TensorClientData
 from hfgan_core.protocol import ClientUpdate, ServerUpdate, decode
@@ -52,6 +54,7 @@ def settled(runner, rounds):
     return aggregated, discarded
 
 
+@pytest.mark.slow
 def test_an_update_without_its_report_is_discarded_with_a_reason():
     runner, result, published = run(quorum=0.5, silent_client=2, silent_rounds={1})
     assert [r.aggregated for r in result.reports] == [True, True]
@@ -64,6 +67,7 @@ def test_an_update_without_its_report_is_discarded_with_a_reason():
     assert "no round report" in discarded[lost[0]]
 
 
+@pytest.mark.slow
 def test_a_round_without_quorum_discards_its_updates_with_a_reason():
     runner, result, published = run(quorum=1.0, silent_client=1, silent_rounds={1})
     assert [r.aggregated for r in result.reports] == [False, True]

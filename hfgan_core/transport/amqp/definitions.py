@@ -35,13 +35,13 @@ def check_password_hash(password: str, password_hash: str) -> bool:
     return hmac.compare_digest(raw, base64.b64decode(hash_password(password, raw[:4])))
 
 
-def _user(name: str, password: str, tags: list[str]) -> dict[str, Any]:
+def _user(name: str, password: str, tags: list[str], limits: dict[str, int] | None = None) -> dict[str, Any]:
     return {
         "name": name,
         "password_hash": hash_password(password),
         "hashing_algorithm": "rabbit_password_hashing_sha256",
         "tags": tags,
-        "limits": {},
+        "limits": dict(limits or {}),
     }
 
 
@@ -91,7 +91,7 @@ def client_definitions(
     out: dict[str, list[dict[str, Any]]] = {"users": [], "permissions": [], "queues": [], "bindings": []}
     for k, password in sorted(clients.items()):
         user = client_username(k, namespace)
-        out["users"].append(_user(user, password, []))
+        out["users"].append(_user(user, password, [], names.limits.client_user_limits()))
         out["permissions"].append({"user": user, "vhost": vhost, **client_permissions(names, k)})
         qname, qargs, (ex, _, rk) = names.client_queue(k)
         out["queues"].append({"name": qname, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": qargs})

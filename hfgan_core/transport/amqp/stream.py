@@ -35,7 +35,9 @@ class _UpdateLog:
         self, offset: int | str, *, first_wait: float, idle: float, stop_at: int | None, follow_s: float | None = None
     ) -> list[tuple[int, dict[str, Any], bytes]]:
         """(offset, headers, body) of the stream's messages from `offset`: waits up to `first_wait` for the first,
-        then stops after `idle` seconds without one, or once `stop_at` was reached and nothing followed briefly.
+        then stops after `idle` seconds without one (or 3x the longest wait for a record so far, when that is longer:
+        a busy broker or host delivers slower, and a read must not end early because of it), or once `stop_at` was
+        reached and nothing followed briefly.
 
         Acknowledgements are the stream's credit: once `stop_at` is reached (or `follow_s` seconds after the first
         record) nothing more is acknowledged, so the broker stops after the prefetch window even while records keep
@@ -43,12 +45,13 @@ class _UpdateLog:
         pika's `BlockingChannel.basic_cancel` or `close` (they reject what the consumer holds)."""
         out: list[tuple[int, dict[str, Any], bytes]] = []
         ch = self._conn.channel()
-        flow: dict[str, Any] = {"ack": True, "until": None}
+        flow: dict[str, Any] = {"ack": True, "until": None, "start": time.monotonic()}
         try:
             ch.basic_qos(prefetch_count=STREAM_PREFETCH)  # streams require a prefetch; acks are credit
 
             def on_message(c: Any, method: Any, props: Any, body: bytes) -> None:
                 headers = dict(props.headers or {})
+                headers["user_id"] = props.user_id  # the broker checked it against the publishing connection
                 off = int(headers.get("x-stream-offset", -1))
                 out.append((off, headers, body))
                 if stop_at is not None and off >= stop_at:
@@ -56,7 +59,9 @@ class _UpdateLog:
                 if follow_s is not None:
                     now = time.monotonic()
                     if flow["until"] is None:
-                        flow["until"] = now + follow_s
+                        # Ten times as long as the first record took, at least: a busy broker delivers the rest of
+                        # the last chunk (a whole chunked update, often) slower too, and the tail must reach its end.
+                        flow["until"] = now + max(follow_s, 10 * (now - flow["start"]))
                     elif now >= flow["until"]:
                         flow["ack"] = False
                 if flow["ack"]:
@@ -65,10 +70,12 @@ class _UpdateLog:
             ch.basic_consume(self.names.updates, on_message, auto_ack=False, arguments={"x-stream-offset": offset})
             start = last = time.monotonic()
             seen = 0
+            slowest = 0.0  # the longest wait for a record so far (the first one's included)
             while True:
                 self._conn.process_data_events(time_limit=0.02)
                 now = time.monotonic()
                 if len(out) != seen:
+                    slowest = max(slowest, now - last)
                     seen, last = len(out), now
                     continue
                 if not out:
@@ -77,7 +84,7 @@ class _UpdateLog:
                 elif stop_at is not None and out[-1][0] >= stop_at:
                     if now - last >= min(idle, 0.05):
                         break
-                elif now - last >= idle:
+                elif now - last >= max(idle, 3 * slowest):
                     break
         finally:
             flow["ack"] = False
@@ -124,30 +131,33 @@ class _UpdateLog:
         from_offset = max(0, int(from_offset))
 
         def run() -> list[tuple[int, dict[str, Any], bytes]]:
-            tail = self._log_tail(min(timeout, self.log_idle))
+            tail = self._log_tail(timeout)  # the first record may take a while on a busy host
             if tail <= from_offset:
                 return []
             return self._read_stream(from_offset, first_wait=timeout, idle=self.log_idle, stop_at=tail - 1)
 
         raw = self._retrying(run, "read_log")
         records: list[LogRecord] = []
-        partials: dict[str, tuple[int, int, dict[int, bytes]]] = {}
+        # Chunks are grouped per publisher: nobody can complete or spoil another user's record with chunks of its own.
+        partials: dict[tuple[str | None, str], tuple[int, int, dict[int, bytes]]] = {}
         for offset, headers, body in raw:
             if offset < from_offset:
                 continue  # a stream starts delivering at the beginning of the chunk holding from_offset
+            user = headers.get("user_id")
             rnd = headers.get(H_ROUND, -1)
             if not isinstance(rnd, int) or isinstance(rnd, bool):
                 log.warning("update log record at %d skipped: its round header is %r", offset, type(rnd).__name__)
                 continue
             if H_CHUNK_ID not in headers:
-                records.append(LogRecord(offset, rnd, body))
+                records.append(LogRecord(offset, rnd, body, user))
                 continue
             try:
                 cid, index, count = chunk_header(headers, self.chunk_limits)
             except WireError as exc:  # anyone who may append may append junk: skipped, never fatal
                 log.warning("update log record at %d skipped: %s", offset, exc)
                 continue
-            first, known, pieces = partials.setdefault(cid, (offset, count, {}))
+            key = (user, cid)
+            first, known, pieces = partials.setdefault(key, (offset, count, {}))
             if known != count:
                 log.warning(
                     "update log record at %d skipped: chunk count %d, its first chunk said %d", offset, count, known
@@ -155,9 +165,9 @@ class _UpdateLog:
                 continue
             pieces.setdefault(index, body)
             if len(pieces) == count:
-                records.append(LogRecord(first, rnd, b"".join(pieces[i] for i in range(count))))
-                partials[cid] = (first, count, {})  # completed: later duplicates start a new (ignored) partial
-        for cid, (first, count, pieces) in partials.items():
+                records.append(LogRecord(first, rnd, b"".join(pieces[i] for i in range(count)), user))
+                partials[key] = (first, count, {})  # completed: later duplicates start a new (ignored) partial
+        for (_, cid), (first, count, pieces) in partials.items():
             # Without its first chunk the record began before from_offset (expected when a round's offset follows
             # the previous round's last chunk); with it, chunks are missing (retention, or a writer that died).
             if 0 in pieces:

@@ -35,6 +35,45 @@ H_CHUNK_INDEX = "x-hfgan-chunk-index"
 H_CHUNK_COUNT = "x-hfgan-chunk-count"
 _CHUNK_HEADERS = (H_CHUNK_ID, H_CHUNK_INDEX, H_CHUNK_COUNT)
 
+GIB = 1024 * MIB
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """Broker-side bounds (docs/wire.md): bytes of ready messages per queue, and the limits of each client user.
+
+    A full work or client queue refuses new publishes (`x-overflow: reject-publish`: the publisher's confirm is a
+    nack, a TransportError), so nothing queued is dropped; the dead-letter queue drops its oldest instead
+    (`drop-head`), so rejecting a message never fails. Client users are limited in connections and channels
+    (RabbitMQ user limits); infrastructure users are not (trusted, and aggregators share one user)."""
+
+    server_bytes: int = 2 * GIB
+    coordinator_bytes: int = 512 * MIB
+    clustering_bytes: int = 1 * GIB
+    aggregate_bytes: int = 64 * MIB
+    client_bytes: int = 256 * MIB
+    dead_bytes: int = 1 * GIB
+    other_bytes: int = 512 * MIB  # the queue of a role added to the registry (roles.py)
+    client_max_connections: int = 4  # one transport, plus reconnects the broker has not noticed yet
+    client_max_channels: int = 64  # a transport opens one per consumer, plus publishing and declaring
+
+    def queue_bytes(self, address: str) -> int:
+        if address.startswith("client."):
+            return self.client_bytes
+        return {
+            SERVER: self.server_bytes,
+            COORDINATOR: self.coordinator_bytes,
+            CLUSTERING: self.clustering_bytes,
+            AGGREGATE: self.aggregate_bytes,
+        }.get(address, self.other_bytes)
+
+    def client_user_limits(self) -> dict[str, int]:
+        """The `limits` of a client user in a definitions document (rabbitmqctl set_user_limits' keys)."""
+        return {"max-connections": self.client_max_connections, "max-channels": self.client_max_channels}
+
+
+DEFAULT_QUEUE_LIMITS = QueueLimits()
+
 
 def single_consumer(address: str) -> bool:
     """Whether `address`'s queue has one active consumer (`x-single-active-consumer`) rather than competing ones:
@@ -53,6 +92,7 @@ class Names:
     """Broker entity names for one namespace (tests use throw-away namespaces so they never collide)."""
 
     namespace: str = DEFAULT_NAMESPACE
+    limits: QueueLimits = DEFAULT_QUEUE_LIMITS
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_-]{0,40}", self.namespace):
@@ -102,9 +142,16 @@ class Names:
             (self.dlx, "fanout"),
         ]
 
-    def work_queue_args(self, single_consumer: bool) -> dict[str, Any]:
-        args: dict[str, Any] = {"x-queue-type": "classic", "x-dead-letter-exchange": self.dlx}
-        if single_consumer:
+    def work_queue_args(self, address: str) -> dict[str, Any]:
+        """Arguments of the queue of a point-to-point address: dead letters to the DLX, bounded in bytes (a full
+        queue refuses publishes), a single active consumer unless its role's consumers compete (`aggregate`)."""
+        args: dict[str, Any] = {
+            "x-queue-type": "classic",
+            "x-dead-letter-exchange": self.dlx,
+            "x-max-length-bytes": self.limits.queue_bytes(address),
+            "x-overflow": "reject-publish",
+        }
+        if single_consumer(address):
             args["x-single-active-consumer"] = True
         return args
 
@@ -117,11 +164,16 @@ class Names:
         }
 
     def dead_args(self) -> dict[str, Any]:
-        return {"x-queue-type": "classic", "x-max-length": DEAD_MAX_LENGTH}
+        return {
+            "x-queue-type": "classic",
+            "x-max-length": DEAD_MAX_LENGTH,
+            "x-max-length-bytes": self.limits.dead_bytes,
+            "x-overflow": "drop-head",
+        }
 
     def queues(self) -> list[tuple[str, dict[str, Any]]]:
         """The static queues with their arguments (client queues are per client, see `client_queue`)."""
-        out = [(self.queue(a), self.work_queue_args(single_consumer(a))) for a in (SERVER, *_WORK_KEYS)]
+        out = [(self.queue(a), self.work_queue_args(a)) for a in (SERVER, *_WORK_KEYS)]
         out.append((self.updates, self.stream_args()))
         out.append((self.dead, self.dead_args()))
         return out
@@ -136,7 +188,7 @@ class Names:
 
     def client_queue(self, client: int) -> tuple[str, dict[str, Any], tuple[str, str, str]]:
         name = self.queue(f"client.{int(client)}")
-        return name, self.work_queue_args(True), (self.split, name, f"client.{int(client)}")
+        return name, self.work_queue_args(f"client.{int(client)}"), (self.split, name, f"client.{int(client)}")
 
 
 def _definition_entities(names: Names, vhost: str) -> dict[str, list[dict[str, Any]]]:

@@ -33,13 +33,14 @@ from .topology import (
     _WORK_KEYS,
     DEFAULT_MAX_FRAME_BODY,
     DEFAULT_NAMESPACE,
+    DEFAULT_QUEUE_LIMITS,
     H_ADDRESS,
     H_CHUNK_ID,
     H_REASON,
     H_REJECTED_BY,
     NO_CHUNK_ADDRESSES,
     Names,
-    single_consumer,
+    QueueLimits,
 )
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
     - `reconnect_timeout` (60 s) and `reconnect_max_wait` (5 s): how long and how far apart reconnects are tried;
     - `chunk_timeout` (120 s): an incomplete chunked message older than this is dead-lettered;
     - `chunk_limits` (`ChunkLimits()`): chunks per message, incomplete messages and bytes per sender, prefetch;
+    - `queue_limits` (`QueueLimits()`): the bytes each queue it declares may hold (must match the broker's);
     - `log_idle` (0.25 s): `read_log` stops when no record arrives for this long;
     - `name`: connection name shown by the broker.
     URL query parameters (`heartbeat`, `blocked_connection_timeout`, `socket_timeout`, ...) are pika's.
@@ -89,13 +91,14 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
         log_idle: float = 0.25,
         name: str | None = None,
         chunk_limits: ChunkLimits = DEFAULT_CHUNK_LIMITS,
+        queue_limits: QueueLimits = DEFAULT_QUEUE_LIMITS,
     ):
         if topology not in ("auto", "declare", "passive"):
             raise TransportError(f"topology must be auto, declare or passive, not {topology!r}")
         if int(max_frame_body) < 1024:
             raise TransportError("max_frame_body must be at least 1024 bytes")
         self.url = url
-        self.names = Names(namespace)
+        self.names = Names(namespace, queue_limits)
         self.max_frame_body = int(max_frame_body)
         self.topology = topology
         self.reconnect_timeout = float(reconnect_timeout)
@@ -217,7 +220,7 @@ class AmqpTransport(_Connection, _Chunking, _UpdateLog, Transport):
             # Declared again here, not only at start-up: a consumer is restarted after its queue was deleted.
             queue = self.names.queue(address)
             exchange, key, _ = self._route(address)
-            self._declare_queue(queue, self.names.work_queue_args(single_consumer(address)))
+            self._declare_queue(queue, self.names.work_queue_args(address))
             self._bind(exchange, queue, key)
         ch = self._conn.channel()
         try:
