@@ -309,6 +309,8 @@ class RuntimeConfig:
     emulate_devices: bool = False
     emulate_slowdown: tuple[tuple[int, float], ...] = ()  # (client index, factor) pairs
     torch_threads: int | None = None
+    # Hold conv/BatchNorm weights channels-last (faster on CPU; not bit-identical to the default layout).
+    channels_last: bool = False
     # Complete per-round checkpoints kept in the run directory (older ones are deleted); 0 keeps them all.
     keep_checkpoints: int = 3
     # Per-round scalars and sample grids for TensorBoard (tensorboard.py), written by whoever records the run.

@@ -234,6 +234,7 @@ BUILTIN = (
             ("run_end", ("server", "client")),
             ("aggregate_job", ("aggregator",)),
             ("round_event", (ANY,)),
+            ("slot_grant", (ANY,)),  # an event: on `events.slot.<owner>`, for a client process (runtime/slots.py)
         ),
         serve="hfgan_core.runtime.serve_coordinator:serve_coordinator",
         embedded=f"{_E}:coordinator_roles",
@@ -290,6 +291,7 @@ BUILTIN = (
         addresses=("client.{n}",),
         sends=(
             ("join", ("coordinator",)),
+            ("client_heartbeat", ("coordinator",)),
             *((k, ("server",)) for k in _SPLIT_UP),
             ("round_done", ("coordinator",)),
             ("client_update", (UPDATE_LOG,)),

@@ -97,6 +97,21 @@ def draw_client_profile(
     return labels, cap
 
 
+def shard_cap(scenario: ScenarioConfig, client: int) -> int:
+    """The most samples client `client` can hold in this scenario (its size cap, step 3), from the config alone:
+    the coordinator admits no larger sample count from a client's join."""
+    domains = scenario.client_domains()
+    if not 0 <= client < len(domains):
+        raise ValueError(f"client {client} is outside 0..{len(domains) - 1}")
+    dom = scenario.domains[domains[client]]
+    base = (
+        dom.samples_per_client
+        if dom.samples_per_client is not None
+        else scenario.reference_train_size // scenario.total_clients
+    )
+    return draw_client_profile(scenario.distribution, scenario.partition_seed, client, base)[1]
+
+
 def partition(
     scenario: ScenarioConfig, train_sets: Mapping[str, ImageSet], only_domains: Collection[int] | None = None
 ) -> list[ClientShard]:

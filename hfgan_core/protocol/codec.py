@@ -73,7 +73,9 @@ def tensor_to_wire(t: torch.Tensor, wire_dtype: torch.dtype | None = None) -> di
     if name is None:
         raise WireError("bad_dtype", f"cannot send tensors of dtype {t.dtype}")
     raw = t.view(_RAW_VIEW[t.dtype]) if t.dtype in _RAW_VIEW else t
-    return {"dtype": name, "shape": list(t.shape), "data": raw.numpy().tobytes()}
+    # A byte view of the tensor's memory, not a copy: msgpack copies it once, straight into the message body (the
+    # view keeps the tensor alive until then).
+    return {"dtype": name, "shape": list(t.shape), "data": memoryview(raw.reshape(-1).numpy()).cast("B")}
 
 
 def tensor_from_wire(obj: dict, limits: Limits, where: str) -> torch.Tensor:
@@ -118,6 +120,11 @@ def tensor_from_wire(obj: dict, limits: Limits, where: str) -> torch.Tensor:
 
 def is_finite(t: torch.Tensor) -> bool:
     if not t.is_floating_point():
+        return True
+    # A sum is NaN or infinite whenever any element is, so a finite sum proves every element finite in one
+    # reduction with no temporary; only a sum that overflowed (or a tensor that really holds inf/NaN) takes the
+    # element-wise check.
+    if t.numel() and bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
 

@@ -574,4 +574,32 @@ class RoundEvent(Message):
     detail: dict[str, str] = _f("strmap", default={})
 
 
+@register
+@dataclass(frozen=True, kw_only=True)
+class ClientHeartbeat(Message):
+    """Client -> coordinator: process `owner` holds (or asks for) slot `client`; the first one is the request."""
+
+    KIND: ClassVar[str] = "client_heartbeat"
+    PERSISTENT: ClassVar[bool] = False
+    client: int = _f("int")
+    owner: str = _f("str")
+    info: str = _f("str", default="")
+    traffic: dict[str, float] = _f("floatmap", default={})  # bytes_sent, messages_sent so far
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class SlotGrant(Message):
+    """Coordinator -> `events.slot.<owner>`: the slot is the owner's (granted), or not; then `free_slot` is one
+    that is free (-1: none, wait as a spare)."""
+
+    KIND: ClassVar[str] = "slot_grant"
+    PERSISTENT: ClassVar[bool] = False
+    client: int = _f("int")
+    owner: str = _f("str")
+    granted: bool = _f("bool")
+    free_slot: int = _f("int", default=-1)
+    reason: str = _f("str", default="")
+
+
 ALL_KINDS = tuple(REGISTRY.values())

@@ -15,67 +15,164 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
+import msgpack
 import torch
 
-from ..federation import client_layers, member_full_state, server_layers, state_digest, weighted_average
+from .. import roles
+from ..federation import (
+    StateLayout,
+    client_layers,
+    member_full_state,
+    server_layers,
+    state_digest,
+    weighted_average,
+)
+from ..federation.robust import CLIP_MULTIPLE, Screened, screen_members
 from ..model import CutBits, architecture
 from ..protocol import AggregateDone, AggregateJob, ClientUpdate, Message, ModelAssignment, ServerModel, ServerUpdate
 from ..protocol import decode as decode_message
 from ..transport import AGGREGATE, COORDINATOR, SERVER, client_address
+from ..transport.base import LogRecord
+from . import ledger
 from .host import Reject, Role, RoleContext
 from .ledger import job_name
 
 
 class UpdateSet:
-    """The updates of one round read from the log, indexed by msg_id."""
+    """The updates of one round read from the log, indexed by msg_id; the records skipped (by offset) and the
+    msg_ids whose record is in the log but unusable (malformed, non-finite, ...), each with why."""
 
-    def __init__(self, clients: dict[str, ClientUpdate], server: dict[str, ServerUpdate], last_offset: int):
+    def __init__(
+        self,
+        clients: dict[str, ClientUpdate],
+        server: dict[str, ServerUpdate],
+        last_offset: int,
+        skipped: dict[int, str] | None = None,
+        unusable: dict[str, str] | None = None,
+    ):
         self.clients = clients
         self.server = server
         self.last_offset = last_offset
+        self.skipped = skipped or {}
+        self.unusable = unusable or {}
+
+
+def forged_sender(user: str | None, sender: str, namespace: str = roles.DEFAULT_NAMESPACE) -> str | None:
+    """Why `user` (the broker user the broker vouches for; None: none) may not speak as `sender`, or None: the rule
+    the receiving host applies to messages (roles.authorize), for records and answers no host receives."""
+    principal = roles.user_principal(user, namespace) if user else None
+    if principal is None:
+        return None  # no broker identity, or one no role owns (guest, administrators): infrastructure credentials
+    found = roles.identify(sender)
+    index = found[1] if found else None
+    same = found is not None and found[0] is principal[0]
+    if same and principal[1] and index != principal[1]:
+        same = index.isdigit() and principal[1].isdigit() and int(index) == int(principal[1])
+    return None if same else f"forged_sender: broker user {user!r} published as {sender!r}"
+
+
+def _namespace(ctx: RoleContext) -> str:
+    return getattr(getattr(ctx.transport, "names", None), "namespace", roles.DEFAULT_NAMESPACE)
+
+
+def _unusable_record(rec: LogRecord, msg: Message, seen: UpdateSet, namespace: str) -> str | None:
+    """Why a decoded log record of the round may not be used (None: it may). The broker vouches for who appended
+    it: a record is used only if that user may speak for the update's sender, and a client update only if its
+    sender is the client it is the update of. The first record of a msg_id wins: a copy never replaces it."""
+    if isinstance(msg, ClientUpdate) and msg.sender != client_address(msg.client):
+        return f"forged_sender: {msg.sender!r} logged an update of client {msg.client}"
+    if isinstance(msg, ServerUpdate) and msg.sender != SERVER:
+        return f"forged_sender: {msg.sender!r} logged a server update"
+    forged = forged_sender(rec.publisher, msg.sender, namespace)
+    if forged is not None:
+        return forged
+    if msg.msg_id in seen.clients or msg.msg_id in seen.server:
+        return f"duplicate: msg_id {msg.msg_id} is already in the log"
+    return None
+
+
+def _peek_own(rec: LogRecord, namespace: str) -> str | None:
+    """The msg_id of an undecodable record, if its envelope is readable and its publisher may speak for its sender:
+    then the update it names is in the log but unusable (not merely not read yet)."""
+    try:
+        env = msgpack.unpackb(rec.body, raw=False, strict_map_key=True)
+        msg_id, sender = env["msg_id"], env["sender"]
+    except Exception:  # junk: nothing to attribute
+        return None
+    if not isinstance(msg_id, str) or not isinstance(sender, str) or forged_sender(rec.publisher, sender, namespace):
+        return None
+    return msg_id
 
 
 def read_round_updates(ctx: RoleContext, round: int) -> UpdateSet:
     offset = ctx.store.get_log_offset(ctx.run, round) or 0
-    clients: dict[str, ClientUpdate] = {}
-    server: dict[str, ServerUpdate] = {}
-    last = offset - 1
+    out = UpdateSet({}, {}, offset - 1)
     for rec in ctx.transport.read_log(from_offset=offset, round=round):
-        last = max(last, rec.offset)
+        out.last_offset = max(out.last_offset, rec.offset)
         try:
             msg = decode_message(rec.body, ctx.limits, kinds=(ClientUpdate, ServerUpdate))
         except Exception as exc:  # a bad record in the log cannot be used; it is skipped, not fatal
+            out.skipped[rec.offset] = f"malformed: {exc}"
+            msg_id = _peek_own(rec, _namespace(ctx))
+            if msg_id is not None:
+                out.unusable.setdefault(msg_id, f"malformed: {exc}"[:300])
             ctx.log.warning("update log offset %d: unusable record (%s)", rec.offset, exc)
             continue
         if msg.run != ctx.run or msg.round != round:
             continue
-        (clients if isinstance(msg, ClientUpdate) else server)[msg.msg_id] = msg
-    return UpdateSet(clients, server, last)
+        why = _unusable_record(rec, msg, out, _namespace(ctx))
+        if why is not None:
+            out.skipped[rec.offset] = why
+            ctx.log.warning("update log offset %d: record skipped (%s)", rec.offset, why)
+            continue
+        (out.clients if isinstance(msg, ClientUpdate) else out.server)[msg.msg_id] = msg
+    return out
 
 
-def compute_job(ctx: RoleContext, job: AggregateJob, updates: UpdateSet) -> dict[str, torch.Tensor]:
-    """The job's weighted average of the full G and D (canonical names), from the logged updates."""
-    arch = architecture(ctx.cfg.model)
-    server_id = job.update_ids.get("server")
-    if server_id is None or server_id not in updates.server:
-        raise Reject(f"missing_update: the server's update {server_id} of round {job.round} is not in the log")
-    server_state = updates.server[server_id].state
-    if len(job.members) != len(job.weights) or not job.members:
-        raise Reject("malformed: members and weights differ in length or are empty")
-    states = []
+def _member_states(layout: StateLayout, job: AggregateJob, updates: UpdateSet, server_state) -> dict[int, Any]:
+    """Each member's full state, or the reason it has none usable."""
+    states: dict[int, Any] = {}
     for c in job.members:
         uid = job.update_ids.get(str(c))
         upd = updates.clients.get(uid) if uid else None
-        if upd is None:
+        if upd is None and uid in updates.unusable:
+            states[c] = f"bad_update: update {uid}: {updates.unusable[uid]}"
+        elif upd is None:
+            # Not read (yet): a stream read may end early, so this is no proof of absence. The job is refused and
+            # queued again by the coordinator (docs/security.md: a client naming an update it never logged).
             raise Reject(f"missing_update: client {c}'s update {uid} of round {job.round} is not in the log")
-        if upd.client != c:
-            raise Reject(f"bad_update: update {uid} is from client {upd.client}, not {c}")
-        try:
-            states.append(member_full_state(arch, CutBits.parse(upd.cuts[0]), upd.state, server_state))
-        except ValueError as exc:
-            raise Reject(f"bad_update: client {c}: {exc}") from None
-    return weighted_average(states, list(job.weights))
+        elif upd.client != c:
+            states[c] = f"bad_update: update {uid} is from client {upd.client}, not {c}"
+        else:
+            try:
+                states[c] = member_full_state(layout, CutBits.parse(upd.cuts[0]), upd.state, server_state)
+            except (ValueError, IndexError) as exc:
+                states[c] = f"bad_update: {exc}"
+    return states
+
+
+def screen_job(ctx: RoleContext, job: AggregateJob, updates: UpdateSet) -> tuple[dict[str, torch.Tensor], Screened]:
+    """The job's weighted average of the full G and D (canonical names) from the logged updates, after screening
+    the members (federation/robust.py: unusable ones dropped, outsized ones clipped). The model is empty when no
+    member is usable (the job's clients keep their models)."""
+    layout = StateLayout.from_config(ctx.cfg.model)
+    server_id = job.update_ids.get("server")
+    if server_id is None or server_id not in updates.server:
+        raise Reject(f"missing_update: the server's update {server_id} of round {job.round} is not in the log")
+    if len(job.members) != len(job.weights) or not job.members:
+        raise Reject("malformed: members and weights differ in length or are empty")
+    server_state = updates.server[server_id].state
+    screened = screen_members(job.members, job.weights, _member_states(layout, job, updates, server_state))
+    if not screened.members:
+        return {}, screened
+    return weighted_average(screened.states, list(screened.weights)), screened
+
+
+def compute_job(ctx: RoleContext, job: AggregateJob, updates: UpdateSet) -> dict[str, torch.Tensor]:
+    """The model an aggregator computes for `job` (replay and a restarted coordinator recompute it)."""
+    return screen_job(ctx, job, updates)[0]
 
 
 class AggregatorRole(Role):
@@ -104,7 +201,12 @@ class AggregatorRole(Role):
         if recorded_job is None or json.loads(recorded_job) != json.loads(job_document(msg)):
             raise Reject(f"unknown_job: round {msg.round} cluster {msg.cluster} is not a job the coordinator recorded")
         updates = read_round_updates(self.ctx, msg.round)
-        model = compute_job(self.ctx, msg, updates)
+        known = {*updates.clients, *updates.server, *updates.unusable}
+        if any(uid not in known for uid in msg.update_ids.values()):
+            # A stream read can end early (a busy broker or host): read once more before refusing the job.
+            updates = read_round_updates(self.ctx, msg.round)
+        model, screened = screen_job(self.ctx, msg, updates)
+        self._record_screening(msg, screened)
         digest = state_digest(model)
         if not store.set_model_digest(run, msg.round, msg.cluster, digest):
             recorded = store.get_model_digests(run, msg.round).get(msg.cluster)
@@ -122,7 +224,9 @@ class AggregatorRole(Role):
             )
             self.sleep(self.hold[1])
         env = self.envelope(msg.round)
-        if msg.cluster < 0:
+        if not model:
+            self.ctx.log.warning("%s: round %d cluster %d: no usable update", self.name, msg.round, msg.cluster)
+        elif msg.cluster < 0:
             self.send(SERVER, ServerModel(**env, state=server_layers(self.arch, model)))
         else:
             for c, bits in zip(msg.recipients, msg.cuts):
@@ -137,7 +241,7 @@ class AggregatorRole(Role):
             AggregateDone(
                 **env,
                 cluster=msg.cluster,
-                members=msg.members,
+                members=screened.members,
                 digest=digest,
                 state=model,
                 seen_updates=tuple(sorted(updates.clients) + sorted(updates.server)),
@@ -145,6 +249,27 @@ class AggregatorRole(Role):
         )
         self.jobs_done += 1
         self.ctx.metrics.aggregation_job("done")
+
+    def _record_screening(self, job: AggregateJob, screened: Screened) -> None:
+        """Members left out of the job or clipped, with why, in the ledger (`hfgan status` shows them)."""
+        store, run, now = self.ctx.store, self.ctx.run, self.ctx.clock()
+        for c, why in sorted(screened.dropped.items()):
+            self.ctx.log.warning(
+                "%s: round %d cluster %d: client %d left out: %s", self.name, job.round, job.cluster, c, why
+            )
+            store.mark_client(run, job.round, c, "rejected", f"update not averaged: {why}", now)
+        discarded = {
+            job.update_ids[str(c)]: f"client {c}: {why}"
+            for c, why in screened.dropped.items()
+            if str(c) in job.update_ids
+        }
+        ledger.add_discarded(store, run, job.round, discarded)
+        for c, keys in sorted(screened.clipped.items()):
+            why = (
+                f"update clipped to {CLIP_MULTIPLE:g}x its peers' median norm in {len(keys)} tensor(s), e.g. {keys[0]}"
+            )
+            self.ctx.log.warning("%s: round %d cluster %d: client %d %s", self.name, job.round, job.cluster, c, why)
+            store.mark_client(run, job.round, c, "clipped", why, now)
 
 
 def job_document(job: AggregateJob) -> str:

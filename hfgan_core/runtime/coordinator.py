@@ -10,18 +10,14 @@ Every transition is also a compare-and-set in the ledger, so a standby coordinat
 
 Durability: whatever the coordinator learns from a message (a join, a client's or the server's round report, the
 clustering result, an aggregation result) is written to the ledger as a document (ledger.py) before the message is
-acknowledged, and a round's jobs are recorded before the round moves to `aggregating`. `resume_from_ledger()` makes
-a restarted coordinator (or a standby that won the lease) carry on from those documents: a round in `training`
-sends its recorded start again (the dead coordinator may have recorded it and died before sending it; receivers
-that have it drop the copy by its msg_id) and keeps collecting (its deadline continues), one in `aggregating`
-re-queues its jobs that have no result yet (an aggregator recomputes them bit for bit) and recomputes the models of
-those that have, one that is `done` is followed by the next.
+acknowledged, and a round's jobs are recorded before the round moves to `aggregating`; a restarted coordinator
+carries on from those documents (coordinator_resume.py). Admission is admission.py; which clients are averaged
+with which weights in which jobs is a pure function (federation/planning.py); this module keeps the ledger writes.
 
 What it accepts: a round report only for a round that has started (a report for a later one is refused without a
-mark in the ledger); a clustering result from the clustering service about members of the run, with cluster ids
-below its k; an aggregation result only when its model is the one whose digest the aggregator recorded in the
-ledger. An arrived client without a KLD score (none of its real-data passes reached the server) is weighted like
-the least similar client that has one, rather than failing the round.
+mark in the ledger), one per client and round (a second, different one is refused); a clustering result from the
+clustering service about members of the run, with cluster ids below its k; an aggregation result only when its
+model is the one whose digest the aggregator recorded in the ledger.
 """
 
 from __future__ import annotations
@@ -30,18 +26,20 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import DeviceProfile
-from ..federation import aggregation_weights, state_digest
+from ..federation import state_digest
+from ..federation.planning import Clusters, RoundPlan, WeightRule, plan_round_jobs, resolve_clusters
 from ..model import CutBits
 from ..protocol import (
     AggregateDone,
     AggregateJob,
+    ClientHeartbeat,
     ClusterResult,
     Join,
     Message,
@@ -53,18 +51,14 @@ from ..protocol import (
     ServerRoundDone,
 )
 from ..transport import AGGREGATE, COORDINATOR, SERVER, client_address
-from . import checkpoint as ckpt
 from . import ledger
-from .aggregator import compute_job, job_document, read_round_updates
+from .admission import AdmissionMixin, Member
+from .aggregator import job_document, read_round_updates
+from .coordinator_resume import ResumeMixin
 from .host import Reject, Role, RoleContext
+from .slots import SlotTable
 
-
-@dataclass
-class Member:
-    client: int
-    domain: int
-    n_samples: int
-    profile: DeviceProfile | None
+__all__ = ["CoordinatorRole", "Member", "RoundReport"]
 
 
 @dataclass
@@ -92,9 +86,9 @@ class RoundReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class CoordinatorRole(Role):
+class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
     name = "coordinator"
-    accepts = (Join, RoundDone, ServerRoundDone, ClusterResult, AggregateDone)
+    accepts = (Join, RoundDone, ServerRoundDone, ClusterResult, AggregateDone, ClientHeartbeat)
     no_grad = True
 
     def __init__(
@@ -106,6 +100,7 @@ class CoordinatorRole(Role):
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         planner: Callable[[list[DeviceProfile]], list[CutBits]] | None = None,
         replanner: Callable[[dict[int, float], dict[int, CutBits], list[DeviceProfile]], list[CutBits]] | None = None,
+        slot_ttl_s: float = 10.0,
     ):
         super().__init__(ctx)
         cfg = ctx.cfg
@@ -128,6 +123,9 @@ class CoordinatorRole(Role):
         self._restart_deadline = False
         self._late: dict[int, int] = {}
         self._dropped: dict[int, str] = {}
+        self.slots = SlotTable(self.expected, slot_ttl_s)  # client processes' slots (admission.py)
+        self._traffic: dict[int, dict[str, float]] = {}
+        self._start_msg: RoundStart | None = None
         self._reset_round_state()
 
     def addresses(self) -> list[str]:
@@ -181,145 +179,11 @@ class CoordinatorRole(Role):
         )
 
     # ------------------------------------------------------------------------------------------------ restore
-    def restore(self, blob: dict[str, Any]) -> None:
-        extra = blob["extra"]
-        self.round = int(blob["round"])
-        self.cuts = {int(c): CutBits.parse(b) for c, b in extra["cuts"].items()}
-        self.assignment = {int(c): int(k) for c, k in extra["assignment"].items()}
-        self.history = list(extra.get("history", []))
-        self._restored = True
-
-    def resume_from_ledger(self, blob: dict[str, Any] | None = None, *, restart_deadline: bool = False) -> None:
-        """Carry on the run the ledger records (call before the role is bound; `start()` then acts on it).
-
-        `blob`: the last coordinator checkpoint of the run, if any (its history; the rest comes from the ledger).
-        `restart_deadline`: a round in training gets a full round deadline again (a run that was stopped on
-        purpose); otherwise its deadline continues (a coordinator that crashed and was replaced)."""
-        ctx = self.ctx
-        self._restart_deadline = restart_deadline
-        run = ctx.run
-        if blob is not None:
-            self.history = list(blob["extra"].get("history", []))
-        for c, (domain, n, profile) in ledger.parse_members(ctx.store.get_docs(run, 0).get(ledger.MEMBERS)).items():
-            self.members[c] = Member(c, domain, n, profile)
-        self.cuts = {c: CutBits.parse(b) for c, b in ctx.store.get_cuts(run).items()}
-        r, phase = ctx.store.get_round(run)
-        self.round = r
-        # The assignment in force: the last round that recorded one (this round's only once it aggregated).
-        for past in range(r if phase in ("aggregating", "done") else r - 1, 0, -1):
-            assignment = ctx.store.get_clusters(run, past)[0]
-            if assignment:
-                self.assignment = dict(assignment)
-                break
-        self._resume = (r, phase)
-        self._restored = True
-
-    def _resume_round(self) -> None:
-        ctx, run = self.ctx, self.ctx.run
-        r, phase = self._resume
-        self._resume = None
-        ctx.log.info(
-            "coordinator: resuming run %s at round %d (%s) with %d member(s)", run, r, phase, len(self.members)
-        )
-        self._event("resumed", phase=phase)
-        if phase == "admitting":
-            self.phase = "admitting"
-            if len(self.members) == self.expected:
-                self._admit()
-            return
-        if phase == "done":
-            self.phase = "aggregating"  # _finish_round's successor logic, without redoing the round
-            self._after_round()
-            return
-        docs = ledger.RoundDocs.read(ctx.store, run, r)
-        if docs.start is None:
-            # The round was entered but its start was never recorded: start it again.
-            ctx.log.warning("coordinator: round %d has no start record; starting it again", r)
-            self._start_round(r, transition=False)
-            return
-        self._reset_round_state()
-        start = ledger.round_start_from_doc(run, r, docs.start)
-        self.phase = "training"
-        self.participants = list(start.participants)
-        self.deadline = start.deadline
-        if self._restart_deadline and phase == "training":
-            self.deadline = ctx.clock() + ctx.cfg.runtime.round_deadline_s
-            ctx.store.put_doc(
-                run,
-                r,
-                ledger.START,
-                ledger.start_doc(replace(start, deadline=self.deadline), float(docs.start.get("started", 0.0))),
-            )
-        self.round_started = float(docs.start.get("started", ctx.clock()))
-        self.round_wall0 = time.perf_counter() - max(0.0, ctx.clock() - self.round_started)
-        self.cuts = {c: CutBits(*b) for c, b in enumerate(start.cuts) if c in self.members} or self.cuts
-        for c, doc in docs.done.items():
-            if c in self.participants:
-                self.done[c] = ledger.round_done_from_doc(run, r, c, doc)
-        if docs.server_done is not None:
-            self.server_done = ledger.server_done_from_doc(run, r, docs.server_done)
-        if docs.cluster_result is not None:
-            self.cluster_result = ledger.cluster_result_from_doc(run, r, docs.cluster_result)
-        if phase == "training":
-            # The coordinator that recorded this start may have died before sending it to everyone: send it again
-            # (same msg_id, so a server or client that has it already takes the copy as a duplicate).
-            ctx.store.set_expected(run, r, self.participants, self.round_started)
-            waiting = [c for c in self.participants if c not in self.done]
-            self._send_start(replace(start, deadline=self.deadline), waiting)
-            self._maybe_close()
-            return
-        # aggregating: the jobs are recorded; results that were acknowledged are recomputed, the rest re-queued.
-        self.phase = "aggregating"
-        self._dropped = {c: "missed the round deadline" for c in self.participants if c not in self.done}
-        self._late = {int(c): n for c, n in (self.server_done.late if self.server_done else {}).items()}
-        if not docs.jobs:
-            self._finish_round(sorted(self.done), self._dropped, self._late, {}, aggregated=False)
-            return
-        self.cuts = {c: CutBits.parse(b) for c, b in ctx.store.get_cuts(run).items()}
-        offset = ctx.store.get_log_offset(run, r) or 0
-        self.jobs = {k: ledger.job_from_doc(run, r, doc, offset) for k, doc in docs.jobs.items()}
-        self._restore_weights()
-        recorded = ctx.store.get_model_digests(run, r)
-        updates = None
-        for k, job in sorted(self.jobs.items()):
-            agg = docs.aggs.get(k)
-            if agg is None:
-                self.send(AGGREGATE, job)  # same msg_id: an aggregator that already did it answers the same
-                continue
-            if updates is None:
-                updates = read_round_updates(ctx, r)
-            model = compute_job(ctx, job, updates)
-            digest = state_digest(model)
-            if digest != agg["digest"] or recorded.get(k, digest) != digest:
-                raise RuntimeError(
-                    f"round {r} cluster {k}: recomputed model {digest[:12]} differs from the "
-                    f"recorded {agg['digest'][:12]}"
-                )
-            self.results[k] = AggregateDone(
-                **self.envelope(r), cluster=k, members=job.members, digest=digest, state=model
-            )
-        self._jobs_queued()
-        self._event("aggregating", jobs=len(self.jobs), arrived=len(self.done), resumed=True)
-        if len(self.results) == len(self.jobs):
-            self._finish_round(
-                sorted(self.done),
-                self._dropped,
-                self._late,
-                {k: res.state for k, res in self.results.items()},
-                aggregated=True,
-            )
-
-    def _restore_weights(self) -> None:
-        """The round's aggregation weights, for the round report (rebuilt from the recorded jobs)."""
-        from ..federation.weights import Weights
-
-        clusters = {k: dict(zip(j.members, j.weights)) for k, j in self.jobs.items() if k >= 0}
-        glob = self.jobs.get(-1)
-        self.weights = Weights(clusters=clusters, global_=dict(zip(glob.members, glob.weights)) if glob else {})
-
     # ---------------------------------------------------------------------------------------------- dispatch
     def on_message(self, msg: Message) -> None:
-        if isinstance(msg, Join):
+        if isinstance(msg, ClientHeartbeat):
+            self._on_heartbeat(msg)
+        elif isinstance(msg, Join):
             self._on_join(msg)
         elif isinstance(msg, RoundDone):
             self._on_round_done(msg)
@@ -342,72 +206,6 @@ class CoordinatorRole(Role):
                 self._maybe_close()
         elif isinstance(msg, AggregateDone):
             self._on_aggregate_done(msg)
-
-    def _check_cluster_result(self, msg: ClusterResult) -> None:
-        """A result the aggregation may use: from the clustering service, about members of the run only, with
-        cluster ids below k (anything else would reassign clients to clusters that do not exist)."""
-        if msg.sender != "clustering":
-            raise Reject(f"bad_sender: cluster results come from the clustering service, not {msg.sender!r}")
-        if not 1 <= msg.k <= max(1, len(self.members)):
-            raise Reject(f"malformed: cluster result with k = {msg.k} for {len(self.members)} member(s)")
-        for name, mapping in (
-            ("assignment", msg.assignment),
-            ("kld_intra", msg.kld_intra),
-            ("kld_global", msg.kld_global),
-        ):
-            unknown = [c for c in mapping if not c.isdigit() or int(c) not in self.members]
-            if unknown:
-                raise Reject(f"malformed: cluster result {name} names clients {unknown[:5]} that are not members")
-        bad = {c: k for c, k in msg.assignment.items() if not 0 <= k < msg.k}
-        if bad:
-            raise Reject(f"malformed: cluster ids {bad} outside 0..{msg.k - 1}")
-
-    def _on_join(self, msg: Join) -> None:
-        c = msg.client
-        if not 0 <= c < self.expected:
-            raise Reject(f"unknown_client: client {c} is outside 0..{self.expected - 1}")
-        if msg.sender != client_address(c):
-            raise Reject(f"bad_sender: {msg.sender!r} joined as client {c}")
-        if not 0 <= msg.domain < len(self.ctx.cfg.scenario.domains) or msg.n_samples <= 0:
-            raise Reject(f"malformed: join with domain {msg.domain} and {msg.n_samples} samples")
-        profile = None
-        if msg.profile:
-            try:
-                profile = DeviceProfile(
-                    msg.profile["cpu_mhz"], msg.profile["flops_per_cycle"], msg.profile["data_rate"]
-                )
-            except KeyError as exc:
-                raise Reject(f"malformed: profile without {exc}") from None
-            if min(profile.cpu_mhz, profile.flops_per_cycle, profile.data_rate) <= 0:
-                raise Reject("malformed: non-positive device profile")
-        rejoin = c in self.members
-        self.members[c] = Member(c, msg.domain, msg.n_samples, profile)
-        # The join is recorded in the members document; heartbeats are the workers' own (liveness, not joins).
-        self.ctx.store.put_doc(self.ctx.run, 0, ledger.MEMBERS, ledger.members_doc(self.members))
-        self._event("joined", client=c, rejoin=rejoin)
-        if self.phase == "admitting" and len(self.members) == self.expected:
-            self._admit()
-
-    def _admit(self) -> None:
-        cfg = self.ctx.cfg
-        clients = sorted(self.members)
-        if not self.cuts or any(c not in self.cuts for c in clients):
-            if cfg.train.cuts == "plan":
-                if self.planner is None:
-                    raise RuntimeError("cuts = 'plan' needs a planner")
-                profiles = self._profiles(clients)
-                planned = self.planner(profiles)
-                self.cuts = {c: CutBits(*b) for c, b in zip(clients, planned)}
-            else:
-                table = cfg.train.cuts
-                self.cuts = {c: CutBits(*table[c % len(table)]) for c in clients}
-        self.ctx.store.set_cuts(self.ctx.run, {c: str(b) for c, b in self.cuts.items()})
-        self._event("admitted", clients=len(clients), cuts=" ".join(str(self.cuts[c]) for c in clients))
-        self._start_round(self.round + 1)
-
-    def _profiles(self, clients: list[int]) -> list[DeviceProfile]:
-        configured = self.ctx.cfg.devices.client_profiles(self.expected)
-        return [self.members[c].profile or configured[c] for c in clients]
 
     # -------------------------------------------------------------------------------------------------- rounds
     def steps_per_round(self) -> int:
@@ -444,6 +242,7 @@ class CoordinatorRole(Role):
         self._event("started", participants=len(self.participants), steps=steps)
 
     def _send_start(self, start: RoundStart, clients: list[int]) -> None:
+        self._start_msg = start  # sent again to a participant that rejoins the round (admission.py)
         # The server hears of the round first, so no client activation can reach it before the round exists.
         self.send(SERVER, start)
         for c in clients:
@@ -455,6 +254,9 @@ class CoordinatorRole(Role):
             raise Reject(f"bad_sender: {msg.sender!r} reported for client {c}")
         if msg.round == self.round and c in self.done and self.done[c].msg_id == msg.msg_id:
             return  # redelivered after a restart that had already recorded it
+        if msg.round == self.round and c in self.done:
+            # One report per client and round: a second one could swap the update the round averages.
+            raise Reject(f"duplicate: client {c} already reported round {msg.round} ({self.done[c].msg_id})")
         if msg.round > self.round:
             # Nothing can be reported for a round that has not started: no mark in that round's ledger record.
             raise Reject(
@@ -546,133 +348,120 @@ class CoordinatorRole(Role):
 
     # ------------------------------------------------------------------------------------------- aggregation
     def _aggregate(self) -> None:
+        """Close the round: record who arrived, was dropped or late, the clusters; plan the jobs (a pure function,
+        federation/planning.py) and record them before they are queued."""
         ctx, cfg = self.ctx, self.ctx.cfg
-        tr = cfg.train
         now = ctx.clock()
-        arrived = sorted(self.done)
+        dropped, late = self._mark_arrivals(now)
+        rule = WeightRule.from_train(cfg.train)
+        res = self.cluster_result
+        clusters = resolve_clusters(
+            self.round,
+            sorted(self.members),
+            self.assignment,
+            None
+            if res is None
+            else Clusters(
+                {int(c): int(k) for c, k in res.assignment.items()},
+                {int(c): v for c, v in res.kld_intra.items()},
+                {int(c): v for c, v in res.kld_global.items()},
+            ),
+            rule,
+            self._need_clusters(),
+        )
+        self.assignment = dict(clusters.assignment)
+        ctx.store.set_clusters(ctx.run, self.round, self.assignment, clusters.kld_intra, clusters.kld_global)
+        plan = plan_round_jobs(
+            self.round,
+            members={c: m.n_samples for c, m in self.members.items()},
+            participants=self.participants,
+            steps_done={c: d.steps_done for c, d in self.done.items()},
+            server_steps=None if self.server_done is None else self.server_done.steps_done,
+            quorum=cfg.runtime.quorum,
+            clusters=clusters,
+            rule=rule,
+        )
+        # A client whose every step was dropped reports an unchanged model: it is not averaged in.
+        for c in plan.untrained:
+            ctx.store.mark_client(ctx.run, self.round, c, "late", "no completed step this round: not aggregated", now)
+        why = f"completed no step in round {self.round}"
+        ledger.add_discarded(
+            ctx.store, ctx.run, self.round, {self.done[c].update_digest: f"client {c} {why}" for c in plan.untrained}
+        )
+        if plan.skip is not None:
+            self._skip_round(list(plan.averaged), dropped, late, plan.skip)
+            return
+        for what, (clients, value) in plan.filled_kld.items():
+            ctx.log.warning(
+                "coordinator: round %d: no %s KLD score for client(s) %s; weighting them with %.4g",
+                self.round,
+                what,
+                list(clients),
+                value,
+            )
+        if plan.orphans:  # clients whose whole cluster missed the round keep their local models
+            ctx.log.info("coordinator: clients %s belong to clusters with no update this round", list(plan.orphans))
+        self._queue_jobs(plan, dropped, late)
+
+    def _mark_arrivals(self, now: float) -> tuple[dict[int, str], dict[int, int]]:
+        ctx = self.ctx
         dropped = {c: "missed the round deadline" for c in self.participants if c not in self.done}
         for c, reason in dropped.items():
             ctx.store.mark_client(ctx.run, self.round, c, "dropped", reason, now)
         late = {int(c): n for c, n in (self.server_done.late if self.server_done else {}).items()}
         for c, n in late.items():
             if c in self.done and n:
-                ctx.store.mark_client(
-                    ctx.run,
-                    self.round,
-                    c,
-                    "late",
-                    f"late for {n} step(s); served later or dropped from those steps",
-                    now,
-                )
+                why = f"late for {n} step(s); served later or dropped from those steps"
+                ctx.store.mark_client(ctx.run, self.round, c, "late", why, now)
         if self.server_done is not None:
             ctx.store.record_metrics(ctx.run, self.round, "server", self.server_done.metrics)
+        return dropped, late
 
-        kld_intra: dict[int, float] = {}
-        kld_global: dict[int, float] = {}
-        if self.cluster_result is not None and self._need_clusters():
-            res = self.cluster_result
-            for key, k in res.assignment.items():
-                self.assignment[int(key)] = int(k)
-            kld_intra = {int(k): v for k, v in res.kld_intra.items()}
-            kld_global = {int(k): v for k, v in res.kld_global.items()}
-        elif self.round < tr.kld_from_round or not tr.clustering:
-            self.assignment = {c: 0 for c in self.members}
-            if self.cluster_result is not None:
-                kld_global = {int(k): v for k, v in self.cluster_result.kld_global.items()}
-        for c in self.members:
-            self.assignment.setdefault(c, 0)
-        ctx.store.set_clusters(ctx.run, self.round, self.assignment, kld_intra, kld_global)
-
-        # A client whose every step was dropped reports an unchanged model: it is not averaged in.
-        untrained = [c for c in arrived if self.done[c].steps_done == 0]
-        for c in untrained:
-            ctx.store.mark_client(ctx.run, self.round, c, "late", "no completed step this round: not aggregated", now)
-        ledger.add_discarded(
-            ctx.store,
-            ctx.run,
+    def _skip_round(self, arrived: list[int], dropped: dict[int, str], late: dict[int, int], reason: str) -> None:
+        ctx = self.ctx
+        ctx.log.warning(
+            "coordinator: round %d not aggregated (%s: %d of %d arrived)",
             self.round,
-            {self.done[c].update_digest: f"client {c} completed no step in round {self.round}" for c in untrained},
+            reason,
+            len(arrived),
+            len(self.participants),
         )
-        arrived = [c for c in arrived if c not in untrained]
-        quorum_ok = len(arrived) >= max(1, math.ceil(cfg.runtime.quorum * len(self.participants)))
-        if not quorum_ok or self.server_done is None or self.server_done.steps_done == 0:
-            reason = "quorum not met" if not quorum_ok else "no training happened"
-            ctx.log.warning(
-                "coordinator: round %d not aggregated (%s: %d of %d arrived)",
-                self.round,
-                reason,
-                len(arrived),
-                len(self.participants),
-            )
-            why = f"round {self.round} not aggregated: {reason}"
-            discarded = {self.done[c].update_digest: why for c in arrived}
-            if self.server_done is not None:
-                discarded[self.server_done.update_digest] = why
-            # Updates logged by clients whose report never came are in the log only: no aggregator will read this
-            # round, so the coordinator does.
-            logged = read_round_updates(ctx, self.round)
-            discarded.update({uid: why for uid in [*logged.clients, *logged.server] if uid not in discarded})
-            ledger.add_discarded(ctx.store, ctx.run, self.round, discarded)
-            self._event("skipped", reason=reason)
-            self.phase = "aggregating"
-            ctx.store.transition(ctx.run, self.round, "training", self.round, "aggregating")
-            self._finish_round(arrived, dropped, late, {}, aggregated=False)
-            return
+        why = f"round {self.round} not aggregated: {reason}"
+        discarded = {self.done[c].update_digest: why for c in arrived}
+        if self.server_done is not None:
+            discarded[self.server_done.update_digest] = why
+        # Updates logged by clients whose report never came are in the log only: no aggregator will read this
+        # round, so the coordinator does.
+        logged = read_round_updates(ctx, self.round)
+        discarded.update({uid: why for uid in [*logged.clients, *logged.server] if uid not in discarded})
+        ledger.add_discarded(ctx.store, ctx.run, self.round, discarded)
+        self._event("skipped", reason=reason)
+        self.phase = "aggregating"
+        ctx.store.transition(ctx.run, self.round, "training", self.round, "aggregating")
+        self._finish_round(arrived, dropped, late, {}, aggregated=False)
 
-        n_samples = {c: self.done[c].n_samples for c in arrived}
-        if tr.kld_weighting and self.round >= tr.kld_from_round:
-            kld_intra = self._fill_missing_kld(arrived, kld_intra, "intra-cluster")
-            kld_global = self._fill_missing_kld(arrived, kld_global, "global")
-        w = aggregation_weights(
-            round=self.round,
-            clients=arrived,
-            n_samples=n_samples,
-            assignment=self.assignment,
-            kld_intra=kld_intra,
-            kld_global=kld_global,
-            alpha=tr.alpha,
-            kld_from_round=tr.kld_from_round,
-            kld_weighting=tr.kld_weighting,
-            clustering=tr.clustering,
-        )
-        self.weights = w
-        next_cuts = self._next_cuts(arrived)
-        update_ids = {str(c): self.done[c].update_digest for c in arrived}
+    def _queue_jobs(self, plan: RoundPlan, dropped: dict[int, str], late: dict[int, int]) -> None:
+        ctx = self.ctx
+        assert self.server_done is not None and plan.weights is not None
+        self.weights = plan.weights
+        next_cuts = self._next_cuts(list(plan.averaged))
+        update_ids = {str(c): self.done[c].update_digest for c in plan.averaged}
         update_ids["server"] = self.server_done.update_digest
         env = self.envelope(self.round)
         offset = ctx.store.get_log_offset(ctx.run, self.round) or 0
-        jobs: dict[int, AggregateJob] = {}
-        # Clusters in rounds 1-2 (or without clustering) are the single cluster 0.
-        effective = {
-            c: (self.assignment[c] if (tr.clustering and self.round >= tr.kld_from_round) else 0) for c in self.members
-        }
-        for k, cw in sorted(w.clusters.items()):
-            members = sorted(cw)
-            recipients = sorted(c for c in self.members if effective[c] == k)
-            jobs[k] = AggregateJob(
+        jobs = {
+            k: AggregateJob(
                 **env,
                 cluster=k,
-                members=tuple(members),
-                weights=tuple(cw[c] for c in members),
-                recipients=tuple(recipients),
-                cuts=tuple(tuple(next_cuts[c]) for c in recipients),
-                update_ids={str(c): update_ids[str(c)] for c in members} | {"server": update_ids["server"]},
+                members=spec.members,
+                weights=spec.weights,
+                recipients=spec.recipients,
+                cuts=tuple(tuple(next_cuts[c]) for c in spec.recipients),
+                update_ids={str(c): update_ids[str(c)] for c in spec.members} | {"server": update_ids["server"]},
                 log_offset=offset,
             )
-        orphans = sorted(c for c in self.members if effective[c] not in w.clusters)
-        if orphans:  # clients whose whole cluster missed the round keep their local models
-            ctx.log.info("coordinator: clients %s belong to clusters with no update this round", orphans)
-        gmembers = sorted(w.global_)
-        jobs[-1] = AggregateJob(
-            **env,
-            cluster=-1,
-            members=tuple(gmembers),
-            weights=tuple(w.global_[c] for c in gmembers),
-            recipients=(),
-            cuts=(),
-            update_ids=update_ids,
-            log_offset=offset,
-        )
+            for k, spec in plan.jobs.items()
+        }
         # Every job is recorded (and the next cuts) before the round moves on, so a restart finds all of them.
         for k, job in jobs.items():
             ctx.store.set_weights(ctx.run, self.round, k, dict(zip(job.members, job.weights)))
@@ -687,24 +476,7 @@ class CoordinatorRole(Role):
             self.send(AGGREGATE, job)
         self._jobs_queued()
         self._late, self._dropped = late, dropped
-        self._event("aggregating", jobs=len(jobs), arrived=len(arrived))
-
-    def _fill_missing_kld(self, arrived: list[int], scores: dict[int, float], what: str) -> dict[int, float]:
-        """KLD scores for every arrived client. A client that arrived without one (none of its real-data passes
-        reached the server this round: every step dropped; or no clustering result came at all) is weighted like
-        the least similar client that has one (plain n_k weights when none has), instead of failing the round."""
-        missing = [c for c in arrived if c not in scores]
-        if not missing:
-            return scores
-        fill = max((scores[c] for c in arrived if c in scores), default=0.0)
-        self.ctx.log.warning(
-            "coordinator: round %d: no %s KLD score for client(s) %s; weighting them with %.4g",
-            self.round,
-            what,
-            missing,
-            fill,
-        )
-        return {**scores, **{c: fill for c in missing}}
+        self._event("aggregating", jobs=len(jobs), arrived=len(plan.averaged))
 
     def _next_cuts(self, arrived: list[int]) -> dict[int, CutBits]:
         tr = self.ctx.cfg.train
@@ -771,6 +543,7 @@ class CoordinatorRole(Role):
 
     def _finish_round(self, arrived, dropped, late, models, aggregated: bool) -> None:
         ctx = self.ctx
+        models = {k: m for k, m in models.items() if m}  # a job none of whose members was usable has no model
         global_model = models.pop(-1, None)
         w = self.weights
         report = RoundReport(
@@ -822,32 +595,3 @@ class CoordinatorRole(Role):
             self._event("finished", rounds=self.round)
         else:
             self._start_round(self.round + 1)
-
-    def _save_checkpoint(self, report: RoundReport) -> None:
-        if self.run_dir is None:
-            return
-        cfg = self.ctx.cfg
-        d = ckpt.round_dir(self.run_dir, self.round)
-        state: dict[str, torch.Tensor] = {}
-        for k, model in report.cluster_models.items():
-            state.update({f"cluster{k}/{name}": t for name, t in model.items()})
-        if report.global_model is not None:
-            state.update({f"global/{name}": t for name, t in report.global_model.items()})
-        ckpt.save_checkpoint(
-            d / "coordinator.pt",
-            role="coordinator",
-            round=self.round,
-            config=cfg.to_dict(include_runtime=False),
-            state=state,
-            extra={
-                "cuts": {str(c): str(b) for c, b in self.cuts.items()},
-                "assignment": {str(c): k for c, k in self.assignment.items()},
-                "members": {str(c): [m.domain, m.n_samples] for c, m in self.members.items()},
-                "history": self.history,
-                "aggregated": report.aggregated,
-            },
-        )
-        files = ["coordinator.pt", "server.pt"] + [f"client_{c}.pt" for c in sorted(self.members)]
-        ckpt.write_manifest(self.run_dir, self.round, cfg.redacted().to_dict(), files)
-        self.ctx.store.set_checkpoint(self.ctx.run, self.round, str(d))
-        ckpt.prune(self.run_dir, keep=cfg.runtime.keep_checkpoints)

@@ -147,7 +147,7 @@ class Source:
     def snapshot(self) -> dict[str, Any]:
         records = read_records(self.run_dir)
         if self.store is not None and self.run is not None:
-            state = self._ledger_state()
+            state = self._ledger_state(records[-1] if records else {})
         elif self.run_dir is not None:
             state = file_state(self.run_dir, records)
         else:
@@ -160,7 +160,8 @@ class Source:
             "time": time.time(),
         }
 
-    def _ledger_state(self) -> dict[str, Any]:
+    def _ledger_state(self, last: dict[str, Any]) -> dict[str, Any]:
+        """From the ledger; a client's step time is its last reported one (this round's, else the last record's)."""
         from . import status
 
         doc = status.collect(self.store, self.run)
@@ -171,7 +172,10 @@ class Source:
             dom = c["domain"]
             clients.append(
                 {
-                    **{k: c[k] for k in ("client", "cuts", "cluster", "state", "reason", "step_s", "alive")},
+                    **{k: c[k] for k in ("client", "cuts", "cluster", "state", "reason", "alive")},
+                    "step_s": c["step_s"]
+                    if c["step_s"] is not None
+                    else (last.get("step_s") or {}).get(str(c["client"])),
                     "domain": names[dom] if isinstance(dom, int) and 0 <= dom < len(names) else dom,
                 }
             )

@@ -48,13 +48,12 @@ class BlockHolder:
                     if source is None:
                         raise ValueError(f"no source for new block {net}.{i}")
                     module = source[net][i]
-                    current[i] = _clone(module).to(self.device)
+                    current[i] = prepare_module(_clone(module), self.cfg, self.device)
         if state is not None:
             self.load(state)
-        tr = self.cfg.train
         for net in ("G", "D"):
             params = self._named_params(net)
-            opt = torch.optim.Adam([p for _, p in params], lr=tr.lr, betas=tuple(tr.betas))
+            opt = make_adam([p for _, p in params], self.cfg)
             for name, p in params:
                 prev = old_state.get(net, {}).get(name)
                 if prev is not None:
@@ -122,6 +121,24 @@ class BlockHolder:
         for net in ("G", "D"):
             for b in self.blocks[net].values():
                 b.train(mode)
+
+
+def make_adam(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Adam:
+    """The run's Adam over `params`. `foreach=True`: one multi-tensor kernel per operation instead of a Python loop
+    over the parameters (on CPU torch defaults to the loop); it performs the same operations in the same order, so
+    the parameters come out bit-identical (tests/unit/test_speed_paths.py)."""
+    tr = cfg.train
+    return torch.optim.Adam(params, lr=tr.lr, betas=tuple(tr.betas), foreach=True)
+
+
+def prepare_module(module: nn.Module, cfg: RunConfig, device: torch.device | str) -> nn.Module:
+    """Move a block to its device and, where the run asks for it, to the channels-last memory format (faster
+    convolutions and BatchNorm on CPU, but a different summation order: results differ in the last bits, so it
+    is off by default; docs/benchmarks.md)."""
+    module = module.to(device)
+    if cfg.runtime.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
 
 
 def _clone(module: nn.Module) -> nn.Module:

@@ -161,7 +161,7 @@ def _where_to_resume(store, run_id: str, cfg: RunConfig, run_dir: Path) -> _Resu
     return _Resume(info, mode, resume_from, blob)
 
 
-def _coordinator_role(cfg: RunConfig, run_id: str, transport, store, recorder, resume: _Resume):
+def _coordinator_role(cfg: RunConfig, run_id: str, transport, store, recorder, resume: _Resume, slot_ttl_s: float):
     from .coordinator import CoordinatorRole
     from .embedded import make_planner
 
@@ -176,6 +176,7 @@ def _coordinator_role(cfg: RunConfig, run_id: str, transport, store, recorder, r
         on_event=_log_event,
         planner=planner,
         replanner=replanner,
+        slot_ttl_s=slot_ttl_s,
     )
     if resume.info is not None:
         # A run stopped on purpose gets its round deadline again; after a crash the deadline continues.
@@ -218,7 +219,7 @@ def serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
             log=_say,
             resume_from=resume.resume_from,
         )
-        role = _coordinator_role(cfg, run_id, transport, store, recorder, resume)
+        role = _coordinator_role(cfg, run_id, transport, store, recorder, resume, settings.heartbeat_ttl_s)
         recorder.traffic = lambda: ledger_traffic(store, run_id)[0] + sum(role.bytes_sent.values())
         sizes = ", ".join(str(len(s.indices)) for s in data.shards)
         log.info(

@@ -17,11 +17,11 @@ Per role:
   complete checkpoint. At the end it writes summary.json (RunRecorder.finalize) and exits 0.
 - server: restores `server.pt` of the last round it completed and, if a round is in training, rejoins it
   (`ServerRole.resume_round`); the window in flight at a crash is lost (clients time the step out).
-- client: without `--client` it claims the lowest free slot of the run (`claim_slot`, kept by its heartbeat; a
-  client that finds every slot taken waits as a spare). The slot is its identity, data shard, domain and device
-  profile; `{slot}` in the broker URL is replaced by it (per-client broker users:
-  `amqp://client-{slot}:client-{slot}-dev@host:5672/%2F`). It restores its last checkpoint and, if its round is in
-  training and it has not reported it, runs the round again.
+- client (client_worker.py): never opens the ledger. Without `--client` it gets a slot from the coordinator over the
+  broker (kept by its heartbeat over the broker; a client that finds every slot taken waits as a spare). The slot is
+  its identity, data shard, domain and device profile; `{slot}` in the broker URL is replaced by it (per-client
+  broker users: `amqp://client-{slot}:client-{slot}-dev@host:5672/%2F`). It restores its last checkpoint; the
+  coordinator sends a rejoining client its round's start again.
 - clustering, aggregator: stateless; an aggregator recomputes any job it gets from the update log.
 
 Test hook (off unless set; for fault-injection tests only): `HFGAN_TEST_AGGREGATOR_HOLD=<round>:<seconds>` makes an
@@ -56,8 +56,6 @@ from .worker import (
     classify,
     close_quietly,
     open_backends,
-    open_broker,
-    open_state,
     owner_id,
 )
 
@@ -261,127 +259,10 @@ def _serve_server(opts, cfg, run_id, settings, stop) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- client
-def claim_client_slot(
-    store, run: str, n_slots: int, owner: str, settings: WorkerSettings, stop: StopFlag
-) -> int | None:
-    """The slot this process holds (waiting as a spare while all are taken); None if stopped first."""
-    waited = False
-    while not stop.requested:
-        claim = store.claim_slot(run, n_slots, owner, settings.heartbeat_ttl_s)
-        if claim is not None:
-            return claim.slot
-        if not waited:
-            log.info("client: all %d slots of run %s are taken; waiting as a spare", n_slots, run)
-            waited = True
-        store.heartbeat(run, f"spare.{owner}", settings.heartbeat_ttl_s, "waiting for a client slot")
-        stop.sleep(settings.heartbeat_s)
-    return None
-
-
 def _serve_client(opts, cfg, run_id, settings, stop) -> int:
-    from ..data import load_client_data
-    from .client import ClientRole
-    from .emulation import emulator_for
+    from .client_worker import serve_client  # clients reach the coordinator over the broker only, never Redis
 
-    n = cfg.scenario.total_clients
-    owner = owner_id()
-    slot = opts.client
-    if slot is not None and not 0 <= slot < n:
-        raise ConfigError(f"--client {slot}: the run has clients 0..{n - 1}")
-    _check_shared(cfg)
-    store = open_state(cfg.runtime.state_url, settings)
-    transport = None
-    claimed = False
-    try:
-        if slot is None:
-            # The slot comes first: it decides the broker user ({slot} in the URL) and the data shard.
-            slot = claim_client_slot(store, run_id, n, owner, settings, stop)
-            if slot is None:
-                return EXIT_OK
-            claimed = True
-            log.info("client: claimed slot %d of run %s as %s", slot, run_id, owner)
-        name = f"client.{slot}"
-        data, notices = load_client_data(cfg, slot, allow_synthetic_fallback=opts.allow_fallback)
-        for notice in notices:
-            log.warning("%s: NOTICE: %s", name, notice)
-        transport = open_broker(cfg.runtime.broker_url.replace("{slot}", str(slot)), settings, name)
-        profile = cfg.devices.client_profiles(n)[slot]
-        role = ClientRole(
-            _context(cfg, run_id, transport, store),
-            client=slot,
-            domain=cfg.scenario.client_domains()[slot],
-            data=data,
-            profile=profile,
-            device=cfg.runtime.device,
-            run_dir=cfg.runtime.run_dir,
-            delay=emulator_for(cfg, slot, profile),
-        )
-        resume = _ClientResume(role, store, run_id, cfg.runtime.run_dir)
-        resume.before_bind()
-        names = (name, owner) if claimed else (name,)
-
-        def keep_slot() -> None:
-            # A process frozen for longer than the heartbeat TTL may have lost its slot to a spare.
-            claim = store.claim_slot(run_id, n, owner, settings.heartbeat_ttl_s)
-            if claim is None or claim.slot != slot:
-                if claim is not None:
-                    store.release_slot(run_id, claim.slot, owner)
-                raise WorkerExit(EXIT_INTERNAL, f"lost client slot {slot} of run {run_id} to another process")
-
-        if claimed:
-            keep_slot()
-
-        def info() -> str:
-            return f"slot {slot} owner {owner} round {role.round} {role.phase} step {max(role.step, 0)}"
-
-        loop = WorkerLoop(
-            role,
-            settings,
-            stop,
-            beat_names=names,
-            info=info,
-            after_bind=resume.after_bind,
-            on_beat=keep_slot if claimed else None,
-        )
-        if role.delay is not None:
-            role.delay.sleep = loop.sliced_sleep  # an emulated slow segment must not let the heartbeat lapse
-        reason = loop.run()
-        log.info("%s: %s (%d step(s) timed out)", name, reason, role.steps_timed_out)
-        return EXIT_OK
-    finally:
-        if claimed:
-            try:
-                store.release_slot(run_id, slot, owner)
-            except Exception as exc:  # the slot frees itself when the heartbeat expires
-                log.debug("release_slot: %s", exc)
-        close_quietly(transport, store)
-
-
-class _ClientResume:
-    """A (re)started client: restore its last checkpoint before it joins; once bound and joined, rejoin a round
-    in training that it has not reported (its steps are run again from the first)."""
-
-    def __init__(self, role, store, run: str, run_dir: str):
-        self.role, self.store, self.run, self.run_dir = role, store, run, run_dir
-
-    def before_bind(self) -> None:
-        latest = latest_checkpoint(self.run_dir, self.role.checkpoint_name(), 1 << 30)
-        r, _ = self.store.get_round(self.run)
-        # r == 0 with a checkpoint: the ledger lost the run and the coordinator carries on from the checkpoints.
-        if latest is not None and (latest[0] <= r or r == 0):
-            self.role.restore(ckpt.load_checkpoint(latest[1], role="client"))
-            log.info("%s: restored %s (round %d)", self.role.name, latest[1], latest[0])
-
-    def after_bind(self) -> None:
-        r, phase = self.store.get_round(self.run)
-        role = self.role
-        if phase != "training" or r != role.round + 1 or role.in_round:
-            return
-        docs = ledger.RoundDocs.read(self.store, self.run, r)
-        if docs.start is None or role.client not in docs.start["participants"] or role.client in docs.done:
-            return
-        log.info("%s: rejoining round %d from its first step", role.name, r)
-        role.resume_round(ledger.round_start_from_doc(self.run, r, docs.start))
+    return serve_client(opts, cfg, run_id, settings, stop, owner_id())
 
 
 def _check_shared(cfg: RunConfig) -> None:

@@ -1,8 +1,9 @@
 """`hfgan status --run R`: where a run stands, from its ledger (and, with --broker, the dead-letter queue).
 
 Shows the run's status, its round and phase, and for each client: its state this round (expected / arrived / late /
-dropped, with the reason), whether its heartbeat is alive, its cut bits and cluster, and its last losses; then the
-clusters, the stragglers of the last rounds, the model digests, and the workers whose heartbeats are alive.
+clipped / rejected: its update was not averaged / dropped, with the reason), whether its heartbeat is alive, its cut
+bits and cluster, and its last losses; then the clusters, the stragglers of the last rounds, the model digests,
+and the workers whose heartbeats are alive.
 `--json` prints the same as one JSON object. `R` is a run id, or a run directory (its marker names the run).
 """
 
@@ -96,7 +97,7 @@ def collect(store: Any, run: str, now: float | None = None) -> dict[str, Any]:
     stragglers = []
     for past in range(max(1, r - 2), r + 1):
         for c, rec in sorted(store.round_clients(run, past).items()):
-            if rec.state in ("late", "dropped"):
+            if rec.state in ("late", "dropped", "rejected", "clipped"):
                 stragglers.append({"round": past, "client": c, "state": rec.state, "reason": rec.reason})
     start = docs.start or {}
     digests = {}
@@ -115,7 +116,7 @@ def collect(store: Any, run: str, now: float | None = None) -> dict[str, Any]:
         "phase": phase,
         "steps": start.get("steps"),
         "deadline_in_s": round(start["deadline"] - now, 1) if start.get("deadline") and phase == "training" else None,
-        "arrived": sum(1 for c in clients if c["state"] in ("arrived", "late")),
+        "arrived": sum(1 for c in clients if c["state"] in ("arrived", "late", "rejected", "clipped")),
         "participants": len(start.get("participants", [])),
         "clients": clients,
         "clusters": {"round": clusters_round, "assignment": {str(c): k for c, k in sorted(assignment.items())}},

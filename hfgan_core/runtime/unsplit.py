@@ -15,6 +15,7 @@ from torch import nn
 from ..config import RunConfig
 from ..model import build_networks
 from ..model.split import run_blocks
+from .holder import make_adam, prepare_module
 
 
 @dataclass
@@ -29,15 +30,10 @@ class UnsplitGAN:
         self.cfg = cfg
         self.device = torch.device(device)
         nets = build_networks(cfg.model, cfg.train.seed if seed is None else seed)
-        self.G = {i: b.to(self.device) for i, b in enumerate(nets["G"])}
-        self.D = {i: b.to(self.device) for i, b in enumerate(nets["D"])}
-        tr = cfg.train
-        self.opt_g = torch.optim.Adam(
-            [p for b in self.G.values() for p in b.parameters()], lr=tr.lr, betas=tuple(tr.betas)
-        )
-        self.opt_d = torch.optim.Adam(
-            [p for b in self.D.values() for p in b.parameters()], lr=tr.lr, betas=tuple(tr.betas)
-        )
+        self.G = {i: prepare_module(b, cfg, self.device) for i, b in enumerate(nets["G"])}
+        self.D = {i: prepare_module(b, cfg, self.device) for i, b in enumerate(nets["D"])}
+        self.opt_g = make_adam([p for b in self.G.values() for p in b.parameters()], cfg)
+        self.opt_d = make_adam([p for b in self.D.values() for p in b.parameters()], cfg)
         # Optional hook called as hook("D" | "G", modules) right before each optimizer step (tests record grads).
         self.before_step = None
 

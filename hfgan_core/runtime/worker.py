@@ -139,7 +139,8 @@ def classify(exc: BaseException) -> int:
     if isinstance(exc, StateError):
         if "unreachable" in text:
             return EXIT_UNREACHABLE
-        if "bad Redis URL" in text or "bad run id" in text or "different configuration" in text:
+        config = ("bad Redis URL", "bad run id", "different configuration", "refused the credentials")
+        if any(s in text for s in config):
             return EXIT_CONFIG
         return EXIT_INTERNAL
     return EXIT_INTERNAL
@@ -234,6 +235,7 @@ class WorkerLoop:
         on_beat: Callable[[], None] | None = None,
         after_bind: Callable[[], None] | None = None,
         watch_run_status: bool = True,
+        send_beat: Callable[[str, bool], None] | None = None,
     ):
         self.role = role
         self.ctx = role.ctx
@@ -244,6 +246,8 @@ class WorkerLoop:
         self.on_beat = on_beat
         self.after_bind = after_bind
         self.watch_run_status = watch_run_status
+        # A client beats over the broker (send_beat(info, leaving)): it has no ledger access at all.
+        self.send_beat = send_beat
         self.host = _WorkerHost(role, self)
         self.reason = ""
         self._traffic: tuple[int, int] = (-1, -1)
@@ -254,6 +258,11 @@ class WorkerLoop:
     def beat(self) -> None:
         ctx, s = self.ctx, self.settings
         info = self.info()
+        if self.send_beat is not None:
+            self.send_beat(info, False)
+            if self.on_beat is not None:
+                self.on_beat()
+            return
         for name in self.beat_names:
             ctx.store.heartbeat(ctx.run, name, s.heartbeat_ttl_s, info)
         if s.health_file:  # only after the ledger took the beat: the probe must not pass for a worker Redis lost
@@ -393,6 +402,9 @@ class WorkerLoop:
         """Last traffic numbers; the heartbeat expires at once (the worker is gone, not silent)."""
         ctx = self.ctx
         try:
+            if self.send_beat is not None:
+                self.send_beat("exited", True)
+                return
             self.report_traffic()
             for name in self.beat_names:
                 ctx.store.heartbeat(ctx.run, name, 0.001, "exited")

@@ -14,7 +14,8 @@ import abc
 from dataclasses import dataclass
 
 PHASES = ("admitting", "training", "aggregating", "done")
-CLIENT_STATES = ("expected", "arrived", "late", "dropped")
+# clipped and rejected: an aggregator clipped the arrived update to its peers, or left it out (its reason says why).
+CLIENT_STATES = ("expected", "arrived", "late", "dropped", "clipped", "rejected")
 RUN_STATUSES = ("created", "running", "finished", "failed", "stopped")
 
 

@@ -46,13 +46,19 @@ from typing import Any, TypeVar
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from ..settings import RUN_ID_PATTERN, redact_url
 from .base import CLIENT_STATES, PHASES, RUN_STATUSES, ClientRecord, RoundStore, SlotClaim, StateError
 
 T = TypeVar("T")
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: a connection or timeout error, but not refused credentials (a ConnectionError in redis-py)."""
+    return isinstance(exc, _TRANSIENT) and not isinstance(exc, redis.AuthenticationError)
+
 
 _INIT_RUN = """
 local cur = redis.call('HGET', KEYS[1], 'digest')
@@ -188,7 +194,7 @@ class RedisRoundStore(RoundStore):
 
     def _call(self, fn: Callable[[], T]) -> T:
         retrying = Retrying(
-            retry=retry_if_exception_type(_TRANSIENT),
+            retry=retry_if_exception(_transient),
             wait=wait_exponential(multiplier=0.05, max=2.0),
             stop=stop_after_delay(self.retry_timeout),
             reraise=False,
@@ -198,6 +204,10 @@ class RedisRoundStore(RoundStore):
         except RetryError as exc:
             cause = exc.last_attempt.exception()
             raise StateError(f"Redis unreachable at {self._where()} for {self.retry_timeout:.0f} s: {cause}") from cause
+        except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+            # Credentials are configuration: retrying cannot fix them (exit code 2, never the password itself).
+            user = self._r.connection_pool.connection_kwargs.get("username") or "default"
+            raise StateError(f"Redis refused the credentials of user {user!r} at {self._where()}: {exc}") from None
         except redis.RedisError as exc:
             raise StateError(f"Redis error: {exc}") from exc
 

@@ -88,9 +88,14 @@ class DeadLetter:
 
 @dataclass(frozen=True)
 class LogRecord:
+    """One record of the update log. `publisher`: the broker user that appended it, as the broker vouches for it
+    (AMQP `user_id`); None where the transport has no users (memory). Readers use a record only if its publisher
+    may speak for the update's sender."""
+
     offset: int
     round: int
     body: bytes
+    publisher: str | None = None
 
 
 Handler = Callable[[Delivery], None]

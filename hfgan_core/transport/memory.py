@@ -58,6 +58,7 @@ class MemoryTransport(Transport):
     def __init__(self, url: str = "memory://", *, max_queue: int = 1_000_000):
         self.url = url
         self.max_queue = max_queue
+        self.user: str | None = None  # the publisher of its log records (tests); embedded runs have no users
         self._seq = itertools.count()
         self._queues: dict[str, deque[_Queued]] = {}
         self._handlers: dict[str, Handler] = {}
@@ -200,7 +201,7 @@ class MemoryTransport(Transport):
     # ---------------------------------------------------------------------------------------------------- log
     def append_log(self, body: bytes, *, round: int) -> None:
         self._check_open()
-        self._log.append(LogRecord(len(self._log), round, bytes(body)))
+        self._log.append(LogRecord(len(self._log), round, bytes(body), self.user))
         self.published_bytes += len(body)
 
     def read_log(self, *, from_offset: int = 0, round: int | None = None, timeout: float = 2.0) -> list[LogRecord]:

@@ -51,6 +51,7 @@ class _UpdateLog:
 
             def on_message(c: Any, method: Any, props: Any, body: bytes) -> None:
                 headers = dict(props.headers or {})
+                headers["user_id"] = props.user_id  # the broker checked it against the publishing connection
                 off = int(headers.get("x-stream-offset", -1))
                 out.append((off, headers, body))
                 if stop_at is not None and off >= stop_at:
@@ -137,23 +138,26 @@ class _UpdateLog:
 
         raw = self._retrying(run, "read_log")
         records: list[LogRecord] = []
-        partials: dict[str, tuple[int, int, dict[int, bytes]]] = {}
+        # Chunks are grouped per publisher: nobody can complete or spoil another user's record with chunks of its own.
+        partials: dict[tuple[str | None, str], tuple[int, int, dict[int, bytes]]] = {}
         for offset, headers, body in raw:
             if offset < from_offset:
                 continue  # a stream starts delivering at the beginning of the chunk holding from_offset
+            user = headers.get("user_id")
             rnd = headers.get(H_ROUND, -1)
             if not isinstance(rnd, int) or isinstance(rnd, bool):
                 log.warning("update log record at %d skipped: its round header is %r", offset, type(rnd).__name__)
                 continue
             if H_CHUNK_ID not in headers:
-                records.append(LogRecord(offset, rnd, body))
+                records.append(LogRecord(offset, rnd, body, user))
                 continue
             try:
                 cid, index, count = chunk_header(headers, self.chunk_limits)
             except WireError as exc:  # anyone who may append may append junk: skipped, never fatal
                 log.warning("update log record at %d skipped: %s", offset, exc)
                 continue
-            first, known, pieces = partials.setdefault(cid, (offset, count, {}))
+            key = (user, cid)
+            first, known, pieces = partials.setdefault(key, (offset, count, {}))
             if known != count:
                 log.warning(
                     "update log record at %d skipped: chunk count %d, its first chunk said %d", offset, count, known
@@ -161,9 +165,9 @@ class _UpdateLog:
                 continue
             pieces.setdefault(index, body)
             if len(pieces) == count:
-                records.append(LogRecord(first, rnd, b"".join(pieces[i] for i in range(count))))
-                partials[cid] = (first, count, {})  # completed: later duplicates start a new (ignored) partial
-        for cid, (first, count, pieces) in partials.items():
+                records.append(LogRecord(first, rnd, b"".join(pieces[i] for i in range(count)), user))
+                partials[key] = (first, count, {})  # completed: later duplicates start a new (ignored) partial
+        for (_, cid), (first, count, pieces) in partials.items():
             # Without its first chunk the record began before from_offset (expected when a round's offset follows
             # the previous round's last chunk); with it, chunks are missing (retention, or a writer that died).
             if 0 in pieces:
