@@ -1,4 +1,4 @@
-"""Split equivalence (DESIGN section 3): one step through the roles over the memory transport computes exactly what
+"""Split equivalence (docs/ARCHITECTURE.md section 3): one step through the roles over the memory transport computes exactly what
 the same model computes in one process.
 
 - one client, each of the 16 cut-bit settings: against the unsplit G and D (UnsplitGAN);
