@@ -14,13 +14,10 @@ SOURCES = ("hfgan_core", "workers", "bench")
 
 # "path:function" or "path" -> why it stays longer than the limit.
 EXCEPTIONS: dict[str, str] = {
-    "bench/system.py:one_run": "pending split",
-    "bench/system.py:main": "pending split",
     "hfgan_core/config.py": "pending split",
     "hfgan_core/config.py:_run_config_from_dict": "pending split",
     "hfgan_core/protocol/messages.py": "pending split",
     "hfgan_core/runtime/client.py:_on_split": "pending split",
-    "hfgan_core/runtime/status.py:collect": "pending split",
     "hfgan_core/runtime/train.py:train": "pending split",
 }
 
