@@ -18,7 +18,6 @@ EXCEPTIONS: dict[str, str] = {
     "hfgan_core/config.py:_run_config_from_dict": "pending split",
     "hfgan_core/protocol/messages.py": "pending split",
     "hfgan_core/runtime/client.py:_on_split": "pending split",
-    "hfgan_core/runtime/train.py:train": "pending split",
 }
 
 
