@@ -173,7 +173,7 @@ class TrainConfig:
     # Steps per epoch: None = max_k ceil(n_k / batch_size), the paper's rule.
     steps_per_epoch: int | None = None
     wire_dtype: str = "float32"
-    # Evaluation sizes (DESIGN section 3).
+    # Evaluation sizes (docs/ARCHITECTURE.md section 3).
     score_samples: int = 5000
     utility_samples: int = 30000
     utility_epochs: int = 15
@@ -298,7 +298,7 @@ class RuntimeConfig:
     run_id: str | None = None
     device: str = "cpu"  # torch device of clients, aggregators and evaluation
     server_device: str | None = None  # torch device of the split server (defaults to `device`)
-    # Stragglers (DESIGN section 5): a step window at the server, a deadline and a quorum per round.
+    # Stragglers (docs/ARCHITECTURE.md section 5): a step window at the server, a deadline and a quorum per round.
     step_deadline_s: float = 30.0
     # A step's deadline follows the peers' measured pace: max(step_deadline_s, straggler_factor x the median recent
     # response time), so a busy host does not make every client late (runtime/pace.py). 0: step_deadline_s alone.
