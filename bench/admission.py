@@ -2,7 +2,7 @@
 
     python bench/admission.py [--sizes 100,1000,10000] [--beats 2000] [--out bench/results/admission.json]
 
-Per size n, against the real Redis (HFGAN_TEST_REDIS_URL, default redis://127.0.0.1:6379/15; a unique run id,
+Per size n, against the real Redis (--redis-url, default redis://127.0.0.1:6379/15; a unique run id,
 deleted afterwards):
 
 - **coordinator** (today): n simulated client processes ask for a slot with a `ClientHeartbeat` handled by the
@@ -33,11 +33,12 @@ from hfgan_core.config import DomainConfig, RunConfig, RuntimeConfig, ScenarioCo
 from hfgan_core.protocol import ClientHeartbeat
 from hfgan_core.runtime.coordinator import CoordinatorRole
 from hfgan_core.runtime.host import RoleContext
+from hfgan_core.settings import redact_url
 from hfgan_core.state.redis import RedisRoundStore
 from hfgan_core.transport import MemoryTransport
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("HFGAN_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
 class Counted:
@@ -78,9 +79,9 @@ def _per(count: int, ops: int, seconds: float) -> dict[str, float]:
     return {"redis_ops": ops / count, "ms": 1000 * seconds / count}
 
 
-def coordinator_case(n: int, beats: int, spares: int, rng: random.Random) -> dict:
+def coordinator_case(redis_url: str, n: int, beats: int, spares: int, rng: random.Random) -> dict:
     run = f"bench-adm-{uuid.uuid4().hex[:8]}"
-    store = RedisRoundStore(REDIS_URL)
+    store = RedisRoundStore(redis_url)
     counter = Counted(store)
     ctx = RoleContext(run=run, cfg=_cfg(n), transport=MemoryTransport(), store=store)
     role = CoordinatorRole(ctx, slot_ttl_s=3600.0)
@@ -109,12 +110,12 @@ def coordinator_case(n: int, beats: int, spares: int, rng: random.Random) -> dic
         store.close()
 
 
-def redis_claim_case(n: int, beats: int, rng: random.Random) -> dict:
+def redis_claim_case(redis_url: str, n: int, beats: int, rng: random.Random) -> dict:
     """The old path. The n holders are written directly (one pipeline: the old admission of n clients is O(n^2));
     then each heartbeat is what every client did: its heartbeat key, then `claim_slot`, whose script reads two keys
     per slot up to the holder's own (`lua_ops`: Redis commands run inside the script)."""
     run = f"bench-adm-{uuid.uuid4().hex[:8]}"
-    store = RedisRoundStore(REDIS_URL)
+    store = RedisRoundStore(redis_url)
     try:
         pipe = store._r.pipeline(transaction=False)
         pipe.hset(store.key(run, "slots"), mapping={str(c): f"p{c}" for c in range(n)})
@@ -139,6 +140,7 @@ def redis_claim_case(n: int, beats: int, rng: random.Random) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="a Redis database the bench may write to")
     p.add_argument("--sizes", default="100,1000,10000")
     p.add_argument("--beats", type=int, default=2000, help="heartbeats measured per size (the old path: a tenth)")
     p.add_argument("--spares", type=int, default=200)
@@ -147,8 +149,8 @@ def main() -> int:
     rng = random.Random(0)
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
-        new = coordinator_case(n, args.beats, args.spares, rng)
-        old = redis_claim_case(n, max(50, args.beats // 10), rng)
+        new = coordinator_case(args.redis_url, n, args.beats, args.spares, rng)
+        old = redis_claim_case(args.redis_url, n, max(50, args.beats // 10), rng)
         rows.append({"clients": n, "coordinator": new, "redis_claim": old})
     head = f"{'clients':>8} | {'heartbeat ms':>12} {'ops':>4} | {'admission ms':>12} {'ops':>4} | "
     print(head + f"{'spare ms':>8} {'ops':>4} | {'old heartbeat ms':>16} {'ops':>4} {'lua ops':>8} | {'old/new':>7}")
@@ -164,7 +166,7 @@ def main() -> int:
         )
     doc = {
         "what": "client admission and heartbeats: coordinator slot table vs the old per-client Redis slot claim",
-        "redis": REDIS_URL.split("@")[-1],
+        "redis": redact_url(args.redis_url),
         "host": platform.node(),
         "python": platform.python_version(),
         "load_avg": os.getloadavg(),

@@ -51,7 +51,7 @@ import pstats
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.system_instrument import Tally, instrumented, service_cpu_s, time_store  # noqa: E402
 from hfgan_core.config import DomainConfig, RunConfig, ScenarioConfig, TrainConfig  # noqa: E402
 from hfgan_core.data import TensorClientData  # noqa: E402
 from hfgan_core.runtime.embedded import EmbeddedRunner  # noqa: E402
@@ -68,156 +69,6 @@ from hfgan_core.transport import MemoryTransport, Transport  # noqa: E402
 CUTS = ((0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 1, 0), (1, 1, 1, 0))
 BATCH = 64
 MB = 1e6
-
-
-# ---------------------------------------------------------------------------------------------- instrumentation
-@dataclass
-class Tally:
-    """What one transport did: bytes and messages by kind of traffic, and the time spent in the transport."""
-
-    split_bytes: int = 0
-    split_messages: int = 0
-    first_split: float | None = None
-    last_split: float = 0.0
-    publish_s: float = 0.0
-    process_s: float = 0.0
-    handler_s: float = 0.0
-    store_s: float = 0.0
-    store_calls: int = 0
-    store_by_call: dict[str, float] = field(default_factory=dict)
-
-
-def instrumented(base: type[Transport]) -> type[Transport]:
-    """A subclass of a transport that tallies publishes (transient ones are split traffic) and the time spent in
-    `publish`, in `process` / `process_one`, and in the handlers those run (the difference is receive overhead)."""
-
-    class Instrumented(base):  # type: ignore[misc, valid-type]
-        def __init__(self, *a: Any, **kw: Any):
-            super().__init__(*a, **kw)
-            self.tally = Tally()
-            # A handler may pump the transport itself (process(0) during long work): only the outermost process
-            # call and the outermost handler are timed, so nothing is counted twice.
-            self._process_depth = 0
-            self._handler_depth = 0
-
-        def publish(self, address: str, body: bytes, *, persistent: bool = True) -> None:
-            t0 = time.perf_counter()
-            super().publish(address, body, persistent=persistent)
-            t1 = time.perf_counter()
-            t = self.tally
-            t.publish_s += t1 - t0
-            if not persistent:
-                t.split_bytes += len(body)
-                t.split_messages += 1
-                if t.first_split is None:
-                    t.first_split = t0
-                t.last_split = t1
-
-        def consume(self, address: str, handler: Any, *, prefetch: int = 1) -> None:
-            def timed(delivery: Any) -> None:
-                t0 = time.perf_counter()
-                self._handler_depth += 1
-                try:
-                    handler(delivery)
-                finally:
-                    self._handler_depth -= 1
-                    if self._handler_depth == 0:
-                        self.tally.handler_s += time.perf_counter() - t0
-
-            super().consume(address, timed, prefetch=prefetch)
-
-        def _timed(self, fn: Any, *a: Any) -> Any:
-            t0 = time.perf_counter()
-            self._process_depth += 1
-            try:
-                return fn(*a)
-            finally:
-                self._process_depth -= 1
-                if self._process_depth == 0:
-                    self.tally.process_s += time.perf_counter() - t0
-
-        def process(self, timeout: float = 0.0) -> int:
-            return self._timed(super().process, timeout)
-
-        if hasattr(base, "process_one"):
-
-            def process_one(self) -> bool:
-                return self._timed(super().process_one)
-
-    Instrumented.__name__ = f"Instrumented{base.__name__}"
-    return Instrumented
-
-
-STORE_CALLS = (
-    "init_run",
-    "run_info",
-    "set_status",
-    "get_round",
-    "transition",
-    "set_expected",
-    "mark_client",
-    "round_clients",
-    "claim_slot",
-    "release_slot",
-    "heartbeat",
-    "alive",
-    "acquire_leader",
-    "release_leader",
-    "set_cuts",
-    "get_cuts",
-    "set_clusters",
-    "get_clusters",
-    "set_weights",
-    "get_weights",
-    "set_model_digest",
-    "get_model_digests",
-    "set_log_offset",
-    "get_log_offset",
-    "set_checkpoint",
-    "get_checkpoints",
-    "record_metrics",
-    "get_metrics",
-    "put_doc",
-    "get_docs",
-)
-
-
-def time_store(store: RoundStore, tally: Tally) -> None:
-    """Time every ledger call of `store` (instance attributes shadow the methods)."""
-    for name in STORE_CALLS:
-        fn = getattr(store, name, None)
-        if fn is None:
-            continue
-
-        def timed(*a: Any, _fn: Any = fn, _name: str = name, **kw: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return _fn(*a, **kw)
-            finally:
-                dt = time.perf_counter() - t0
-                tally.store_s += dt
-                tally.store_calls += 1
-                tally.store_by_call[_name] = tally.store_by_call.get(_name, 0.0) + dt
-
-        setattr(store, name, timed)
-
-
-def service_cpu_s(names: tuple[str, ...] = ("beam.smp", "redis-server")) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by the local broker and Redis processes, read from /proc (Linux; an
-    empty dict elsewhere or when they run on another host). CPU time, unlike wall time, barely depends on what else
-    the machine is doing: the noise-robust measure of what the broker costs."""
-    out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        comm = text[text.find("(") + 1 : text.rfind(")")]
-        if comm in names:
-            fields = text[text.rfind(")") + 2 :].split()
-            out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------- runs
@@ -334,6 +185,23 @@ def one_run(clients: int, kind: str, wire: str, s: Settings, profile: cProfile.P
             transport.close()
         with contextlib.suppress(Exception):
             store.close()
+    return run_record(clients, kind, wire, s, result, transport, tally, wall, cpu, svc0, svc1)
+
+
+def run_record(
+    clients: int,
+    kind: str,
+    wire: str,
+    s: Settings,
+    result: Any,
+    transport: Any,
+    tally: Tally,
+    wall: float,
+    cpu: float,
+    svc0: dict[str, float],
+    svc1: dict[str, float],
+) -> dict:
+    """One run's JSON record from its result and the tallies measured around it."""
     report = result.reports[0]
     server = report.server_metrics
     client_steps = clients * s.steps
@@ -452,7 +320,7 @@ def parse_list(text: str, kind: type) -> list:
     return [kind(x) for x in text.split(",") if x.strip()]
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", default="1,2,4,8", help="comma-separated client counts")
     ap.add_argument("--steps", type=int, default=6, help="steps per client (one local epoch)")
@@ -474,7 +342,11 @@ def main() -> int:
         help="also profile one float16 run with N clients of every non-memory backend",
     )
     ap.add_argument("--out", default="bench/results/system.json")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging_quiet()
@@ -486,9 +358,29 @@ def main() -> int:
     for kind in kinds:
         one_run(1, kind, wires[0], Settings(steps=1, amqp_url=s.amqp_url, redis_url=s.redis_url))
 
-    runs: list[dict] = []
     t_start = time.perf_counter()
-    for rep in range(args.repeats):
+    runs = measure(args.repeats, clients, variants, s)
+    summary = summarise(runs, clients, variants)
+    target = target_row(summary)
+    out = results(args, clients, wires, kinds, summary, runs, t_start, target)
+    if args.profile:
+        out["profile"] = [profile_run(args.profile, k, s) for k in kinds if k != "memory"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2, default=float))
+    print(
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"{args.steps} steps x batch {BATCH} per client, best of {args.repeats}"
+    )
+    print(table(summary))
+    if target:
+        print(f"\ntarget (amqp >= 0.7 x memory at 4 clients, float16): {target['overhead_ratio']:.2f}")
+    return 0
+
+
+def measure(repeats: int, clients: list[int], variants: list[tuple[str, str]], s: Settings) -> list[dict]:
+    """Every measured run, the variants rotated each repeat."""
+    runs: list[dict] = []
+    for rep in range(repeats):
         for n in clients:
             order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
             for kind, wire in order:
@@ -503,7 +395,11 @@ def main() -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+    return runs
 
+
+def summarise(runs: list[dict], clients: list[int], variants: list[tuple[str, str]]) -> list[dict]:
+    """The best run of every (clients, backend, wire dtype), with its ratios against memory."""
     summary = []
     for n in clients:
         ref = [r for r in runs if r["clients"] == n and r["backend"] == "memory" and r["wire_dtype"] == "float32"]
@@ -529,10 +425,27 @@ def main() -> int:
                 else None
             )
             summary.append(b)
+    return summary
 
-    target = next(
+
+def target_row(summary: list[dict]) -> dict | None:
+    """The summary row the target is read from: amqp, 4 clients, float16 on the wire."""
+    return next(
         (r for r in summary if r["clients"] == 4 and r["backend"] == "amqp" and r["wire_dtype"] == "float16"), None
     )
+
+
+def results(
+    args: argparse.Namespace,
+    clients: list[int],
+    wires: list[str],
+    kinds: list[str],
+    summary: list[dict],
+    runs: list[dict],
+    t_start: float,
+    target: dict | None,
+) -> dict[str, Any]:
+    """The JSON document written to --out (without the profile, which main adds)."""
     out: dict[str, Any] = {
         "bench": "system",
         "steps": args.steps,
@@ -561,18 +474,7 @@ def main() -> int:
         "summary": summary,
         "runs": runs,
     }
-    if args.profile:
-        out["profile"] = [profile_run(args.profile, k, s) for k in kinds if k != "memory"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2, default=float))
-    print(
-        f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-        f"{args.steps} steps x batch {BATCH} per client, best of {args.repeats}"
-    )
-    print(table(summary))
-    if target:
-        print(f"\ntarget (amqp >= 0.7 x memory at 4 clients, float16): {target['overhead_ratio']:.2f}")
-    return 0
+    return out
 
 
 def logging_quiet() -> None:

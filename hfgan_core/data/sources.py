@@ -12,7 +12,7 @@ Verification of one file:
 - no reference known: the file is checked for structure only (header, dims, size, labels 0..9) and reported as
   unverified.
 
-Reference hashes: MNIST and FashionMNIST .gz sha256 as listed in ../shared/datasets/README.md (the original
+Reference hashes: MNIST and FashionMNIST .gz sha256 of the original
 distributions, whose md5 are the well-known ones), and the sha256 of their decompressed content computed from those
 verified files. KMNIST: the sha256 of the original ROIS-CODH .gz files as listed by several independent public
 dataset libraries (torchvision's prototype datasets among them; they agree, and their md5 counterparts are

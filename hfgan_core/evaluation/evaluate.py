@@ -30,7 +30,7 @@ from .training import Stopwatch, as_tensors
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """Sizes and seeds of an evaluation (DESIGN section 3 defaults)."""
+    """Sizes and seeds of an evaluation (docs/ARCHITECTURE.md section 3 defaults)."""
 
     score_samples: int = 5000
     utility_samples: int = 30000

@@ -2,7 +2,8 @@
 
 State dicts here use the canonical names of `hfgan_core.model.canonical_state`: "G.<block>.<key>" and
 "D.<block>.<key>". A client holds the blocks `client_blocks(head bit, tail bit)` of each network (its cut bits);
-the server holds one shared copy of `server_blocks()` (every optional and every server block). DESIGN section 3:
+the server holds one shared copy of `server_blocks()` (every optional and every server block). docs/ARCHITECTURE.md
+section 3:
 
 - the *full state of a member* is its own copy of the blocks it holds plus the server's copy of the rest;
 - a cluster's model is the weighted average of its members' full states (intra-cluster weights); each member, and

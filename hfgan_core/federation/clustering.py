@@ -1,7 +1,7 @@
 """End-of-round clustering of clients: KMeans on the activation summaries, then intra-cluster and global KLD scores.
 
-This is the pure computation behind the clustering service (DESIGN section 3): it takes one summary per client
-(`activation_summary` of D's E2 output on the client's real batch) and returns the assignment and the scores the
+This is the pure computation behind the clustering service (docs/ARCHITECTURE.md section 3): it takes one summary per
+client (`activation_summary` of D's E2 output on the client's real batch) and returns the assignment and the scores the
 weights need. No transport, no state.
 
 Decisions:

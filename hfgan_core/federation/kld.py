@@ -8,8 +8,8 @@ For summaries S_k [C, H, W] (C channels; 128x7x7 for this model):
             = sum over channels and positions of (Q_k + 1e-9) * (log(Q_k + 1e-9) - log(P_k + 1e-9)) / C
 
 i.e. KL(Q_k || P_k) per channel, averaged over channels, with the reference's epsilons exactly where it puts them
-(DESIGN section 3; youssefga28/HuSCF-GAN, compute_kld_scores). The group is a cluster for the intra-cluster score and
-all clients for the global score.
+(docs/ARCHITECTURE.md section 3; youssefga28/HuSCF-GAN, compute_kld_scores). The group is a cluster for the
+intra-cluster score and all clients for the global score.
 
 Decisions:
 - **Precision:** float32 torch, like the reference (summaries are cast to float32, Q_k is formed as

@@ -1,8 +1,8 @@
 """Activation summaries: what a client's data looks like to the server, reduced to one tensor per round.
 
 The clustering service groups clients by the output of D's server block E2 on each client's real batch of the
-round's last step (DESIGN section 3). The summary of client k is that output averaged over its batch; it is both
-the KMeans feature (flattened) and the input of the KLD scores.
+round's last step (docs/ARCHITECTURE.md section 3). The summary of client k is that output averaged over its batch; it
+is both the KMeans feature (flattened) and the input of the KLD scores.
 """
 
 from __future__ import annotations

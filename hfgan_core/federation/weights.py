@@ -1,6 +1,6 @@
 """Aggregation weights for one round: per cluster (client-held layers) and global (server-held layers).
 
-DESIGN section 3, following the reference's federated_averaging:
+docs/ARCHITECTURE.md section 3, following the reference's federated_averaging:
 
 - Rounds before `kld_from_round` (rounds 1 and 2 by default): one cluster, id 0, holding every arrived client,
   weights n_k / sum n; the global weights are the same.

@@ -1,6 +1,6 @@
 """The client role: holds its data and the first and last blocks of G and D; drives its side of every step.
 
-One training step, from the client's side (DESIGN section 3; the server's side is in server.py):
+One training step, from the client's side (docs/ARCHITECTURE.md section 3; the server's side is in server.py):
 
     1. draw a batch (x, y) of its own data and noise z; G head(z, y) -> server              [g_head_out]
     2. G tail -> fakes; D head on the detached fakes and on the reals -> server              [d_head_out, "d"]

@@ -1,8 +1,8 @@
 """The blocks one role holds, with their Adam optimizers, addressed by canonical names.
 
 Clients and the server both hold a subset of the blocks of G and D. Optimizer state is kept per parameter and
-survives rounds (DESIGN section 3) and changes of cut bits: when a client starts holding a block it gets fresh Adam
-state for it; parameters it keeps holding keep theirs.
+survives rounds (docs/ARCHITECTURE.md section 3) and changes of cut bits: when a client starts holding a block it gets
+fresh Adam state for it; parameters it keeps holding keep theirs.
 """
 
 from __future__ import annotations

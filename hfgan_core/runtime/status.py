@@ -59,52 +59,17 @@ def collect(store: Any, run: str, now: float | None = None) -> dict[str, Any]:
     docs = ledger.RoundDocs.read(store, run, r) if r else ledger.RoundDocs({})
     records = store.round_clients(run, r) if r else {}
     metrics = store.get_metrics(run, r) if r else {}
-    assignment, kld_intra, kld_global = ({}, {}, {})
-    clusters_round = 0
-    for past in range(r, 0, -1):
-        a, ki, kg = store.get_clusters(run, past)
-        if a:
-            assignment, kld_intra, kld_global, clusters_round = a, ki, kg, past
-            break
-    clients = []
-    for c in range(n_clients):
-        rec = records.get(c)
-        m = metrics.get(f"client.{c}", {})
-        clients.append(
-            {
-                "client": c,
-                "state": rec.state if rec else ("joined" if c in members else "absent"),
-                "reason": rec.reason if rec else "",
-                "since_s": round(now - rec.ts, 1) if rec else None,
-                "alive": f"client.{c}" in alive,
-                "heartbeat": alive.get(f"client.{c}", ""),
-                "domain": members[c][0] if c in members else None,
-                "n_samples": members[c][1] if c in members else None,
-                "cuts": cuts.get(c),
-                "cluster": assignment.get(c),
-                "kld_intra": kld_intra.get(c),
-                "kld_global": kld_global.get(c),
-                "g_loss": m.get("g_loss"),
-                "step_s": m.get("step_s"),
-            }
-        )
+    assignment, kld_intra, kld_global, clusters_round = _latest_clusters(store, run, r)
+    clients = _client_rows(n_clients, records, metrics, members, alive, cuts, assignment, kld_intra, kld_global, now)
     # A claimed client slot is kept by a second heartbeat under its process's name: shown once, as client.<k>.
     slot_owners = {
         info.split()[3]
         for name, info in alive.items()
         if name.startswith("client.") and info.startswith("slot ") and len(info.split()) > 3
     }
-    stragglers = []
-    for past in range(max(1, r - 2), r + 1):
-        for c, rec in sorted(store.round_clients(run, past).items()):
-            if rec.state in ("late", "dropped", "rejected", "clipped"):
-                stragglers.append({"round": past, "client": c, "state": rec.state, "reason": rec.reason})
+    stragglers = _stragglers(store, run, r)
     start = docs.start or {}
-    digests = {}
-    for past in range(max(1, r - 1), r + 1):
-        d = store.get_model_digests(run, past)
-        if d:
-            digests[str(past)] = {str(k): v for k, v in sorted(d.items())}
+    digests = _digests(store, run, r)
     server = metrics.get("server", {})
     return {
         "run": run,
@@ -132,6 +97,76 @@ def collect(store: Any, run: str, now: float | None = None) -> dict[str, Any]:
         "workers": {name: info for name, info in sorted(alive.items()) if name not in slot_owners},
         "checkpoints": {str(k): v for k, v in sorted(store.get_checkpoints(run).items())},
     }
+
+
+def _latest_clusters(store: Any, run: str, r: int) -> tuple[dict, dict, dict, int]:
+    """The newest clustering at or before round r: (assignment, kld_intra, kld_global, its round; 0 for none)."""
+    assignment, kld_intra, kld_global = ({}, {}, {})
+    clusters_round = 0
+    for past in range(r, 0, -1):
+        a, ki, kg = store.get_clusters(run, past)
+        if a:
+            assignment, kld_intra, kld_global, clusters_round = a, ki, kg, past
+            break
+    return assignment, kld_intra, kld_global, clusters_round
+
+
+def _client_rows(
+    n_clients: int,
+    records: dict,
+    metrics: dict,
+    members: dict,
+    alive: dict,
+    cuts: dict,
+    assignment: dict,
+    kld_intra: dict,
+    kld_global: dict,
+    now: float,
+) -> list[dict[str, Any]]:
+    """One status row per client slot of the scenario."""
+    clients = []
+    for c in range(n_clients):
+        rec = records.get(c)
+        m = metrics.get(f"client.{c}", {})
+        clients.append(
+            {
+                "client": c,
+                "state": rec.state if rec else ("joined" if c in members else "absent"),
+                "reason": rec.reason if rec else "",
+                "since_s": round(now - rec.ts, 1) if rec else None,
+                "alive": f"client.{c}" in alive,
+                "heartbeat": alive.get(f"client.{c}", ""),
+                "domain": members[c][0] if c in members else None,
+                "n_samples": members[c][1] if c in members else None,
+                "cuts": cuts.get(c),
+                "cluster": assignment.get(c),
+                "kld_intra": kld_intra.get(c),
+                "kld_global": kld_global.get(c),
+                "g_loss": m.get("g_loss"),
+                "step_s": m.get("step_s"),
+            }
+        )
+    return clients
+
+
+def _stragglers(store: Any, run: str, r: int) -> list[dict[str, Any]]:
+    """Clients late, dropped, rejected or clipped in the last three rounds."""
+    stragglers = []
+    for past in range(max(1, r - 2), r + 1):
+        for c, rec in sorted(store.round_clients(run, past).items()):
+            if rec.state in ("late", "dropped", "rejected", "clipped"):
+                stragglers.append({"round": past, "client": c, "state": rec.state, "reason": rec.reason})
+    return stragglers
+
+
+def _digests(store: Any, run: str, r: int) -> dict[str, dict[str, Any]]:
+    """The model digests of the last two rounds, by round."""
+    digests = {}
+    for past in range(max(1, r - 1), r + 1):
+        d = store.get_model_digests(run, past)
+        if d:
+            digests[str(past)] = {str(k): v for k, v in sorted(d.items())}
+    return digests
 
 
 def _fmt(v: Any, spec: str = "") -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from ..settings import check_run_id, redact_url
 from . import checkpoint as ckpt
 from .embedded import EmbeddedResult, EmbeddedRunner, Progress
 from .recorder import RunRecorder, ensure_classifiers, same_run_marker, write_run_marker
+
+if TYPE_CHECKING:
+    from ..data import ScenarioData
 
 
 def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> int:
@@ -115,6 +118,15 @@ def train(
     result: EmbeddedResult = runner.run()
     cuts = runner.coordinator.cuts
     latency = modelled_latency(cfg, cuts)
+    extra = _summary_extra(run_id, cuts, result, data)
+    if utility:
+        log("final evaluation: generation score and utility metrics per domain ...")
+    summary = recorder.finalize(modelled_latency_s=latency, bytes_sent=result.bytes_sent, utility=utility, extra=extra)
+    return summary
+
+
+def _summary_extra(run_id: str, cuts: dict[int, CutBits], result: EmbeddedResult, data: ScenarioData) -> dict[str, Any]:
+    """What summary.json records besides the recorder's own metrics: the run's cuts, timings, traffic and data."""
     step_times = [r.server_metrics.get("window_s") for r in result.reports if r.server_metrics.get("window_s")]
     extra = {
         "run_id": run_id,
@@ -128,7 +140,4 @@ def train(
         "data_digests": data.digests,
         "notices": data.notices,
     }
-    if utility:
-        log("final evaluation: generation score and utility metrics per domain ...")
-    summary = recorder.finalize(modelled_latency_s=latency, bytes_sent=result.bytes_sent, utility=utility, extra=extra)
-    return summary
+    return extra

@@ -416,3 +416,19 @@ def test_chunk_poisons_are_dead_lettered_and_the_prefetch_stays_bounded(amqp_url
             dead = [d for d in t.dead_letters(limit=500) if d.address == "server"]
         reasons = [d.reason.split(":")[0] for d in dead]
         assert reasons.count("bad_chunk") == 2 and reasons.count("chunk_flood") == 146, reasons
+
+
+def test_a_queue_declared_earlier_with_other_arguments_is_used_as_it_is(amqp_url: str, ns: str) -> None:
+    """A broker that kept a queue from an earlier release (say, before the byte limits) must not stop a role: the
+    queue's arguments cannot change in place, so the transport checks it passively and carries on."""
+    names = Names(ns)
+    conn = raw(amqp_url)
+    ch = conn.channel()
+    ch.queue_declare(names.queue("clustering"), durable=True, arguments={"x-dead-letter-exchange": names.dlx})
+    conn.close()
+    with AmqpTransport(amqp_url, namespace=ns) as t:
+        handler, got = collect()
+        t.consume("clustering", handler)
+        t.publish("clustering", b"still served")
+        drain(t, got, 1, timeout=60.0)
+        assert [d.body for d in got] == [b"still served"]

@@ -1,5 +1,5 @@
-"""Split equivalence (DESIGN section 3): one step through the roles over the memory transport computes exactly what
-the same model computes in one process.
+"""Split equivalence (docs/ARCHITECTURE.md section 3): one step through the roles over the memory transport computes
+exactly what the same model computes in one process.
 
 - one client, each of the 16 cut-bit settings: against the unsplit G and D (UnsplitGAN);
 - several clients with different cut bits: against the reference implementation's computation written out here by

@@ -138,22 +138,34 @@ def _elements(msg: Any) -> int:
     return total
 
 
-def check_decode(body: bytes) -> None:
+def _decode_peak(body: bytes) -> tuple[Any, int]:
+    """(message or None, peak bytes Python allocated while decoding)."""
     tracemalloc.start()
     try:
         with watchdog():
             try:
-                msg = decode(body, LIMITS)
+                return decode(body, LIMITS), tracemalloc.get_traced_memory()[1]
             except WireError:
-                return
-            finally:
-                _, peak = tracemalloc.get_traced_memory()
+                return None, 0
     finally:
         tracemalloc.stop()
+
+
+MEMORY_BOUND = 16 * LIMITS.max_bytes + (1 << 20)
+for _seed in SEEDS:  # first calls initialise things lazily (torch, dtype paths): not a cost of any one message
+    _decode_peak(_seed)
+
+
+def check_decode(body: bytes) -> None:
+    msg, peak = _decode_peak(body)
+    if msg is None:
+        return
+    if peak > MEMORY_BOUND:  # a one-off allocation (a lazy first call) does not repeat; a real blow-up does
+        peak = min(peak, _decode_peak(body)[1])
     # What was accepted is within the limits; Python-side memory stays a small multiple of the accepted bytes
     # (tensors are views of the body, so torch allocates only float16 -> float32 copies, bounded by the elements).
     assert _elements(msg) <= LIMITS.max_total_elements
-    assert peak <= 16 * LIMITS.max_bytes + (1 << 20), peak
+    assert peak <= MEMORY_BOUND, peak
 
 
 @_fuzz(MESSAGES)

@@ -206,6 +206,13 @@ class _Connection:
                 return
             except pex.ChannelClosedByBroker as exc:
                 self._decl = None
+                if exc.reply_code == 406 and passive is not None:
+                    # An entity declared by an earlier release with other arguments (e.g. before the queue byte
+                    # limits): RabbitMQ cannot change a queue's arguments in place, so use it as it is rather
+                    # than refusing to start; deleting it (or a policy) applies the new arguments.
+                    log.warning("%s; using the existing entity as it is", exc.reply_text)
+                    passive(self._decl_channel())
+                    return
                 if exc.reply_code != 403 or self.topology != "auto":
                     raise _amqp_error(exc) from exc
                 log.info("user %r may not declare the topology; checking it passively instead", self._username)
