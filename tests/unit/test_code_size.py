@@ -14,7 +14,6 @@ SOURCES = ("hfgan_core", "workers", "bench")
 
 # "path:function" or "path" -> why it stays longer than the limit.
 EXCEPTIONS: dict[str, str] = {
-    "hfgan_core/runtime/client.py:_on_split": "pending split",
 }
 
 
