@@ -14,9 +14,6 @@ SOURCES = ("hfgan_core", "workers", "bench")
 
 # "path:function" or "path" -> why it stays longer than the limit.
 EXCEPTIONS: dict[str, str] = {
-    "hfgan_core/config.py": "pending split",
-    "hfgan_core/config.py:_run_config_from_dict": "pending split",
-    "hfgan_core/protocol/messages.py": "pending split",
     "hfgan_core/runtime/client.py:_on_split": "pending split",
 }
 
