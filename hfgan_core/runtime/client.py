@@ -260,107 +260,140 @@ class ClientRole(Role):
     def _on_split(self, msg: Message) -> None:
         if self.in_round and msg.round == self.round and msg.step == self.step:
             self.pace.observe(self.ctx.clock() - self._last_progress)  # how long the server took to reply
-        g, d = self.arch.generator, self.arch.discriminator
-        h, t, cuts = self.holder, self._t, self.cuts
+        t = self._t
         B = t["x"].shape[0] if "x" in t else 0
         if isinstance(msg, GMidOut):
-            self._expect(msg, "g_fwd")
-            expect_shape("g_mid_out.act", msg.act, (B, *g.tail_input_shape(cuts.g_tail)))
-            t_in = msg.act.to(self.device).clone().requires_grad_(True)
-            fake = run_blocks(h.blocks["G"], g.client_tail(cuts.g_tail), t_in)
-            heads = d.client_head(cuts.d_head)
-            d_fake = run_blocks(h.blocks["D"], heads, fake.detach(), t["y"])
-            d_real = run_blocks(h.blocks["D"], heads, t["x"], t["y"])
-            t.update(g_tail_in=t_in, fake=fake, d_fake=d_fake, d_real=d_real)
-            self.phase = "d_fwd"
-            self._work("g_tail_fwd+d_head_fwd")
-            self.send(
-                SERVER,
-                DHeadOut(
-                    **self.envelope(self.round, self.step),
-                    client=self.client,
-                    phase="d",
-                    fake=d_fake.detach(),
-                    real=d_real.detach(),
-                ),
-            )
+            self._on_g_mid_out(msg, B)
         elif isinstance(msg, DMidOut) and msg.phase == "d":
-            self._expect(msg, "d_fwd")
-            shape = (B, *d.tail_input_shape(cuts.d_tail))
-            expect_shape("d_mid_out.fake", msg.fake, shape)
-            if msg.real is None:
-                raise Reject("malformed: d_mid_out phase d without the real activations")
-            expect_shape("d_mid_out.real", msg.real, shape)
-            tails = d.client_tail(cuts.d_tail)
-            in_f = msg.fake.to(self.device).clone().requires_grad_(True)
-            in_r = msg.real.to(self.device).clone().requires_grad_(True)
-            out_f = run_blocks(h.blocks["D"], tails, in_f)
-            out_r = run_blocks(h.blocks["D"], tails, in_r)
-            loss_f = F.binary_cross_entropy(out_f, torch.zeros_like(out_f))
-            loss_r = F.binary_cross_entropy(out_r, torch.ones_like(out_r))
-            (loss_f + loss_r).backward()
-            self._losses["d_loss_fake"].append(float(loss_f.detach()))
-            self._losses["d_loss_real"].append(float(loss_r.detach()))
-            self.phase = "d_bwd"
-            self._work("d_tail_d")
-            self.send(
-                SERVER,
-                DTailGrad(
-                    **self.envelope(self.round, self.step),
-                    client=self.client,
-                    phase="d",
-                    fake=in_f.grad,
-                    real=in_r.grad,
-                ),
-            )
+            self._on_d_mid_out_d(msg, B)
         elif isinstance(msg, DMidGrad) and msg.phase == "d":
-            self._expect(msg, "d_bwd")
-            expect_shape("d_mid_grad.fake", msg.fake, tuple(t["d_fake"].shape))
-            if msg.real is None:
-                raise Reject("malformed: d_mid_grad phase d without the real gradient")
-            expect_shape("d_mid_grad.real", msg.real, tuple(t["d_real"].shape))
-            torch.autograd.backward([t["d_fake"], t["d_real"]], [msg.fake.to(self.device), msg.real.to(self.device)])
-            h.step("D")
-            # G step: D (now updated) on the same fakes, keeping their graph back to the generator.
-            h.zero_grad("D")
-            d_gen = run_blocks(h.blocks["D"], d.client_head(cuts.d_head), t["fake"], t["y"])
-            t["d_gen"] = d_gen
-            self.phase = "g_dfwd"
-            self._work("d_head_bwd+d_head_fwd")
-            self.send(
-                SERVER,
-                DHeadOut(**self.envelope(self.round, self.step), client=self.client, phase="g", fake=d_gen.detach()),
-            )
+            self._on_d_mid_grad_d(msg)
         elif isinstance(msg, DMidOut) and msg.phase == "g":
-            self._expect(msg, "g_dfwd")
-            expect_shape("d_mid_out.fake", msg.fake, (B, *d.tail_input_shape(cuts.d_tail)))
-            in_g = msg.fake.to(self.device).clone().requires_grad_(True)
-            out = run_blocks(h.blocks["D"], d.client_tail(cuts.d_tail), in_g)
-            g_loss = F.binary_cross_entropy(out, torch.ones_like(out))
-            g_loss.backward()
-            self._losses["g_loss"].append(float(g_loss.detach()))
-            self.phase = "g_dbwd"
-            self._work("d_tail_g")
-            self.send(
-                SERVER, DTailGrad(**self.envelope(self.round, self.step), client=self.client, phase="g", fake=in_g.grad)
-            )
+            self._on_d_mid_out_g(msg, B)
         elif isinstance(msg, DMidGrad) and msg.phase == "g":
-            self._expect(msg, "g_dbwd")
-            expect_shape("d_mid_grad.fake", msg.fake, tuple(t["d_gen"].shape))
-            t["d_gen"].backward(msg.fake.to(self.device))
-            grad = t["g_tail_in"].grad
-            self.phase = "g_bwd"
-            self._work("d_head_bwd+g_tail_bwd")
-            self.send(SERVER, GTailGrad(**self.envelope(self.round, self.step), client=self.client, grad=grad))
+            self._on_d_mid_grad_g(msg)
         elif isinstance(msg, GMidGrad):
-            self._expect(msg, "g_bwd")
-            expect_shape("g_mid_grad.grad", msg.grad, tuple(t["g_head"].shape))
-            t["g_head"].backward(msg.grad.to(self.device))
-            h.step("G")
-            self._work("g_head_bwd")
-            self._finish_step(dropped=False)
+            self._on_g_mid_grad(msg)
         else:
             raise Reject(f"unexpected: {msg.KIND} phase {getattr(msg, 'phase', '')!r}")
+
+    def _on_g_mid_out(self, msg: GMidOut, B: int) -> None:
+        """g_fwd: the generator tail and the discriminator heads on fakes and reals."""
+        g, d = self.arch.generator, self.arch.discriminator
+        h, t, cuts = self.holder, self._t, self.cuts
+        self._expect(msg, "g_fwd")
+        expect_shape("g_mid_out.act", msg.act, (B, *g.tail_input_shape(cuts.g_tail)))
+        t_in = msg.act.to(self.device).clone().requires_grad_(True)
+        fake = run_blocks(h.blocks["G"], g.client_tail(cuts.g_tail), t_in)
+        heads = d.client_head(cuts.d_head)
+        d_fake = run_blocks(h.blocks["D"], heads, fake.detach(), t["y"])
+        d_real = run_blocks(h.blocks["D"], heads, t["x"], t["y"])
+        t.update(g_tail_in=t_in, fake=fake, d_fake=d_fake, d_real=d_real)
+        self.phase = "d_fwd"
+        self._work("g_tail_fwd+d_head_fwd")
+        self.send(
+            SERVER,
+            DHeadOut(
+                **self.envelope(self.round, self.step),
+                client=self.client,
+                phase="d",
+                fake=d_fake.detach(),
+                real=d_real.detach(),
+            ),
+        )
+
+    def _on_d_mid_out_d(self, msg: DMidOut, B: int) -> None:
+        """d_fwd: the discriminator tails and its loss, backward to the cut."""
+        d = self.arch.discriminator
+        h, cuts = self.holder, self.cuts
+        self._expect(msg, "d_fwd")
+        shape = (B, *d.tail_input_shape(cuts.d_tail))
+        expect_shape("d_mid_out.fake", msg.fake, shape)
+        if msg.real is None:
+            raise Reject("malformed: d_mid_out phase d without the real activations")
+        expect_shape("d_mid_out.real", msg.real, shape)
+        tails = d.client_tail(cuts.d_tail)
+        in_f = msg.fake.to(self.device).clone().requires_grad_(True)
+        in_r = msg.real.to(self.device).clone().requires_grad_(True)
+        out_f = run_blocks(h.blocks["D"], tails, in_f)
+        out_r = run_blocks(h.blocks["D"], tails, in_r)
+        loss_f = F.binary_cross_entropy(out_f, torch.zeros_like(out_f))
+        loss_r = F.binary_cross_entropy(out_r, torch.ones_like(out_r))
+        (loss_f + loss_r).backward()
+        self._losses["d_loss_fake"].append(float(loss_f.detach()))
+        self._losses["d_loss_real"].append(float(loss_r.detach()))
+        self.phase = "d_bwd"
+        self._work("d_tail_d")
+        self.send(
+            SERVER,
+            DTailGrad(
+                **self.envelope(self.round, self.step),
+                client=self.client,
+                phase="d",
+                fake=in_f.grad,
+                real=in_r.grad,
+            ),
+        )
+
+    def _on_d_mid_grad_d(self, msg: DMidGrad) -> None:
+        """d_bwd: the discriminator heads backward and the D step, then D on the fakes for the G step."""
+        d = self.arch.discriminator
+        h, t, cuts = self.holder, self._t, self.cuts
+        self._expect(msg, "d_bwd")
+        expect_shape("d_mid_grad.fake", msg.fake, tuple(t["d_fake"].shape))
+        if msg.real is None:
+            raise Reject("malformed: d_mid_grad phase d without the real gradient")
+        expect_shape("d_mid_grad.real", msg.real, tuple(t["d_real"].shape))
+        torch.autograd.backward([t["d_fake"], t["d_real"]], [msg.fake.to(self.device), msg.real.to(self.device)])
+        h.step("D")
+        # G step: D (now updated) on the same fakes, keeping their graph back to the generator.
+        h.zero_grad("D")
+        d_gen = run_blocks(h.blocks["D"], d.client_head(cuts.d_head), t["fake"], t["y"])
+        t["d_gen"] = d_gen
+        self.phase = "g_dfwd"
+        self._work("d_head_bwd+d_head_fwd")
+        self.send(
+            SERVER,
+            DHeadOut(**self.envelope(self.round, self.step), client=self.client, phase="g", fake=d_gen.detach()),
+        )
+
+    def _on_d_mid_out_g(self, msg: DMidOut, B: int) -> None:
+        """g_dfwd: the discriminator tail on the fakes and the generator loss, backward to the cut."""
+        d = self.arch.discriminator
+        h, cuts = self.holder, self.cuts
+        self._expect(msg, "g_dfwd")
+        expect_shape("d_mid_out.fake", msg.fake, (B, *d.tail_input_shape(cuts.d_tail)))
+        in_g = msg.fake.to(self.device).clone().requires_grad_(True)
+        out = run_blocks(h.blocks["D"], d.client_tail(cuts.d_tail), in_g)
+        g_loss = F.binary_cross_entropy(out, torch.ones_like(out))
+        g_loss.backward()
+        self._losses["g_loss"].append(float(g_loss.detach()))
+        self.phase = "g_dbwd"
+        self._work("d_tail_g")
+        self.send(
+            SERVER, DTailGrad(**self.envelope(self.round, self.step), client=self.client, phase="g", fake=in_g.grad)
+        )
+
+    def _on_d_mid_grad_g(self, msg: DMidGrad) -> None:
+        """g_dbwd: the discriminator head backward to the generator tail."""
+        t = self._t
+        self._expect(msg, "g_dbwd")
+        expect_shape("d_mid_grad.fake", msg.fake, tuple(t["d_gen"].shape))
+        t["d_gen"].backward(msg.fake.to(self.device))
+        grad = t["g_tail_in"].grad
+        self.phase = "g_bwd"
+        self._work("d_head_bwd+g_tail_bwd")
+        self.send(SERVER, GTailGrad(**self.envelope(self.round, self.step), client=self.client, grad=grad))
+
+    def _on_g_mid_grad(self, msg: GMidGrad) -> None:
+        """g_bwd: the generator head backward and the G step; the step is done."""
+        h, t = self.holder, self._t
+        self._expect(msg, "g_bwd")
+        expect_shape("g_mid_grad.grad", msg.grad, tuple(t["g_head"].shape))
+        t["g_head"].backward(msg.grad.to(self.device))
+        h.step("G")
+        self._work("g_head_bwd")
+        self._finish_step(dropped=False)
 
     def _work(self, what: str) -> None:
         if self.delay is not None:
