@@ -26,7 +26,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="rebuild a round's aggregated models from the update log and check their digests")
     p.add_argument("--run", required=True, help="a run id, or a run directory")
     p.add_argument("--round", type=int, required=True, help="the round to replay")
-    p.add_argument("--broker", help=f"broker URL ($HFGAN_BROKER_URL, default {DEFAULT_BROKER_URL})")
+    shown = DEFAULT_BROKER_URL.replace("%", "%%")  # argparse %-formats help texts
+    p.add_argument("--broker", help=f"broker URL ($HFGAN_BROKER_URL, default {shown})")
     p.add_argument("--state", help=f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE_URL})")
     p.add_argument("--namespace", help="AMQP namespace ($HFGAN_BROKER_NAMESPACE, hfgan)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -50,7 +50,8 @@ def add_parser(sub: Any, run_options) -> argparse.ArgumentParser:
     run_options(p)
     for action in p._actions:  # the shared options' help describes `train`'s in-process defaults
         if action.dest == "broker":
-            action.help = f"broker URL ($HFGAN_BROKER_URL, default {DEFAULT_BROKER_URL}; {{slot}}: a client's slot)"
+            shown = DEFAULT_BROKER_URL.replace("%", "%%")  # argparse %-formats help texts
+            action.help = f"broker URL ($HFGAN_BROKER_URL, default {shown}; {{slot}}: a client's slot)"
         elif action.dest == "state":
             action.help = f"state URL ($HFGAN_STATE_URL, default {DEFAULT_STATE_URL})"
     p.add_argument(

@@ -354,3 +354,15 @@ def test_eval_of_a_directory_without_a_run(tmp_path, capsys):
     code, _, err = run_cli(capsys, ["eval", "--run-dir", str(tmp_path / "run")])
     assert code == 2 and err.strip() == f"hfgan eval: error: no checkpoint in {tmp_path / 'run'}"
     assert not (tmp_path / "run" / "eval.json").exists() and not (tmp_path / "classifiers").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["train"], ["eval"], ["data", "check"], ["plan-cuts"], ["up"], ["status"], ["replay"], ["dashboard"], ["broker"]],
+)
+def test_every_command_prints_its_help(capsys, command):
+    """argparse formats help with %: a default shown in a help text (a URL with %2F) must not break --help."""
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: hfgan" in capsys.readouterr().out
