@@ -260,6 +260,8 @@ class WorkerLoop:
         info = self.info()
         if self.send_beat is not None:
             self.send_beat(info, False)
+            if s.health_file:  # only after the broker took the beat: the probe must not pass for a hung client
+                write_beat(s.health_file)
             if self.on_beat is not None:
                 self.on_beat()
             return

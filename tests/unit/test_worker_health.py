@@ -57,3 +57,37 @@ def test_probe_command_exit_codes(tmp_path):
     write_beat(f, now=time.time() - 30)
     res = _probe({"HFGAN_HEALTH_FILE": str(f), "HFGAN_HEARTBEAT_TTL_S": "20"})
     assert res.returncode == 1 and "limit 20 s" in res.stderr
+
+
+def test_a_client_beating_over_the_broker_writes_its_health_file(tmp_path):
+    """A client has no ledger: its beat goes to the coordinator over the broker, and the health file follows that
+    beat (a client whose beats stopped, or whose publish failed, goes stale)."""
+    from hfgan_core.config import RunConfig
+    from hfgan_core.runtime.host import Role, RoleContext
+    from hfgan_core.runtime.worker import StopFlag, WorkerLoop
+    from hfgan_core.transport import MemoryTransport
+
+    class Quiet(Role):
+        name = "quiet"
+
+        def addresses(self) -> list[str]:
+            return []
+
+    f = tmp_path / "hb"
+    sent: list[str] = []
+
+    def send_beat(info: str, leaving: bool) -> None:
+        if len(sent) == 1:
+            raise ConnectionError("broker gone")
+        sent.append(info)
+
+    ctx = RoleContext(run="r", cfg=RunConfig(), transport=MemoryTransport(), store=None)
+    loop = WorkerLoop(Quiet(ctx), WorkerSettings(health_file=str(f)), StopFlag(), send_beat=send_beat)
+    loop.beat()
+    assert sent and beat_problem(f, 10.0) is None
+    write_beat(f, now=time.time() - 60)
+    try:
+        loop.beat()
+    except ConnectionError:
+        pass
+    assert beat_problem(f, 10.0) is not None  # the failed beat left the file stale
