@@ -4,7 +4,9 @@
   outsized tensor is clipped to C times the median of the other members' norms, honest members are untouched;
 - in a run (memory transport and store): a client whose update has 1e6 times the median norm moves its cluster's
   model by no more than the documented bound; a NaN update is left out with its reason in the ledger and the round
-  finishes; the weight is the admitted sample count, never the reported one; a second report is refused;
+  finishes; a client that names an update it never logged is planned out of the round after a bounded number of
+  refused jobs, the others weighted as if it had not reported; the weight is the admitted sample count, never the
+  reported one; a second report is refused;
 - the update log: records whose publisher may not speak for their sender, junk records and a repeated msg_id are
   skipped with a reason and never replace a good record.
 """
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 
@@ -29,6 +32,7 @@ from hfgan_core.protocol import decode as decode_message
 from hfgan_core.runtime import ledger
 from hfgan_core.runtime.aggregator import read_round_updates
 from hfgan_core.runtime.coordinator import CoordinatorRole
+from hfgan_core.runtime.coordinator_jobs import MAX_MISSING_REFUSALS
 from hfgan_core.runtime.embedded import EmbeddedRunner
 from hfgan_core.runtime.host import Reject, RoleContext
 from hfgan_core.state import MemoryRoundStore
@@ -174,6 +178,37 @@ def test_a_nan_update_is_left_out_with_its_reason_and_the_round_finishes():
     rest = math.fsum(w[c] for c in (0, 1))
     expected = weighted_average([full[0], full[1]], [w[0] / rest, w[1] / rest])
     assert all(torch.equal(report.cluster_models[0][k], expected[k]) for k in expected)
+
+
+def test_a_client_naming_an_update_it_never_logged_is_planned_out_after_bounded_refusals():
+    # Before, the aggregators refused the job as `missing_update` and the coordinator queued it again forever.
+    cfg = _cfg(rounds=2)
+    runner = _runner(cfg)
+    runner.clients[2].log_update = lambda body, round, kind: None  # reports an update that never reaches the log
+    result = runner.run()
+    assert [r.aggregated for r in result.reports] == [True, True]
+    for r in (1, 2):
+        marks = runner.store.round_clients(RUN, r)
+        assert marks[2].state == "rejected" and "missing_update" in marks[2].reason, marks[2]
+        assert marks[0].state == marks[1].state == "arrived"
+        docs = ledger.RoundDocs.read(runner.store, RUN, r)
+        refused = json.loads(docs.raw[ledger.refused_name(0)])
+        assert refused["count"] == MAX_MISSING_REFUSALS and set(refused["missing"]) == {"2"}
+        # Planned again as if client 2 had not reported: 0 and 1 with their admitted 16 samples each; client 2
+        # still loads its cluster's model; its named update is discarded with the reason.
+        assert docs.jobs[0]["members"] == [0, 1] and docs.jobs[0]["weights"] == [0.5, 0.5]
+        assert docs.jobs[0]["recipients"] == [0, 1, 2] and docs.jobs[-1]["members"] == [0, 1]
+        assert set(docs.aggs) == set(docs.jobs)
+        assert "missing_update" in docs.discarded[docs.done[2]["update_digest"]]
+        clients, server = _logged(runner, r)
+        assert sorted(clients) == [0, 1]
+        layout = StateLayout.from_config(cfg.model)
+        full = [
+            member_full_state(layout, CutBits.parse(clients[c].cuts[0]), clients[c].state, server.state) for c in (0, 1)
+        ]
+        expected = weighted_average(full, [0.5, 0.5])
+        model = result.reports[r - 1].cluster_models[0]
+        assert all(torch.equal(model[k], expected[k]) for k in expected)
 
 
 def _coordinator(cfg: RunConfig) -> CoordinatorRole:
