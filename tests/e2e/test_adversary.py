@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import subprocess
 import time
 import uuid
@@ -42,7 +43,6 @@ import torch
 
 from hfgan_core import roles
 from hfgan_core.config import load_config
-from hfgan_core.data import TensorClientData
 from hfgan_core.federation import state_digest
 from hfgan_core.protocol import (
     REGISTRY,
@@ -62,8 +62,8 @@ from hfgan_core.runtime import ledger
 from hfgan_core.runtime.aggregator import read_round_updates
 from hfgan_core.runtime.checkpoint import load_checkpoint, round_dir
 from hfgan_core.runtime.coordinator_jobs import MAX_MISSING_REFUSALS
-from hfgan_core.runtime.embedded import EmbeddedRunner
 from hfgan_core.runtime.host import RoleContext
+from hfgan_core.runtime.unsplit import UnsplitGAN
 from hfgan_core.transport import COORDINATOR, SERVER
 from hfgan_core.transport.amqp import AmqpTransport, provision_client_users
 from hfgan_core.transport.amqp.topology import H_CHUNK_COUNT, H_CHUNK_ID, H_CHUNK_INDEX
@@ -102,20 +102,43 @@ def quickstart_config(path: Path, round_deadline: float) -> Path:
     return path
 
 
-def measured_round_deadline(tmp: Path) -> float:
-    """Round 1 of the same configuration in-process (memory transport, every role on one thread): the distributed
-    round does the same compute over more processes and the broker. The deadline is generous against it, because
-    an honest client that misses it would change the models the test compares."""
+def measured_round_deadline(amqp: str) -> float:
+    """The round deadline from this host's measured pace: one unsplit training step of a client (G and D, forward
+    and backward, batch 16) and one message round trip through the broker. A distributed step is about four clients'
+    and the server's compute and a dozen broker hops; the deadline is four times that per step, plus three step
+    deadlines for the first window's wait for client 1. Generous on purpose: an honest client that missed it would
+    change the models the test compares (the test then fails saying so, in `check_honest`)."""
     torch.set_num_threads(1)
-    cfg = load_config(str(quickstart_config(tmp / "calibrate.toml", 600.0)))
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rounds=1))
-    n = cfg.scenario.total_clients
-    data = [TensorClientData.random(64, i) for i in range(n)]
-    t0 = time.perf_counter()
-    EmbeddedRunner(cfg, data, cfg.scenario.client_domains(), run_id=f"calib-{uuid.uuid4().hex[:6]}").run()
-    took = time.perf_counter() - t0
-    deadline = 3 * STEP_DEADLINE + 20 * took
-    print(f"in-process round: {took:.2f} s -> round deadline {deadline:.1f} s")
+    cfg = load_config("quickstart")
+    model = UnsplitGAN(cfg)
+    z, y, x = torch.randn(BATCH, 100), torch.randint(0, 10, (BATCH,)), torch.rand(BATCH, 1, 28, 28) * 2 - 1
+    steps = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        model.train_step(x, y, z)
+        steps.append(time.perf_counter() - t0)
+    trips = []
+    with AmqpTransport(amqp, namespace=new_namespace()) as t:
+        t.declare()
+        got: list[Any] = []
+
+        def on(delivery) -> None:
+            got.append(delivery)
+            delivery.ack()
+
+        t.consume("clustering", on)
+        for i in range(10):
+            t0 = time.perf_counter()
+            t.publish("clustering", b"x" * 1000)
+            while len(got) <= i:
+                t.process(timeout=0.05)
+            trips.append(time.perf_counter() - t0)
+        t.delete_topology(range(0))
+    compute, trip = statistics.median(steps), statistics.median(trips)
+    deadline = 3 * STEP_DEADLINE + 10 * STEPS * (5 * compute + 12 * trip)
+    print(
+        f"pace: step {compute * 1e3:.0f} ms, broker round trip {trip * 1e3:.1f} ms -> round deadline {deadline:.1f} s"
+    )
     return deadline
 
 
@@ -280,7 +303,7 @@ def forbidden_kinds() -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, amqp_url, redis_url):  # noqa: F811
     tmp = tmp_path_factory.mktemp("adversary")
-    return {"classifiers": tmp / "classifiers", "deadline": measured_round_deadline(tmp)}
+    return {"classifiers": tmp / "classifiers", "deadline": measured_round_deadline(amqp_url)}
 
 
 def start_run(tmp: Path, amqp: str, redis: str, shared: dict, name: str) -> tuple[Run, str, list[str]]:
