@@ -136,9 +136,7 @@ def measured_round_deadline(amqp: str) -> float:
         t.delete_topology(range(0))
     compute, trip = statistics.median(steps), statistics.median(trips)
     deadline = 3 * STEP_DEADLINE + 4 * STEPS * (5 * compute + 12 * trip)
-    print(
-        f"pace: step {compute * 1e3:.0f} ms, broker round trip {trip * 1e3:.1f} ms: round deadline {deadline:.1f} s"
-    )
+    print(f"pace: step {compute * 1e3:.0f} ms, broker round trip {trip * 1e3:.1f} ms: round deadline {deadline:.1f} s")
     return deadline
 
 
