@@ -12,7 +12,8 @@ Durability: whatever the coordinator learns from a message (a join, a client's o
 clustering result, an aggregation result) is written to the ledger as a document (ledger.py) before the message is
 acknowledged, and a round's jobs are recorded before the round moves to `aggregating`; a restarted coordinator
 carries on from those documents (coordinator_resume.py). Admission is admission.py; which clients are averaged
-with which weights in which jobs is a pure function (federation/planning.py); this module keeps the ledger writes.
+with which weights in which jobs is a pure function (federation/planning.py); queueing the jobs, queueing them again
+and planning a round again without a client whose named update stays missing is coordinator_jobs.py.
 
 What it accepts: a round report only for a round that has started (a report for a later one is refused without a
 mark in the ledger), one per client and round (a second, different one is refused); a clustering result from the
