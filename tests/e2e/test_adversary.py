@@ -503,6 +503,7 @@ def account(run: Run, adv: Client1, dead: list) -> str:
     return (
         f"dead-lettered {sum(by_reason.values())} of {len(adv.sent) - 2} bad messages sent: "
         f"{dict(sorted(counts.items()))}; "
-        f"log records skipped {len(mine)} of {len(adv.logged)}: {dict(Counter(mine.values()))}; missing_update job refusals "
-        f"{dict(refusals)}; ledger: round 1 {marks1.reason[:60]!r}, round 2 {marks2.reason[:80]!r}"
+        f"log records skipped {len(mine)} of {len(adv.logged)}: {dict(Counter(mine.values()))}; "
+        f"missing_update job refusals {dict(refusals)}; "
+        f"ledger: round 1 {marks1.reason[:60]!r}, round 2 {marks2.reason[:80]!r}"
     )
