@@ -116,3 +116,19 @@ def test_a_client_has_no_ledger_and_its_slot_follows_its_user():
     assert _fixed_slot(url, 4, 2) == 2
     assert _fixed_slot("amqp://client-3:pw@h:5672/%2F", 4, None) == 3
     assert _fixed_slot("amqp://guest:guest@h:5672/%2F", 4, None) is None
+
+
+def test_a_slot_answer_forged_by_a_client_of_a_namespace_is_refused():
+    # Found by the adversarial e2e test: with HFGAN_BROKER_NAMESPACE set, client users are `<namespace>-client-k`,
+    # and the slot watch checked them against the default namespace, where they are no role's user: a client that
+    # published a `SlotGrant` as "coordinator" to another process's `events.slot.<owner>` was believed (a refusal
+    # there makes that client exit: "lost client slot").
+    from hfgan_core.runtime.client_worker import SlotWatch
+    from hfgan_core.transport.base import Delivery
+
+    grant = SlotGrant(run="r", round=0, sender="coordinator", client=0, owner="o", granted=False).encode()
+    for user, believed in (("ns1-client-1", False), ("ns1-coordinator", True), ("guest", True)):
+        watch = SlotWatch("r", "o", namespace="ns1")
+        d = Delivery(grant, "events.slot.o", headers={"user_id": user})
+        watch.on_delivery(d)
+        assert (watch.grant is not None) == believed and d.settled == ("ack" if believed else "reject"), user
