@@ -6,8 +6,10 @@ default user is never changed."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -115,3 +117,37 @@ def test_generate_writes_the_acl_file_and_a_password_and_url_per_role(tmp_path):
         assert (tmp_path / f"{role}.password").stat().st_mode & 0o077 == 0
         url = urllib.parse.urlparse((tmp_path / f"{role}.url").read_text().strip())
         assert (url.username, urllib.parse.unquote(url.password), url.hostname) == (role, pw, "redis")
+
+
+def test_a_real_redis_server_loads_the_generated_acl_file(tmp_path):
+    """The generated users.acl as Redis's `aclfile` (what redis-acl.conf and compose do): the server starts, every
+    role authenticates with its password, and a connection without one can do nothing. A redis-server of its own
+    on a free port, so the shared test Redis's users are never touched."""
+    passwords = generate(tmp_path / "redis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    cmd += ["--dir", str(tmp_path), "--aclfile", str(tmp_path / "redis" / "users.acl")]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, f"redis-server refused the generated aclfile: {server.stdout.read()[-2000:]}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not listen within 60 s"
+                time.sleep(0.2)
+        for user, password in passwords.items():
+            r = redis.Redis(host="127.0.0.1", port=port, username=user, password=password)
+            assert r.set(f"hfgan:{{acl}}:{user}", "1") and r.ping(), user
+            r.close()
+        anonymous = redis.Redis(host="127.0.0.1", port=port)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            anonymous.get("hfgan:{acl}:coordinator")
+        anonymous.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
