@@ -3,7 +3,11 @@
 Only infrastructure roles open the ledger (clients never do: they reach the coordinator over the broker). Each
 gets its own Redis user, allowed the ledger's keys (`hfgan:*`) and the commands the store uses (reads, writes,
 transactions, scripts), nothing `@dangerous` (no FLUSHALL, KEYS, CONFIG, ACL, DEBUG ...) and no pub/sub channels.
-The default user is turned off in the generated file, so a connection without a role's password gets nothing.
+The default user keeps every permission but gets a random password of its own (`default.password`, for an operator;
+no role is given it), so a connection without a password gets nothing (NOAUTH). It is not turned off: Redis 7.0
+replays the append-only file as the default user, and with that user off every transaction in the file (the effects
+of the store's scripts) failed with NOPERM on a restart, silently dropping the ledger's writes (tests/compose saw a
+resumed run's info reduced to its status).
 
     python -m hfgan_core.state.acl generate --out secrets/redis [--host redis] [--port 6379] [--db 0]
 
@@ -37,11 +41,21 @@ def role_acl(user: str, password: str) -> str:
     return f"user {user} on #{digest} {ROLE_RULE}"
 
 
-def acl_file(passwords: dict[str, str]) -> str:
+def acl_file(passwords: dict[str, str], admin_password: str) -> str:
     # No comment line: Redis refuses to start on an aclfile with anything but `user` lines.
-    lines = ["user default off"]
+    digest = hashlib.sha256(admin_password.encode()).hexdigest()
+    lines = [f"user default on #{digest} ~* &* +@all"]
     lines += [role_acl(user, passwords[user]) for user in sorted(passwords)]
     return "\n".join(lines) + "\n"
+
+
+def _password(path: Path) -> str:
+    """The password in `path`, or a new random one written there (mode 0600)."""
+    password = path.read_text().strip() if path.exists() else ""
+    if not password:
+        password = secrets.token_urlsafe(24)
+        _write_secret(path, password + "\n")
+    return password
 
 
 def _write_secret(path: Path, text: str) -> None:
@@ -51,18 +65,14 @@ def _write_secret(path: Path, text: str) -> None:
 
 
 def generate(out: Path, host: str = "redis", port: int = 6379, db: int = 0) -> dict[str, str]:
-    """Write users.acl, <role>.password and <role>.url into `out` (keeping passwords already there)."""
+    """Write users.acl, default.password, <role>.password and <role>.url into `out` (keeping passwords already
+    there). Returns the roles' passwords."""
     out.mkdir(parents=True, exist_ok=True)
     passwords: dict[str, str] = {}
     for user in ROLE_USERS:
-        pw_file = out / f"{user}.password"
-        password = pw_file.read_text().strip() if pw_file.exists() else ""
-        if not password:
-            password = secrets.token_urlsafe(24)
-            _write_secret(pw_file, password + "\n")
-        passwords[user] = password
+        password = passwords[user] = _password(out / f"{user}.password")
         _write_secret(out / f"{user}.url", f"redis://{user}:{quote(password, safe='')}@{host}:{port}/{db}\n")
-    (out / "users.acl").write_text(acl_file(passwords))
+    (out / "users.acl").write_text(acl_file(passwords, _password(out / "default.password")))
     return passwords
 
 
