@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from .. import roles
 from ..config import ConfigError, RunConfig
 from ..protocol import ClientHeartbeat, SlotGrant, WireError, decode
 from ..state import StateError
@@ -54,8 +55,9 @@ class NoLedger:
 class SlotWatch:
     """Collects the coordinator's answers on `events.slot.<owner>`; anything else there is dead-lettered."""
 
-    def __init__(self, run: str, owner: str):
+    def __init__(self, run: str, owner: str, namespace: str = roles.DEFAULT_NAMESPACE):
         self.run, self.owner = run, owner
+        self.namespace = namespace  # the broker users of another namespace are `<namespace>-client-k`
         self.grant: SlotGrant | None = None
         self.lost: str | None = None
 
@@ -65,7 +67,7 @@ class SlotWatch:
         except WireError as exc:
             delivery.reject(f"{exc.reason}: {exc.detail}")
             return
-        forged = forged_sender(delivery.headers.get("user_id"), msg.sender)
+        forged = forged_sender(delivery.headers.get("user_id"), msg.sender, self.namespace)
         if forged or msg.sender != "coordinator" or msg.owner != self.owner or msg.run != self.run:
             delivery.reject(forged or f"bad_sender: slot answers come from the coordinator, not {msg.sender!r}")
             return
@@ -105,7 +107,7 @@ class SlotClient:
         self.n = cfg.scenario.total_clients
         self.url = cfg.runtime.broker_url
         self.fixed = _fixed_slot(self.url, self.n, fixed)
-        self.watch = SlotWatch(run, self.owner)
+        self.watch = SlotWatch(run, self.owner, settings.namespace or roles.DEFAULT_NAMESPACE)
         self.transport: Transport | None = None
         self.slot = -1
         self._connected_as: int | None = None

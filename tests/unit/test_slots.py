@@ -131,3 +131,19 @@ def test_a_restarted_client_process_is_a_new_slot_owner():
     assert t.beat(0, first, now=1.0) == "renewed"  # what the same owner would get: no answer
     assert t.beat(0, restarted, now=2.0) == "refused"
     assert t.beat(0, restarted, now=11.0) == "granted"  # the dead holder renewed last at 1: free from 11
+
+
+def test_a_slot_answer_forged_by_a_client_of_a_namespace_is_refused():
+    # Found by the adversarial e2e test: with HFGAN_BROKER_NAMESPACE set, client users are `<namespace>-client-k`,
+    # and the slot watch checked them against the default namespace, where they are no role's user: a client that
+    # published a `SlotGrant` as "coordinator" to another process's `events.slot.<owner>` was believed (a refusal
+    # there makes that client exit: "lost client slot").
+    from hfgan_core.runtime.client_worker import SlotWatch
+    from hfgan_core.transport.base import Delivery
+
+    grant = SlotGrant(run="r", round=0, sender="coordinator", client=0, owner="o", granted=False).encode()
+    for user, believed in (("ns1-client-1", False), ("ns1-coordinator", True), ("guest", True)):
+        watch = SlotWatch("r", "o", namespace="ns1")
+        d = Delivery(grant, "events.slot.o", headers={"user_id": user})
+        watch.on_delivery(d)
+        assert (watch.grant is not None) == believed and d.settled == ("ack" if believed else "reject"), user
