@@ -82,7 +82,7 @@ def test_the_stack_scales_heals_restarts_resumes_and_matches_the_one_process_run
     embedded = [json.loads(line) for line in Path(tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     records = _metrics(stack)
     assert embedded[0]["digests"] == records[0]["digests"], "round 1 differs from hfgan train --threads 1"
-    assert len(records[0]["digests"]) == 3  # the global model and two clusters
+    assert set(records[0]["digests"]) == {"-1", "0"}  # the global model and one cluster (two from round 2 on)
     same = [a["digests"] == b["digests"] for a, b in zip(embedded, records, strict=True)]
     print(f"compose: digests equal to hfgan train per round (rounds 2-3 had faults): {same}")
 
