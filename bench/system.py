@@ -33,8 +33,9 @@ Measures, per run:
 `--profile N` adds one cProfile'd float16 run with N clients per broker backend and writes its top functions to
 the JSON.
 
-Experiments (`--backends memory,amqp,amqp-recv,amqp-noconfirm,amqp-recv-noconfirm`), changes made by this script
-only, to measure what they would gain: `-recv` raises pika's socket read size from 4 KiB to 128 KiB for the run;
+Experiments (`--backends memory,amqp,amqp-4k,amqp-noconfirm,amqp-4k-noconfirm`), changes made by this script
+only, to measure what they gain or cost: `-4k` reads the socket 4 KiB at a time, pika's default and the transport's
+behaviour before it read one broker frame (128 KiB) at a time (`connection.RECV_BYTES`);
 `-noconfirm` publishes split traffic (transient) on a channel without publisher confirms.
 """
 
@@ -89,8 +90,8 @@ def config(clients: int, wire: str, steps: int) -> RunConfig:
     ).validate()
 
 
-BACKENDS = ("memory", "amqp", "amqp-recv", "amqp-noconfirm", "amqp-recv-noconfirm")
-PIKA_RECV_BYTES = 128 * 1024
+BACKENDS = ("memory", "amqp", "amqp-4k", "amqp-noconfirm", "amqp-4k-noconfirm")
+PIKA_RECV_BYTES = 4 * 1024  # pika's own read size, `amqp-4k`
 
 
 def unconfirmed_split(base: type[Transport]) -> type[Transport]:
@@ -116,21 +117,20 @@ def unconfirmed_split(base: type[Transport]) -> type[Transport]:
 
 @contextlib.contextmanager
 def pika_recv_bytes(n: int | None) -> Any:
-    """EXPERIMENT: pika reads its socket 4 KiB at a time (`_AsyncTransportBase._MAX_RECV_BYTES`) and appends each
-    read to its frame buffer (`bytes +=`): megabyte messages cost thousands of reads and buffer copies. Raise it
-    (and the per-wakeup consume limit, 100 KiB) for the duration of a run."""
+    """EXPERIMENT: the socket read size of the connections the transport opens during the run (`-4k`: pika's 4 KiB
+    and 100 KiB per wakeup, as before the transport raised them; each read is appended to pika's frame buffer with
+    `bytes +=`, so megabyte messages cost thousands of reads and buffer copies)."""
     if not n:
         yield
         return
-    from pika.adapters.utils import io_services_utils as ios
+    from hfgan_core.transport.amqp import connection as amqp_connection
 
-    cls = ios._AsyncTransportBase
-    old = cls._MAX_RECV_BYTES, cls._MAX_CONSUME_BYTES
-    cls._MAX_RECV_BYTES, cls._MAX_CONSUME_BYTES = n, max(old[1], 8 * n)
+    old = amqp_connection.RECV_BYTES, amqp_connection.CONSUME_BYTES_PER_WAKEUP
+    amqp_connection.RECV_BYTES, amqp_connection.CONSUME_BYTES_PER_WAKEUP = n, 100 * 1024
     try:
         yield
     finally:
-        cls._MAX_RECV_BYTES, cls._MAX_CONSUME_BYTES = old
+        amqp_connection.RECV_BYTES, amqp_connection.CONSUME_BYTES_PER_WAKEUP = old
 
 
 def backends(kind: str, s: Settings) -> tuple[Transport, RoundStore, Any]:
@@ -169,7 +169,7 @@ def one_run(clients: int, kind: str, wire: str, s: Settings, profile: cProfile.P
         runner = EmbeddedRunner(cfg, datas, [0] * clients, run_id=run_id, transport=transport, store=store)
         cpu0, svc0 = time.process_time(), service_cpu_s()
         t0 = time.perf_counter()
-        with pika_recv_bytes(PIKA_RECV_BYTES if "recv" in kind else None):
+        with pika_recv_bytes(PIKA_RECV_BYTES if "4k" in kind else None):
             if profile is not None:
                 profile.enable()
             try:
