@@ -72,6 +72,7 @@ VARIABLES: tuple[Var, ...] = (
     Var("HFGAN_HEARTBEAT_TTL_S", "heartbeat_ttl_s", float, "a heartbeat's lifetime (10)"),
     Var("HFGAN_LEASE_TTL_S", "lease_ttl_s", float, "the coordinator lease's lifetime (15)"),
     Var("HFGAN_CONNECT_TIMEOUT_S", "connect_timeout_s", float, "how long broker and state are retried (60)"),
+    Var("HFGAN_CHUNK_TIMEOUT_S", "chunk_timeout_s", float, "incomplete chunked messages dead-lettered after (120)"),
     Var("HFGAN_HEALTH_FILE", "health_file", help="a file the worker rewrites with every heartbeat (health checks)"),
     Var("HFGAN_STANDBY_OK", "standby_ok", bool, "coordinator: wait as standby while another leads"),
     Var("HFGAN_NO_UTILITY", "no_utility", bool, "coordinator: skip the final utility metrics"),
@@ -143,6 +144,7 @@ class Settings:
     heartbeat_ttl_s: float | None = None
     lease_ttl_s: float | None = None
     connect_timeout_s: float | None = None
+    chunk_timeout_s: float | None = None
     health_file: str | None = None
     standby_ok: bool = False
     no_utility: bool = False

@@ -6,7 +6,9 @@ cluster and weighting rules are tested directly:
 - `resolve_clusters`: the cluster assignment and KLD scores the round uses (the clustering service's result from
   `kld_from_round` on, one cluster 0 before it or without clustering; clients the result does not name keep their
   previous cluster, new ones start in 0);
-- `plan_round_jobs`: arrived clients that completed no step are not averaged; the quorum (a fraction of the
+- `plan_round_jobs`: arrived clients that completed no step are not averaged, nor are `excluded` ones (their
+  reported update was refused as missing by the aggregators again and again: the coordinator plans the round again
+  without them, and they are weighted exactly as if they had never reported); the quorum (a fraction of the
   participants, at least one) must arrive and the server must have trained, else the round is skipped with the
   reason; otherwise the weights (`aggregation_weights`) and one job per cluster with an arrived member plus the
   global job (-1, every arrived client, for the server's layers).
@@ -20,7 +22,7 @@ that has one.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .weights import Weights, aggregation_weights
@@ -115,13 +117,15 @@ def plan_round_jobs(
     quorum: float,
     clusters: Clusters,
     rule: WeightRule,
+    excluded: Collection[int] = (),
 ) -> RoundPlan:
     """The round's jobs.
 
     `members`: every admitted client -> its admitted sample count; `participants`: who was asked to train;
     `steps_done`: arrived client -> steps it completed (its report); `server_steps`: the server's completed steps
-    (None without its report); `quorum`: the fraction of participants that must arrive (at least one client)."""
-    arrived = sorted(c for c in steps_done if c in members)
+    (None without its report); `quorum`: the fraction of participants that must arrive (at least one client);
+    `excluded`: arrived clients left out of every job (as if they had not arrived)."""
+    arrived = sorted(c for c in steps_done if c in members and c not in excluded)
     untrained = tuple(c for c in arrived if steps_done[c] == 0)
     averaged = tuple(c for c in arrived if c not in untrained)
     need = max(1, math.ceil(quorum * len(participants)))

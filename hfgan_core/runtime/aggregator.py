@@ -131,18 +131,28 @@ def read_round_updates(ctx: RoleContext, round: int) -> UpdateSet:
     return out
 
 
+class MissingUpdates(Reject):
+    """A job refused because updates of members are not in the log; `missing`: member -> the update it named."""
+
+    def __init__(self, reason: str, missing: dict[int, str]):
+        super().__init__(reason)
+        self.missing = missing
+
+
 def _member_states(layout: StateLayout, job: AggregateJob, updates: UpdateSet, server_state) -> dict[int, Any]:
     """Each member's full state, or the reason it has none usable."""
     states: dict[int, Any] = {}
+    missing: dict[int, str] = {}
     for c in job.members:
         uid = job.update_ids.get(str(c))
         upd = updates.clients.get(uid) if uid else None
         if upd is None and uid in updates.unusable:
             states[c] = f"bad_update: update {uid}: {updates.unusable[uid]}"
         elif upd is None:
-            # Not read (yet): a stream read may end early, so this is no proof of absence. The job is refused and
-            # queued again by the coordinator (docs/security.md: a client naming an update it never logged).
-            raise Reject(f"missing_update: client {c}'s update {uid} of round {job.round} is not in the log")
+            # Not read (yet): a stream read may end early, so this is no proof of absence. The job is refused, the
+            # refusal recorded in the ledger, and the coordinator queues the job again; after a few refusals it plans
+            # the round again without that member (coordinator_jobs.py; docs/security.md).
+            missing[c] = str(uid)
         elif upd.client != c:
             states[c] = f"bad_update: update {uid} is from client {upd.client}, not {c}"
         else:
@@ -150,6 +160,14 @@ def _member_states(layout: StateLayout, job: AggregateJob, updates: UpdateSet, s
                 states[c] = member_full_state(layout, CutBits.parse(upd.cuts[0]), upd.state, server_state)
             except (ValueError, IndexError) as exc:
                 states[c] = f"bad_update: {exc}"
+    if missing:
+        raise MissingUpdates(
+            "missing_update: "
+            + "; ".join(
+                f"client {c}'s update {uid} of round {job.round} is not in the log" for c, uid in missing.items()
+            ),
+            missing,
+        )
     return states
 
 
@@ -205,7 +223,11 @@ class AggregatorRole(Role):
         if any(uid not in known for uid in msg.update_ids.values()):
             # A stream read can end early (a busy broker or host): read once more before refusing the job.
             updates = read_round_updates(self.ctx, msg.round)
-        model, screened = screen_job(self.ctx, msg, updates)
+        try:
+            model, screened = screen_job(self.ctx, msg, updates)
+        except MissingUpdates as exc:
+            self._record_refusal(msg, exc)
+            raise
         self._record_screening(msg, screened)
         digest = state_digest(model)
         if not store.set_model_digest(run, msg.round, msg.cluster, digest):
@@ -249,6 +271,19 @@ class AggregatorRole(Role):
         )
         self.jobs_done += 1
         self.ctx.metrics.aggregation_job("done")
+
+    def _record_refusal(self, job: AggregateJob, exc: MissingUpdates) -> None:
+        """The coordinator counts these refusals (ledger `refused.<k>`): after a few it plans the round again without
+        the members named here. Competing aggregators may undercount by a race; never overcount a job's refusals."""
+        store, run, name = self.ctx.store, self.ctx.run, ledger.refused_name(job.cluster)
+        prev = store.get_docs(run, job.round).get(name)
+        count = 1
+        if prev:
+            doc = json.loads(prev)
+            count = int(doc.get("count", 0)) + 1 if doc.get("job") == job.msg_id else 1
+        missing = {str(c): uid for c, uid in exc.missing.items()}
+        doc = {"job": job.msg_id, "missing": missing, "count": count, "reason": exc.reason[:500]}
+        store.put_doc(run, job.round, name, json.dumps(doc, sort_keys=True))
 
     def _record_screening(self, job: AggregateJob, screened: Screened) -> None:
         """Members left out of the job or clipped, with why, in the ledger (`hfgan status` shows them)."""

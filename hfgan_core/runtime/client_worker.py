@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from .. import roles
 from ..config import ConfigError, RunConfig
 from ..protocol import ClientHeartbeat, SlotGrant, WireError, decode
 from ..state import StateError
@@ -53,8 +55,9 @@ class NoLedger:
 class SlotWatch:
     """Collects the coordinator's answers on `events.slot.<owner>`; anything else there is dead-lettered."""
 
-    def __init__(self, run: str, owner: str):
+    def __init__(self, run: str, owner: str, namespace: str = roles.DEFAULT_NAMESPACE):
         self.run, self.owner = run, owner
+        self.namespace = namespace  # the broker users of another namespace are `<namespace>-client-k`
         self.grant: SlotGrant | None = None
         self.lost: str | None = None
 
@@ -64,12 +67,23 @@ class SlotWatch:
         except WireError as exc:
             delivery.reject(f"{exc.reason}: {exc.detail}")
             return
-        forged = forged_sender(delivery.headers.get("user_id"), msg.sender)
+        forged = forged_sender(delivery.headers.get("user_id"), msg.sender, self.namespace)
         if forged or msg.sender != "coordinator" or msg.owner != self.owner or msg.run != self.run:
             delivery.reject(forged or f"bad_sender: slot answers come from the coordinator, not {msg.sender!r}")
             return
         self.grant = msg
         delivery.ack()
+
+
+def client_owner(process: str) -> str:
+    """This client process's slot owner: `<hostname>-<pid>` (`process`) and a random part, new with every start.
+
+    Docker restarts a crashed client container with the same hostname and runs the client as pid 1 again. With
+    `<hostname>-<pid>` alone the restarted process asked for its old slot as the slot's old holder: the coordinator
+    took the request for a renewal, which it does not answer, so the process waited for an answer forever while its
+    slot looked alive and the round waited for it (seen in tests/compose). A new owner is a new holder: refused
+    while the dead one's slot is fresh, granted once it expired, and it rejoins the round (admission.py)."""
+    return f"{process[:56]}-{secrets.token_hex(3)}"
 
 
 def _fixed_slot(url: str, n: int, client: int | None) -> int | None:
@@ -93,7 +107,7 @@ class SlotClient:
         self.n = cfg.scenario.total_clients
         self.url = cfg.runtime.broker_url
         self.fixed = _fixed_slot(self.url, self.n, fixed)
-        self.watch = SlotWatch(run, self.owner)
+        self.watch = SlotWatch(run, self.owner, settings.namespace or roles.DEFAULT_NAMESPACE)
         self.transport: Transport | None = None
         self.slot = -1
         self._connected_as: int | None = None

@@ -12,7 +12,8 @@ Durability: whatever the coordinator learns from a message (a join, a client's o
 clustering result, an aggregation result) is written to the ledger as a document (ledger.py) before the message is
 acknowledged, and a round's jobs are recorded before the round moves to `aggregating`; a restarted coordinator
 carries on from those documents (coordinator_resume.py). Admission is admission.py; which clients are averaged
-with which weights in which jobs is a pure function (federation/planning.py); this module keeps the ledger writes.
+with which weights in which jobs is a pure function (federation/planning.py); queueing the jobs, queueing them again
+and planning a round again without a client whose named update stays missing is coordinator_jobs.py.
 
 What it accepts: a round report only for a round that has started (a report for a later one is refused without a
 mark in the ledger), one per client and round (a second, different one is refused); a clustering result from the
@@ -34,7 +35,7 @@ import torch
 
 from ..config import DeviceProfile
 from ..federation import state_digest
-from ..federation.planning import Clusters, RoundPlan, WeightRule, plan_round_jobs, resolve_clusters
+from ..federation.planning import Clusters, WeightRule, resolve_clusters
 from ..model import CutBits
 from ..protocol import (
     AggregateDone,
@@ -50,10 +51,11 @@ from ..protocol import (
     RunEnd,
     ServerRoundDone,
 )
-from ..transport import AGGREGATE, COORDINATOR, SERVER, client_address
+from ..transport import COORDINATOR, SERVER, client_address
 from . import ledger
 from .admission import AdmissionMixin, Member
-from .aggregator import job_document, read_round_updates
+from .aggregator import read_round_updates
+from .coordinator_jobs import JobsMixin
 from .coordinator_resume import ResumeMixin
 from .host import Reject, Role, RoleContext
 from .slots import SlotTable
@@ -86,7 +88,7 @@ class RoundReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
+class CoordinatorRole(AdmissionMixin, ResumeMixin, JobsMixin, Role):
     name = "coordinator"
     accepts = (Join, RoundDone, ServerRoundDone, ClusterResult, AggregateDone, ClientHeartbeat)
     no_grad = True
@@ -158,6 +160,10 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
         self.weights = None
         self._requeue_after = self._requeue_first()
         self._requeue_at = math.inf
+        self._clusters: Clusters | None = None
+        self._excluded: dict[int, str] = {}  # arrived clients planned out of the round (coordinator_jobs.py)
+        self._refusals: dict[int, int] = {}
+        self._refusals_read_at = 0.0
 
     def _requeue_first(self) -> float:
         return max(10.0, 4 * self.ctx.cfg.runtime.step_deadline_s)
@@ -330,21 +336,8 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
             self._maybe_close()
         elif self.phase in ("training", "closing") and self.cluster_wait_until < math.inf:
             self._maybe_close()
-        elif self.phase == "aggregating" and now >= self._requeue_at:
-            missing = [k for k in sorted(self.jobs) if k not in self.results]
-            if missing:
-                self.ctx.log.warning(
-                    "coordinator: round %d: no result for job(s) %s after %.0f s; queueing them again",
-                    self.round,
-                    missing,
-                    self._requeue_after,
-                )
-                for k in missing:
-                    self.send(AGGREGATE, self.jobs[k])
-            self._requeue_after = min(
-                2 * self._requeue_after, max(self.ctx.cfg.runtime.round_deadline_s, self._requeue_first())
-            )
-            self._jobs_queued()
+        elif self.phase == "aggregating":
+            self._tick_jobs(now)
 
     # ------------------------------------------------------------------------------------------- aggregation
     def _aggregate(self) -> None:
@@ -371,16 +364,8 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
         )
         self.assignment = dict(clusters.assignment)
         ctx.store.set_clusters(ctx.run, self.round, self.assignment, clusters.kld_intra, clusters.kld_global)
-        plan = plan_round_jobs(
-            self.round,
-            members={c: m.n_samples for c, m in self.members.items()},
-            participants=self.participants,
-            steps_done={c: d.steps_done for c, d in self.done.items()},
-            server_steps=None if self.server_done is None else self.server_done.steps_done,
-            quorum=cfg.runtime.quorum,
-            clusters=clusters,
-            rule=rule,
-        )
+        self._clusters = clusters
+        plan = self._plan()
         # A client whose every step was dropped reports an unchanged model: it is not averaged in.
         for c in plan.untrained:
             ctx.store.mark_client(ctx.run, self.round, c, "late", "no completed step this round: not aggregated", now)
@@ -440,60 +425,6 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
         ctx.store.transition(ctx.run, self.round, "training", self.round, "aggregating")
         self._finish_round(arrived, dropped, late, {}, aggregated=False)
 
-    def _queue_jobs(self, plan: RoundPlan, dropped: dict[int, str], late: dict[int, int]) -> None:
-        ctx = self.ctx
-        assert self.server_done is not None and plan.weights is not None
-        self.weights = plan.weights
-        next_cuts = self._next_cuts(list(plan.averaged))
-        update_ids = {str(c): self.done[c].update_digest for c in plan.averaged}
-        update_ids["server"] = self.server_done.update_digest
-        env = self.envelope(self.round)
-        offset = ctx.store.get_log_offset(ctx.run, self.round) or 0
-        jobs = {
-            k: AggregateJob(
-                **env,
-                cluster=k,
-                members=spec.members,
-                weights=spec.weights,
-                recipients=spec.recipients,
-                cuts=tuple(tuple(next_cuts[c]) for c in spec.recipients),
-                update_ids={str(c): update_ids[str(c)] for c in spec.members} | {"server": update_ids["server"]},
-                log_offset=offset,
-            )
-            for k, spec in plan.jobs.items()
-        }
-        # Every job is recorded (and the next cuts) before the round moves on, so a restart finds all of them.
-        for k, job in jobs.items():
-            ctx.store.set_weights(ctx.run, self.round, k, dict(zip(job.members, job.weights)))
-            ctx.store.put_doc(ctx.run, self.round, ledger.job_name(k), job_document(job))
-        ctx.store.set_cuts(ctx.run, {c: str(b) for c, b in next_cuts.items()})
-        if not ctx.store.transition(ctx.run, self.round, "training", self.round, "aggregating"):
-            raise RuntimeError("ledger moved under the coordinator while closing the round")
-        self.phase = "aggregating"
-        self.jobs = jobs
-        self.cuts = next_cuts
-        for job in jobs.values():
-            self.send(AGGREGATE, job)
-        self._jobs_queued()
-        self._late, self._dropped = late, dropped
-        self._event("aggregating", jobs=len(jobs), arrived=len(plan.averaged))
-
-    def _next_cuts(self, arrived: list[int]) -> dict[int, CutBits]:
-        tr = self.ctx.cfg.train
-        if not (tr.adaptive_cuts and tr.cuts == "plan" and self.replanner is not None):
-            return dict(self.cuts)
-        # A client's own compute per step (median), not its step's wall time, which includes waiting for the others.
-        measured = {c: self.done[c].metrics["compute_s"] for c in arrived if "compute_s" in self.done[c].metrics}
-        if not measured:
-            return dict(self.cuts)
-        clients = sorted(self.members)
-        new = self.replanner(measured, self.cuts, self._profiles(clients))
-        out = {c: CutBits(*b) for c, b in zip(clients, new)}
-        changed = [c for c in clients if out[c] != self.cuts.get(c)]
-        if changed:
-            self._event("replanned", clients=" ".join(f"{c}:{self.cuts.get(c)}->{out[c]}" for c in changed))
-        return out
-
     def _on_aggregate_done(self, msg: AggregateDone) -> None:
         if msg.round != self.round or self.phase != "aggregating" or msg.cluster not in self.jobs:
             recorded = self.ctx.store.get_model_digests(self.ctx.run, msg.round).get(msg.cluster)
@@ -518,13 +449,16 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, Role):
             ledger.agg_doc(msg.cluster, msg.digest, msg.members, msg.msg_id),
         )
         self.results[msg.cluster] = msg
-        if len(self.results) == len(self.jobs):
+        self._maybe_finish_aggregation()
+
+    def _maybe_finish_aggregation(self) -> None:
+        if self.phase == "aggregating" and all(k in self.results for k in self.jobs):
             self._discard_unused_updates()
             self._finish_round(
-                sorted(self.done),
+                sorted(c for c in self.done if c not in self._excluded),
                 self._dropped,
                 self._late,
-                {k: r.state for k, r in self.results.items()},
+                {k: r.state for k, r in self.results.items() if k in self.jobs},
                 aggregated=True,
             )
 

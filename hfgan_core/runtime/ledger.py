@@ -14,6 +14,8 @@ still queued for it; nothing acknowledged is lost. Documents per round `r` (`get
 | `cluster_result`  | the clustering service's result     | assignment, kld_intra, kld_global, k, msg_id          |
 | `job.<k>`         | before the round is `aggregating`   | the aggregation job (aggregator.job_document)         |
 | `agg.<k>`         | an aggregate_done is accepted       | digest, members, msg_id (the model is recomputed)     |
+| `refused.<k>`     | an aggregator refused job k because | job (its msg_id), missing (client -> update msg_id),  |
+|                   | a member's update is not in the log | count (refusals of that job), reason                  |
 | `discarded`       | the round's updates are settled     | update msg_id -> why it will never be aggregated      |
 
 All numbers survive the JSON round trip exactly (Python writes floats with repr), so a job rebuilt from its
@@ -47,6 +49,10 @@ def job_name(cluster: int) -> str:
 
 def agg_name(cluster: int) -> str:
     return f"agg.{int(cluster)}"
+
+
+def refused_name(cluster: int) -> str:
+    return f"refused.{int(cluster)}"
 
 
 def _dump(doc: dict[str, Any]) -> str:
@@ -264,6 +270,7 @@ __all__ = [
     "done_name",
     "job_from_doc",
     "job_name",
+    "refused_name",
     "members_doc",
     "parse_members",
     "round_done_from_doc",

@@ -11,13 +11,14 @@ phases for the window's members together (BatchNorm sees the union of their batc
     g_bwd   G middle backward; Adam step on G      (on g_tail_grad)
 
 Stragglers: a window opens when every client the server still waits for has sent its activation, or when the step
-deadline passes (the rest are "lagging": their activation is served in a later window). Within a window, a member
-that misses a phase's deadline is dropped from the step (it gets `step_dropped`, the others go on). A phase's
+deadline passes (the rest are "lagging": their activation is served in a later window; before any phase was
+measured, the deadline follows how long the others took to send theirs after the round start). Within a window, a
+member that misses a phase's deadline is dropped from the step (it gets `step_dropped`, the others go on). A phase's
 deadline follows the members' measured pace (pace.py): max(step_deadline_s, straggler_factor x the median of the
 recent response times in that phase, counted from when the server has sent the phase's outputs), so a busy host
 slows every client without making them late; a window opens at the longest of the phase deadlines. The round ends
-for the server when every participant has finished its last step or the coordinator closes the round; it then
-sends the clustering summaries, logs its layers and reports to the coordinator.
+for the server when every participant has finished its last step or the coordinator closes the round; it then sends
+the clustering summaries, logs its layers and reports to the coordinator.
 
 Restart: a server that dies loses the window in flight and the round's updates so far. `resume_round` puts a new
 server process back into the current round (from the last complete round's checkpoint and the coordinator's
@@ -114,6 +115,8 @@ class ServerRole(Role):
         self._window_t0 = 0.0
         rt = ctx.cfg.runtime
         self.pace = {phase: Pace(rt.step_deadline_s, rt.straggler_factor) for phase in PHASE_INPUT}
+        self.arrival = Pace(rt.step_deadline_s, rt.straggler_factor)  # G heads' arrival after the round start
+        self.round_started = 0.0
 
     def addresses(self) -> list[str]:
         return [SERVER]
@@ -154,6 +157,9 @@ class ServerRole(Role):
         self.summaries = {}
         self.late = Counter()
         self._start_id = msg.msg_id
+        rt = self.ctx.cfg.runtime
+        self.arrival = Pace(rt.step_deadline_s, rt.straggler_factor)
+        self.round_started = self.ctx.clock()
         self.in_round = True
         self.holder.train(True)
 
@@ -188,6 +194,7 @@ class ServerRole(Role):
             raise Reject(f"bad_shape: batch of {msg.act.shape[0]} outside 1..{self.ctx.cfg.train.batch_size}")
         if not self.pending:
             self.pending_since = self.ctx.clock()
+        self.arrival.observe(self.ctx.clock() - self.round_started)
         self.pending[c] = msg
         self.lagging.discard(c)
         self._maybe_open_window(self.ctx.clock())
@@ -238,10 +245,10 @@ class ServerRole(Role):
         if self.window is not None or not self.pending or not self.in_round:
             return
         waiting = self._waiting_for()
-        deadline = max((p.deadline() for p in self.pace.values() if len(p)), default=self._fixed_deadline())
+        since, deadline = self._window_wait()
         if 2 * len(waiting & set(self.pending)) < len(waiting):
             deadline *= self._spike_factor()  # most have not sent yet: the host is slow, not they
-        if not waiting <= set(self.pending) and now - self.pending_since < deadline:
+        if not waiting <= set(self.pending) and now - since < deadline:
             return
         members = sorted(self.pending)
         for c in waiting - set(members):
@@ -390,6 +397,18 @@ class ServerRole(Role):
             self._advance()
         else:
             self._maybe_open_window(now)
+
+    def _window_wait(self) -> tuple[float, float]:
+        """(since when, how long) a window waits for clients that have not sent their activation."""
+        measured = [p.deadline() for p in self.pace.values() if len(p)]
+        if measured:
+            return self.pending_since, max(measured)
+        if self.arrival.factor > 0 and len(self.arrival):
+            # Nothing measured yet (the run's first window): the missing are waited for factor times as long as
+            # their peers took to send theirs after the round start (at least step_deadline_s), not forever: a
+            # participant that never sends must not hold every window of the round until the round deadline.
+            return self.round_started, self.arrival.deadline()
+        return self.pending_since, self._fixed_deadline()
 
     def _fixed_deadline(self) -> float:
         """The deadline before anything was measured: the configured one, or none when deadlines follow the pace."""

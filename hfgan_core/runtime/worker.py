@@ -66,6 +66,7 @@ class WorkerSettings:
     heartbeat_ttl_s: float = 10.0
     lease_ttl_s: float = 15.0
     connect_timeout_s: float = 60.0
+    chunk_timeout_s: float = 120.0  # an incomplete chunked message older than this is dead-lettered (AMQP)
     poll_s: float = 0.1
     namespace: str | None = None
     health_file: str | None = None  # rewritten with every heartbeat (HFGAN_HEALTH_FILE, see runtime/health.py)
@@ -78,7 +79,7 @@ class WorkerSettings:
         """The loop's settings from the environment (settings.py reads the variables)."""
         env = Settings.from_env(environ)
         names = ("heartbeat_s", "heartbeat_ttl_s", "lease_ttl_s", "connect_timeout_s", "namespace")
-        names += ("metrics_port", "metrics_addr", "metrics_linger_s", "health_file")
+        names += ("metrics_port", "metrics_addr", "metrics_linger_s", "health_file", "chunk_timeout_s")
         values: dict[str, Any] = {name: getattr(env, name) for name in names if getattr(env, name) is not None}
         s = WorkerSettings(**values)
         if s.heartbeat_ttl_s <= s.heartbeat_s or s.lease_ttl_s <= s.heartbeat_s:
@@ -175,6 +176,8 @@ def open_broker(broker_url: str, settings: WorkerSettings, name: str) -> Transpo
     """The broker, connected and its topology declared (retried for `connect_timeout_s`: exit code 3)."""
     check_shared("broker", broker_url)
     t_opts: dict[str, Any] = {"reconnect_timeout": settings.connect_timeout_s, "name": name}
+    if broker_url.startswith(("amqp://", "amqps://")):
+        t_opts["chunk_timeout"] = settings.chunk_timeout_s
     if settings.namespace:
         t_opts["namespace"] = settings.namespace
     try:

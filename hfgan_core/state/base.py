@@ -155,6 +155,10 @@ class RoundStore(abc.ABC):
     @abc.abstractmethod
     def get_docs(self, run: str, round: int) -> dict[str, str]: ...
 
+    def delete_doc(self, run: str, round: int, name: str) -> None:
+        """Remove a round's document (a job the coordinator planned again without it; absent: nothing)."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

@@ -219,5 +219,9 @@ class MemoryRoundStore(RoundStore):
         with self._lock:
             return dict(self._docs.get((run, round), {}))
 
+    def delete_doc(self, run: str, round: int, name: str) -> None:
+        with self._lock:
+            self._docs.get((run, round), {}).pop(name, None)
+
     def close(self) -> None:
         pass

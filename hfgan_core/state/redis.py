@@ -455,6 +455,9 @@ class RedisRoundStore(RoundStore):
     def get_docs(self, run: str, round: int) -> dict[str, str]:
         return dict(self._call(lambda: self._r.hgetall(self.key(run, "round", int(round), "docs"))))
 
+    def delete_doc(self, run: str, round: int, name: str) -> None:
+        self._call(lambda: self._r.hdel(self.key(run, "round", int(round), "docs"), name))
+
     def close(self) -> None:
         self._r.close()
         self._r.connection_pool.disconnect()

@@ -230,3 +230,7 @@ class StoreContract:
         store.put_doc(run, 2, "job.0", "{}")
         assert store.get_docs(run, 1) == {"job.0": '{"cluster": 0, "members": [0]}', "job.-1": '{"cluster": -1}'}
         assert store.get_docs(run, 2) == {"job.0": "{}"}
+        store.delete_doc(run, 1, "job.0")  # a job planned again without it
+        store.delete_doc(run, 1, "job.7")  # absent: nothing happens
+        assert store.get_docs(run, 1) == {"job.-1": '{"cluster": -1}'}
+        assert store.get_docs(run, 2) == {"job.0": "{}"}

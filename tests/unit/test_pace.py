@@ -145,3 +145,23 @@ def test_a_load_spike_that_slows_every_member_makes_none_of_them_late():
     h.release(0, 1, at=t + 8.0)  # two answer after 8 s; the third has not answered 9 s in: it is dropped
     h.server.tick(t + 9.1)
     assert _drops(h) == {2: 1}
+
+
+def test_a_participant_that_never_sends_holds_the_first_window_only_as_long_as_its_peers_pace():
+    # Nothing measured yet (the run's first window): before, the server waited for client 2 until the round
+    # deadline, so a client that joined and stayed silent stopped every round from training. Now the missing one is
+    # waited for 3x as long as the others took to send theirs after the round start (at least step_deadline_s).
+    h = Harness(straggler_factor=3.0)  # the round started at t = 0
+    h.release(0, 1, at=0.5)  # clients 0 and 1 send their activations 0.5 s into the round; client 2 never does
+    h.server.tick(1.4)
+    assert h.server.window is None
+    h.server.tick(1.6)  # 3 x 0.5 s after the round start
+    w = h.server.window
+    assert w is not None and w.members == [0, 1] and h.server.lagging == {2} and _drops(h) == {2: 1}
+    # A busy host makes the peers slow too: the patience scales with them.
+    h = Harness(straggler_factor=3.0)
+    h.release(0, 1, at=5.0)
+    h.server.tick(14.9)
+    assert h.server.window is None
+    h.server.tick(15.1)
+    assert h.server.window is not None and h.server.window.members == [0, 1]

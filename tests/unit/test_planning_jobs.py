@@ -18,7 +18,7 @@ from hfgan_core.federation.planning import (
 RULE = WeightRule(alpha=1.0, kld_from_round=3, kld_weighting=True, clustering=True)
 
 
-def plan(round=1, *, members, participants=None, steps, server=5, quorum=0.5, clusters=None, rule=RULE):
+def plan(round=1, *, members, participants=None, steps, server=5, quorum=0.5, clusters=None, rule=RULE, excluded=()):
     participants = sorted(members) if participants is None else participants
     clusters = clusters or Clusters({c: 0 for c in members})
     return plan_round_jobs(
@@ -30,6 +30,7 @@ def plan(round=1, *, members, participants=None, steps, server=5, quorum=0.5, cl
         quorum=quorum,
         clusters=clusters,
         rule=rule,
+        excluded=excluded,
     )
 
 
@@ -141,3 +142,27 @@ def test_resolve_clusters_takes_the_result_from_the_kld_round_and_keeps_previous
     # Round 3 without a result: the previous clusters; new members start in 0.
     kept = resolve_clusters(3, [0, 1, 2], {0: 1, 1: 1}, None, RULE, need_result=True)
     assert kept.assignment == {0: 1, 1: 1, 2: 0}
+
+
+def test_a_client_excluded_after_its_update_was_missing_is_planned_as_if_it_had_not_reported():
+    # The coordinator plans the round again without a client whose named update the aggregators kept refusing as
+    # missing (runtime/coordinator_jobs.py): everything (members, weights, KLD fill-in, recipients, orphans) is
+    # exactly the plan of the round in which that client never reported, bit for bit.
+    members = {0: 20, 1: 40, 2: 30, 3: 50}
+    clusters = Clusters(
+        {0: 0, 1: 0, 2: 1, 3: 1},
+        kld_intra={0: 0.0, 1: math.log(2), 2: 0.5},
+        kld_global={0: 0.3, 1: 0.1, 2: math.log(3)},
+    )
+    for r, excluded, rest in ((1, (3,), {0, 1, 2}), (3, (1,), {0, 2, 3}), (3, (2, 3), {0, 1})):
+        steps = {0: 2, 1: 2, 2: 2, 3: 2}
+        got = plan(r, members=members, steps=steps, clusters=clusters, excluded=excluded)
+        absent = plan(r, members=members, steps={c: steps[c] for c in rest}, clusters=clusters)
+        assert got == absent, (r, excluded)
+        assert not set(excluded) & set(got.averaged)
+    assert plan(3, members=members, steps={0: 2, 1: 2, 2: 2, 3: 2}, clusters=clusters, excluded=(2, 3)).orphans == (
+        2,
+        3,
+    )
+    # Excluded clients do not count for the quorum.
+    assert plan(members=members, steps={0: 1, 1: 1, 2: 1}, excluded=(1, 2)).skip == "quorum not met"

@@ -4,7 +4,9 @@
   outsized tensor is clipped to C times the median of the other members' norms, honest members are untouched;
 - in a run (memory transport and store): a client whose update has 1e6 times the median norm moves its cluster's
   model by no more than the documented bound; a NaN update is left out with its reason in the ledger and the round
-  finishes; the weight is the admitted sample count, never the reported one; a second report is refused;
+  finishes; a client that names an update it never logged is planned out of the round after a bounded number of
+  refused jobs, the others weighted as if it had not reported; the weight is the admitted sample count, never the
+  reported one; a second report is refused;
 - the update log: records whose publisher may not speak for their sender, junk records and a repeated msg_id are
   skipped with a reason and never replace a good record.
 """
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 
@@ -24,11 +27,20 @@ from hfgan_core.data.partition import shard_cap
 from hfgan_core.federation import StateLayout, member_full_state, weighted_average
 from hfgan_core.federation.robust import CLIP_MULTIPLE, clip_to_peers, screen_members
 from hfgan_core.model import CutBits
-from hfgan_core.protocol import ClientUpdate, Join, RoundDone, ServerRoundDone, ServerUpdate, WireError
+from hfgan_core.protocol import (
+    ClientUpdate,
+    ClusterResult,
+    Join,
+    RoundDone,
+    ServerRoundDone,
+    ServerUpdate,
+    WireError,
+)
 from hfgan_core.protocol import decode as decode_message
 from hfgan_core.runtime import ledger
 from hfgan_core.runtime.aggregator import read_round_updates
 from hfgan_core.runtime.coordinator import CoordinatorRole
+from hfgan_core.runtime.coordinator_jobs import MAX_MISSING_REFUSALS
 from hfgan_core.runtime.embedded import EmbeddedRunner
 from hfgan_core.runtime.host import Reject, RoleContext
 from hfgan_core.state import MemoryRoundStore
@@ -176,11 +188,115 @@ def test_a_nan_update_is_left_out_with_its_reason_and_the_round_finishes():
     assert all(torch.equal(report.cluster_models[0][k], expected[k]) for k in expected)
 
 
+def test_a_client_naming_an_update_it_never_logged_is_planned_out_after_bounded_refusals():
+    # Before, the aggregators refused the job as `missing_update` and the coordinator queued it again forever.
+    cfg = _cfg(rounds=2)
+    runner = _runner(cfg)
+    runner.clients[2].log_update = lambda body, round, kind: None  # reports an update that never reaches the log
+    result = runner.run()
+    assert [r.aggregated for r in result.reports] == [True, True]
+    for r in (1, 2):
+        marks = runner.store.round_clients(RUN, r)
+        assert marks[2].state == "rejected" and "missing_update" in marks[2].reason, marks[2]
+        assert marks[0].state == marks[1].state == "arrived"
+        docs = ledger.RoundDocs.read(runner.store, RUN, r)
+        refused = json.loads(docs.raw[ledger.refused_name(0)])
+        assert refused["count"] == MAX_MISSING_REFUSALS and set(refused["missing"]) == {"2"}
+        # Planned again as if client 2 had not reported: 0 and 1 with their admitted 16 samples each; client 2
+        # still loads its cluster's model; its named update is discarded with the reason.
+        assert docs.jobs[0]["members"] == [0, 1] and docs.jobs[0]["weights"] == [0.5, 0.5]
+        assert docs.jobs[0]["recipients"] == [0, 1, 2] and docs.jobs[-1]["members"] == [0, 1]
+        assert set(docs.aggs) == set(docs.jobs)
+        assert "missing_update" in docs.discarded[docs.done[2]["update_digest"]]
+        clients, server = _logged(runner, r)
+        assert sorted(clients) == [0, 1]
+        layout = StateLayout.from_config(cfg.model)
+        full = [
+            member_full_state(layout, CutBits.parse(clients[c].cuts[0]), clients[c].state, server.state) for c in (0, 1)
+        ]
+        expected = weighted_average(full, [0.5, 0.5])
+        model = result.reports[r - 1].cluster_models[0]
+        assert all(torch.equal(model[k], expected[k]) for k in expected)
+
+
 def _coordinator(cfg: RunConfig) -> CoordinatorRole:
     ctx = RoleContext(run=RUN, cfg=cfg, transport=MemoryTransport(), store=MemoryRoundStore())
     role = CoordinatorRole(ctx, planner=lambda profiles: [(1, 1, 1, 1)] * len(profiles))
     role.start()
     return role
+
+
+def test_the_replan_keeps_unchanged_jobs_and_removes_the_job_of_a_cluster_left_empty():
+    # Client 2 is alone in cluster 1 and its named update never reaches the log: after 3 refusals of its jobs the
+    # round is planned again without it. Cluster 0's job (already done) stands, cluster 1's job is withdrawn from the
+    # ledger (client 2 keeps its model), the global job is recorded again under a new msg_id without client 2.
+    cfg = _cfg()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, kld_from_round=1))
+    role = _coordinator(cfg)
+    run, store = RUN, role.ctx.store
+    for c in range(3):
+        role.on_message(Join(run=run, round=0, sender=f"client.{c}", client=c, domain=0, n_samples=16, profile={}))
+    for c in range(3):
+        role.on_message(
+            RoundDone(
+                run=run, round=1, sender=f"client.{c}", client=c, n_samples=16, steps_done=1,
+                update_digest=f"u{c}", metrics={},
+            )
+        )  # fmt: skip
+    scores = {"0": 0.0, "1": 0.0, "2": 0.0}
+    role.on_message(
+        ClusterResult(
+            run=run, round=1, sender="clustering", assignment={"0": 0, "1": 0, "2": 1}, kld_intra=scores,
+            kld_global=scores, k=2,
+        )
+    )  # fmt: skip
+    role.on_message(ServerRoundDone(run=run, round=1, sender="server", steps_done=1, update_digest="s", metrics={}))
+    assert role.phase == "aggregating" and set(role.jobs) == {0, 1, -1}
+    before = dict(role.jobs)
+    role.results[0] = object()  # cluster 0's job is done already
+    for k in (1, -1):
+        doc = {"job": role.jobs[k].msg_id, "missing": {"2": "u2"}, "count": MAX_MISSING_REFUSALS, "reason": "x"}
+        store.put_doc(run, 1, ledger.refused_name(k), json.dumps(doc))
+    role.tick(role.ctx.clock() + 1.0)
+    assert set(role.jobs) == {0, -1} and role.jobs[0] is before[0]
+    assert role.jobs[-1].msg_id != before[-1].msg_id and role.jobs[-1].members == (0, 1)
+    assert role.jobs[-1].weights == (0.5, 0.5)
+    docs = ledger.RoundDocs.read(store, run, 1)
+    assert set(docs.jobs) == {0, -1} and docs.jobs[-1]["msg_id"] == role.jobs[-1].msg_id
+    assert store.round_clients(run, 1)[2].state == "rejected"
+    assert "missing_update" in docs.discarded["u2"]
+
+
+def test_a_refused_job_is_queued_again_at_once_until_the_bound():
+    role = _coordinator(_cfg())
+    for c in range(3):
+        role.on_message(Join(run=RUN, round=0, sender=f"client.{c}", client=c, domain=0, n_samples=16, profile={}))
+    for c in range(3):
+        role.on_message(
+            RoundDone(
+                run=RUN, round=1, sender=f"client.{c}", client=c, n_samples=16, steps_done=1,
+                update_digest=f"u{c}", metrics={},
+            )
+        )  # fmt: skip
+    role.on_message(ServerRoundDone(run=RUN, round=1, sender="server", steps_done=1, update_digest="s", metrics={}))
+    job = role.jobs[0]
+    sent: list = []
+    role.send = lambda address, msg: sent.append((address, msg))
+    now = role.ctx.clock()
+    for count in range(1, MAX_MISSING_REFUSALS):
+        doc = {"job": job.msg_id, "missing": {"1": "u1"}, "count": count, "reason": "x"}
+        role.ctx.store.put_doc(RUN, 1, ledger.refused_name(0), json.dumps(doc))
+        now += 2.0  # past the next read of the refusal records (REFUSALS_POLL_S)
+        role.tick(now)
+        assert [m.msg_id for _, m in sent] == [job.msg_id] * count, count  # queued again at once, the same job
+        role.tick(now + 0.6)
+        assert len(sent) == count  # a refusal already seen is not counted twice
+    assert role.jobs[0] is job and not role._excluded
+    # A refusal naming a member whose update the job does not name is not believed.
+    doc = {"job": job.msg_id, "missing": {"2": "other"}, "count": MAX_MISSING_REFUSALS, "reason": "x"}
+    role.ctx.store.put_doc(RUN, 1, ledger.refused_name(0), json.dumps(doc))
+    role.tick(now + 4.0)
+    assert role.jobs[0] is job and not role._excluded
 
 
 def test_the_weight_is_the_admitted_sample_count_never_the_reported_one():
