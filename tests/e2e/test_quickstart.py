@@ -1,7 +1,9 @@
 """End to end: `hfgan train --config quickstart` as a user runs it, every artefact it writes, eval, and resume.
 
-The data directory is empty, so both domains fall back to their synthetic stand-ins (with a notice). The run is
-made once per module (about two minutes on two idle cores; its wall time is printed, never asserted) and the tests
+The data directory is empty, so both domains fall back to their synthetic stand-ins (with a notice). To keep CI
+time down the run is the preset shortened with the CLI's own overrides to two rounds of eight steps
+(`--rounds 2 --steps-per-epoch 8`); everything else (clients, shards, cuts, clustering from round 2, evaluation
+sizes) is the preset's. The run is made once per module (its wall time is printed, never asserted) and the tests
 read what it left. Resume is tested on a copy whose last round checkpoint is removed, as if the process had stopped
 after round 1: `--resume` must redo round 2 and reach exactly the models of the uninterrupted run.
 """
@@ -67,6 +69,15 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+# The CI variant of the preset: two short rounds (the preset itself trains longer; README, quick start).
+CI_ROUNDS, CI_STEPS = 2, 8
+
+
+def ci_config():
+    """The configuration the module's run trains: the preset with the CLI overrides of `train_args`."""
+    return load_config("quickstart").with_overrides("train", rounds=CI_ROUNDS, steps_per_epoch=CI_STEPS)
+
+
 def train_args(data: Path, run: Path, *extra: str) -> list[str]:
     # One torch thread, as every other test: resume is compared bit for bit with the uninterrupted run, and with two
     # threads oneDNN's convolutions were seen to differ in the last bits from one process to the next (README,
@@ -79,6 +90,10 @@ def train_args(data: Path, run: Path, *extra: str) -> list[str]:
         str(data),
         "--run-dir",
         str(run),
+        "--rounds",
+        str(CI_ROUNDS),
+        "--steps-per-epoch",
+        str(CI_STEPS),
         "--threads",
         "1",
         "--quiet",
@@ -126,7 +141,7 @@ def test_completes_with_fallback_notices(quickstart):
 
 
 def test_metrics_jsonl_one_object_per_round(quickstart):
-    cfg = load_config("quickstart")
+    cfg = ci_config()
     records = jsonl(quickstart.run / "metrics.jsonl")
     assert [r["round"] for r in records] == [1, 2]
     for r in records:
@@ -150,7 +165,8 @@ def test_summary_json(quickstart):
     assert summary["rounds"] == 2
     assert set(summary["domains"]) == set(DOMAINS)
     last = jsonl(quickstart.run / "metrics.jsonl")[-1]
-    clusters = domain_clusters(load_config("quickstart"), {int(c): k for c, k in last["clusters"].items()})
+    cfg = ci_config()
+    clusters = domain_clusters(cfg, {int(c): k for c, k in last["clusters"].items()})
     for dom, res in summary["domains"].items():
         assert is_score(res["generation_score"])
         assert res["generation_score"] == pytest.approx(last["generation_score"][dom], rel=1e-9)
@@ -158,7 +174,8 @@ def test_summary_json(quickstart):
         util = res["utility"]
         for k in UTILITY_KEYS:
             assert isinstance(util[k], float) and 0.0 <= util[k] <= 100.0, (dom, k, util[k])
-        assert util["n_samples"] == 2000 and util["epochs"] == 2  # the preset's small utility settings
+        # The preset's utility settings (not shortened in the CI variant).
+        assert (util["n_samples"], util["epochs"]) == (cfg.train.utility_samples, cfg.train.utility_epochs)
     assert isinstance(summary["modelled_latency_s"], float) and 0 < summary["modelled_latency_s"] < 1000
     assert summary["wall_s"] > 0 and summary["measured_step_s"] > 0
     assert len(summary["round_wall_s"]) == 2
@@ -183,7 +200,7 @@ def test_sample_grids_and_plots(quickstart):
 
 
 def test_checkpoints_are_complete_and_weights_only_loadable(quickstart):
-    cfg = load_config("quickstart")
+    cfg = ci_config()
     arch = architecture(cfg.model)
     assert ckpt.complete_rounds(quickstart.run) == [1, 2]
     for rnd in (1, 2):
@@ -285,8 +302,8 @@ def test_resume_after_round_1_reaches_the_same_models(quickstart):
 
 def test_resume_may_extend_the_number_of_rounds(quickstart):
     # The number of rounds is not part of a run's identity: a finished run can be extended with --resume.
-    longer = load_config("quickstart").with_overrides("train", rounds=3)
+    longer = ci_config().with_overrides("train", rounds=3)
     assert check_run_dir(quickstart.run, longer, resume=True) == 2
-    other = load_config("quickstart").with_overrides("train", seed=5)
+    other = ci_config().with_overrides("train", seed=5)
     with pytest.raises(ConfigError, match="different run"):
         check_run_dir(quickstart.run, other, resume=True)
