@@ -40,6 +40,9 @@ class _Timers:
     def __init__(self) -> None:
         self.total: dict[str, float] = {}
         self.marks: dict[str, float] = {}
+        # The process's CPU seconds at the same marks: on a shared machine CPU time moves far less with the load
+        # than wall time does (with one torch thread it is nearly independent of it).
+        self.cpu_marks: dict[str, float] = {}
 
     def wrap(self, owner, attr: str, name: str, mark: str | None = None, first: bool = True) -> None:
         fn = getattr(owner, attr)
@@ -49,6 +52,7 @@ class _Timers:
             t0 = time.perf_counter()
             if mark and (not first or mark not in timers.marks):
                 timers.marks[mark] = t0
+                timers.cpu_marks[mark] = time.process_time()
             try:
                 return fn(*a, **k)
             finally:
@@ -56,6 +60,7 @@ class _Timers:
                 timers.total[name] = timers.total.get(name, 0.0) + t1 - t0
                 if mark and not first:
                     timers.marks[mark] = t1
+                    timers.cpu_marks[mark] = time.process_time()
 
         setattr(owner, attr, wrapped)
 
@@ -89,11 +94,12 @@ def _worker_embedded(clients: int, steps: int, wire: str, channels_last: bool) -
     ).validate()
     datas = [TensorClientData.random(1024, i) for i in range(clients)]
     runner = EmbeddedRunner(cfg, datas, [0] * clients, run_id="bench")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = runner.run()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     t1 = t0
     train_s = timers.marks["last_window"] - timers.marks["first_step"]
+    train_cpu_s = timers.cpu_marks["last_window"] - timers.cpu_marks["first_step"]
     samples = clients * cfg.train.batch_size * steps
     phases = {
         "before_first_step_s": timers.marks["first_step"] - t1,
@@ -107,6 +113,9 @@ def _worker_embedded(clients: int, steps: int, wire: str, channels_last: bool) -
         "samples": samples,
         "samples_per_s": samples / wall,
         "train_samples_per_s": samples / train_s,
+        "cpu_s": cpu,
+        "cpu_samples_per_s": samples / cpu,
+        "train_cpu_samples_per_s": samples / train_cpu_s,
         "fixed_cost_fraction": wall / train_s - 1.0,
         "bytes": result.bytes_sent,
         "phases": phases,
@@ -134,12 +143,18 @@ def _worker_unsplit(clients: int, steps: int, channels_last: bool) -> dict:
         model.train_step(x, y, torch.randn(batch, cfg.model.z_dim, generator=g))
 
     step()  # warm up kernels and the allocator, outside the timing
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     samples = batch * steps
-    return {"wall_s": wall, "samples": samples, "samples_per_s": samples / wall}
+    return {
+        "wall_s": wall,
+        "samples": samples,
+        "samples_per_s": samples / wall,
+        "cpu_s": cpu,
+        "cpu_samples_per_s": samples / cpu,
+    }
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -191,6 +206,13 @@ ROWS = (
     ("embedded_steps", "train_samples_per_s", "embedded, training steps only"),
     ("embedded_round", "samples_per_s", "embedded, whole round"),
 )
+# The same rows by CPU time (samples per CPU-second of the process): the comparison to trust when the machine is
+# shared, above all with one torch thread.
+CPU_ROWS = (
+    ("unsplit", "cpu_samples_per_s", "UnsplitGAN"),
+    ("embedded_steps", "train_cpu_samples_per_s", "embedded, training steps only"),
+    ("embedded_round", "cpu_samples_per_s", "embedded, whole round"),
+)
 
 
 def compare(new: dict[str, list[dict]], base: dict[str, list[dict]], summaries: dict, name: str) -> dict:
@@ -200,7 +222,16 @@ def compare(new: dict[str, list[dict]], base: dict[str, list[dict]], summaries: 
         row: [n[key] / b[key] for n, b in zip(new[kinds[row]], base[kinds[row]], strict=True)] for row, key, _ in ROWS
     }
     best = {row: summaries[name][row][key] / summaries["baseline"][row][key] for row, key, _ in ROWS}
-    return {"best_of": best, "median_of_repeats": {k: statistics.median(v) for k, v in per.items()}, "per_repeat": per}
+    cpu = {
+        row: statistics.median(n[key] / b[key] for n, b in zip(new[kinds[row]], base[kinds[row]], strict=True))
+        for row, key, _ in CPU_ROWS
+    }
+    return {
+        "best_of": best,
+        "median_of_repeats": {k: statistics.median(v) for k, v in per.items()},
+        "per_repeat": per,
+        "cpu_time_median_of_repeats": cpu,
+    }
 
 
 def print_tables(out: dict, repeats: int) -> None:
@@ -214,7 +245,7 @@ def print_tables(out: dict, repeats: int) -> None:
             print(f"| {name} | {label} | {v[row][key]:.1f} | {v[row][key] / first:.2f} |")
     for name, v in variants.items():
         if "vs_baseline" in v:
-            for how in ("best_of", "median_of_repeats"):
+            for how in ("best_of", "median_of_repeats", "cpu_time_median_of_repeats"):
                 ratios = {k: round(x, 3) for k, x in v["vs_baseline"][how].items()}
                 print(f"{name} / baseline ({how}): {json.dumps(ratios)}")
         ph = v["embedded_round"]["phases"]

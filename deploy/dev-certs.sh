@@ -1,11 +1,11 @@
 #!/bin/sh
 # One-shot `dev-certs` service of compose.yaml (runs as root in the RabbitMQ image, which has openssl): makes the
-# stack's development secrets once, in named volumes, and keeps them on every later `up`:
+# stack's development TLS files once, in named volumes, and keeps them on every later `up`:
 #
 #   /out/ca/ca.pem              the development CA's certificate      -> workers (tls-ca volume, read-only)
 #   /out/server/server.pem|key  RabbitMQ's certificate and key        -> rabbitmq (tls-server volume, read-only)
-#   /out/secrets/state.url      redis://:<password>@redis:6379/0      -> workers (HFGAN_STATE_URL_FILE)
-#   /out/secrets/redis-auth.conf, redis.password                      -> redis (requirepass), its health check
+#
+# (Redis's users and passwords: the `state-users` one-shot, hfgan_core/state/acl.py.)
 #
 # The server certificate names `rabbitmq` (the compose network), localhost, 127.0.0.1 and whatever
 # $HFGAN_TLS_NAMES adds (comma-separated DNS names or IPs, for clients on other machines). The CA key is
@@ -14,7 +14,7 @@
 # CA's certificate and server certificate into the volumes instead (docs/deployment.md).
 set -eu
 umask 077
-ca=/out/ca server=/out/server secrets=/out/secrets
+ca=/out/ca server=/out/server
 owner=$(id -u rabbitmq):$(id -g rabbitmq)
 
 if [ -s "$ca/ca.pem" ] && [ -s "$server/server.pem" ] && [ -s "$server/server.key" ]; then
@@ -45,15 +45,3 @@ else
   echo "dev-certs: made a development CA and a server certificate for $san"
 fi
 
-if [ -s "$secrets/state.url" ] && [ -s "$secrets/redis-auth.conf" ]; then
-  echo "dev-certs: keeping the existing Redis password"
-else
-  password=$(openssl rand -hex 24)
-  # Readable by the workers (uid 10001) and by Redis (its own uid, which differs between images): the volume is
-  # mounted only into those services.
-  umask 022
-  printf '%s\n' "$password" > "$secrets/redis.password"
-  printf 'requirepass %s\n' "$password" > "$secrets/redis-auth.conf"
-  printf 'redis://:%s@redis:6379/0\n' "$password" > "$secrets/state.url"
-  echo "dev-certs: made a Redis password"
-fi

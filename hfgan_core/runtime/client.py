@@ -366,7 +366,9 @@ class ClientRole(Role):
         in_g = msg.fake.to(self.device).clone().requires_grad_(True)
         out = run_blocks(h.blocks["D"], d.client_tail(cuts.d_tail), in_g)
         g_loss = F.binary_cross_entropy(out, torch.ones_like(out))
-        g_loss.backward()
+        # The G step needs only the gradient at the cut, not the D tail's weight gradients (zeroed unused before
+        # the next D step): computing just the former skips kernels and changes no value.
+        g_loss.backward(inputs=[in_g])
         self._losses["g_loss"].append(float(g_loss.detach()))
         self.phase = "g_dbwd"
         self._work("d_tail_g")
@@ -379,7 +381,8 @@ class ClientRole(Role):
         t = self._t
         self._expect(msg, "g_dbwd")
         expect_shape("d_mid_grad.fake", msg.fake, tuple(t["d_gen"].shape))
-        t["d_gen"].backward(msg.fake.to(self.device))
+        # Into the G tail and its input only: the D head's weight gradients of the G step are never used.
+        t["d_gen"].backward(msg.fake.to(self.device), inputs=[t["g_tail_in"], *self.holder.parameters("G")])
         grad = t["g_tail_in"].grad
         self.phase = "g_bwd"
         self._work("d_head_bwd+g_tail_bwd")

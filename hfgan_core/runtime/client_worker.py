@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 import zlib
 from pathlib import Path
@@ -72,6 +73,17 @@ class SlotWatch:
             return
         self.grant = msg
         delivery.ack()
+
+
+def client_owner(process: str) -> str:
+    """This client process's slot owner: `<hostname>-<pid>` (`process`) and a random part, new with every start.
+
+    Docker restarts a crashed client container with the same hostname and runs the client as pid 1 again. With
+    `<hostname>-<pid>` alone the restarted process asked for its old slot as the slot's old holder: the coordinator
+    took the request for a renewal, which it does not answer, so the process waited for an answer forever while its
+    slot looked alive and the round waited for it (seen in tests/compose). A new owner is a new holder: refused
+    while the dead one's slot is fresh, granted once it expired, and it rejoins the round (admission.py)."""
+    return f"{process[:56]}-{secrets.token_hex(3)}"
 
 
 def _fixed_slot(url: str, n: int, client: int | None) -> int | None:

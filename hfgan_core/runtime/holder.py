@@ -114,6 +114,9 @@ class BlockHolder:
     def zero_grad(self, net: str) -> None:
         self.optim[net].zero_grad(set_to_none=True)
 
+    def parameters(self, net: str) -> list[nn.Parameter]:
+        return [p for _, p in self._named_params(net)]
+
     def step(self, net: str) -> None:
         self.optim[net].step()
 

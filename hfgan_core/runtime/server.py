@@ -332,8 +332,12 @@ class ServerRole(Role):
             for c in members:
                 self.send(client_address(c), DMidOut(**env[c], client=c, phase="g", fake=out_g[c].detach()))
         elif w.phase == "g_dbwd":
+            # Only the gradients at the members' cuts: the D middle's weight gradients of the G step are never
+            # used (zeroed before the next D step), so they are not computed.
             torch.autograd.backward(
-                [w.t["dg_out"][c] for c in members], [inbox[c].fake.to(self.device) for c in members]
+                [w.t["dg_out"][c] for c in members],
+                [inbox[c].fake.to(self.device) for c in members],
+                inputs=[w.t["dg_in"][c] for c in members],
             )
             self._to_phase(w, "g_bwd", now)
             for c in members:

@@ -260,9 +260,9 @@ def _serve_server(opts, cfg, run_id, settings, stop) -> int:
 
 # ------------------------------------------------------------------------------------------------- client
 def _serve_client(opts, cfg, run_id, settings, stop) -> int:
-    from .client_worker import serve_client  # clients reach the coordinator over the broker only, never Redis
+    from .client_worker import client_owner, serve_client  # clients reach the coordinator over the broker only
 
-    return serve_client(opts, cfg, run_id, settings, stop, owner_id())
+    return serve_client(opts, cfg, run_id, settings, stop, client_owner(owner_id()))
 
 
 def _check_shared(cfg: RunConfig) -> None:

@@ -62,7 +62,10 @@ class UnsplitGAN:
         self.opt_g.zero_grad(set_to_none=True)
         out_g = self.discriminate(fake, labels)
         loss_g = F.binary_cross_entropy(out_g, torch.ones_like(out_g))
-        loss_g.backward()
+        # Only G's gradients: D's weight gradients of this pass would be thrown away by the next D step's
+        # zero_grad, and leaving them out skips their kernels (the gradients G gets are bit-identical;
+        # ARCHITECTURE.md section 3, "The G step's backward").
+        torch.autograd.backward(loss_g, inputs=[p for b in self.G.values() for p in b.parameters()])
         if self.before_step:
             self.before_step("G", self.G)
         self.opt_g.step()

@@ -89,10 +89,12 @@ class Stack:
         return res.stdout
 
     def ledger_round(self) -> tuple[int, str]:
-        """The run's (round, phase) from Redis, through redis-cli in the redis container (no host port)."""
+        """The run's (round, phase) from Redis, through redis-cli in the redis container (no host port), as the
+        read-only-in-practice `observer` ACL user."""
         (redis,) = self.containers("redis")
         key = f"hfgan:{{{self.run_id}}}:round"
-        script = f'REDISCLI_AUTH="$(cat /run/hfgan/secrets/redis.password)" redis-cli --raw HMGET "{key}" round phase'
+        auth = 'REDISCLI_AUTH="$(cat /run/hfgan/secrets/redis/observer.password)" redis-cli --user observer'
+        script = f'{auth} --raw HMGET "{key}" round phase'
         res = docker("exec", redis, "sh", "-c", script, check=False, timeout=30)
         parts = res.stdout.split()
         if res.returncode != 0 or len(parts) != 2 or not parts[0].isdigit():

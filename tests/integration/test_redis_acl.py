@@ -6,8 +6,10 @@ default user is never changed."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -108,10 +110,74 @@ def test_generate_writes_the_acl_file_and_a_password_and_url_per_role(tmp_path):
     assert sorted(first) == sorted(ROLE_USERS)
     assert generate(tmp_path) == first  # existing passwords are kept
     acl = (tmp_path / "users.acl").read_text()
-    assert "user default off" in acl and acl == acl_file(first)
+    admin = (tmp_path / "default.password").read_text().strip()
+    assert acl.startswith("user default on #") and acl == acl_file(first, admin) and admin not in acl
+    assert (tmp_path / "default.password").stat().st_mode & 0o077 == 0
     for role, pw in first.items():
         assert role_acl(role, pw) in acl and pw not in acl  # hashes only
         assert (tmp_path / f"{role}.password").read_text().strip() == pw
         assert (tmp_path / f"{role}.password").stat().st_mode & 0o077 == 0
         url = urllib.parse.urlparse((tmp_path / f"{role}.url").read_text().strip())
         assert (url.username, urllib.parse.unquote(url.password), url.hostname) == (role, pw, "redis")
+
+
+def _redis_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    """A redis-server of its own on `port` with the generated aclfile and the compose persistence (append-only
+    file), so the shared test Redis's users are never touched."""
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"]
+    cmd += ["--dir", str(tmp_path), "--aclfile", str(tmp_path / "redis" / "users.acl")]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        assert server.poll() is None, f"redis-server refused the generated aclfile: {server.stdout.read()[-2000:]}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            assert time.monotonic() < deadline, "redis-server did not listen within 60 s"
+            time.sleep(0.2)
+
+
+def _stop(server: subprocess.Popen) -> str:
+    server.terminate()
+    out, _ = server.communicate(timeout=30)
+    return out
+
+
+def test_a_real_redis_server_loads_the_generated_acl_file_and_replays_its_ledger_after_a_restart(tmp_path):
+    """The generated users.acl as Redis's `aclfile` (what redis-acl.conf and compose do): the server starts, every
+    role authenticates with its password, a connection without one can do nothing, and after a restart Redis
+    replays the append-only file (the store's script effects are transactions in it) with nothing dropped. With
+    `user default off` that replay failed with NOPERM and a resumed run's info was reduced to its status."""
+    passwords = generate(tmp_path / "redis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    role_url = f"redis://coordinator:{passwords['coordinator']}@127.0.0.1:{port}/0"
+    server = _redis_server(tmp_path, port)
+    try:
+        for user, password in passwords.items():
+            r = redis.Redis(host="127.0.0.1", port=port, username=user, password=password)
+            assert r.set(f"hfgan:{{acl}}:{user}", "1") and r.ping(), user
+            r.close()
+        anonymous = redis.Redis(host="127.0.0.1", port=port)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            anonymous.get("hfgan:{acl}:coordinator")
+        anonymous.close()
+        store = RedisRoundStore(role_url, retry_timeout=5)
+        assert store.init_run("aof", "digest-1", "{}")
+        store.set_status("aof", "running")
+        assert store.transition("aof", 0, "admitting", 1, "training")
+        store.close()
+    finally:
+        _stop(server)
+    server = _redis_server(tmp_path, port)
+    try:
+        store = RedisRoundStore(role_url, retry_timeout=5)
+        info = store.run_info("aof")
+        assert info and info.get("digest") == "digest-1" and info.get("status") == "running", info
+        assert store.get_round("aof") == (1, "training")
+        store.close()
+    finally:
+        log = _stop(server)
+    assert "NOPERM" not in log, log[-2000:]

@@ -155,6 +155,24 @@ def test_unroutable_publish_is_an_error(amqp_url: str, ns: str) -> None:
         t.publish("server", b"the publisher channel still works")
 
 
+def test_the_connection_reads_one_broker_frame_at_a_time(amqp_url: str, ns: str) -> None:
+    # pika's 4 KiB reads cost most of the split traffic's receive CPU (docs/benchmarks.md); the transport raises
+    # them on its own connection, and a large message still arrives whole.
+    from hfgan_core.transport.amqp import connection
+
+    with AmqpTransport(amqp_url, namespace=ns) as t:
+        t.declare()
+        stream = t._conn._impl._transport
+        assert stream._MAX_RECV_BYTES == connection.RECV_BYTES >= 128 * 1024
+        assert stream._MAX_CONSUME_BYTES >= connection.CONSUME_BYTES_PER_WAKEUP
+        big = os.urandom(3 * 1024 * 1024 + 5)
+        handler, got = collect()
+        t.consume("client.4", handler)
+        t.publish("client.4", big, persistent=False)
+        drain(t, got, 1)
+        assert got[0].body == big
+
+
 def test_oversized_message_to_competing_consumers_is_refused(amqp_url: str, ns: str) -> None:
     with AmqpTransport(amqp_url, namespace=ns, max_frame_body=4096) as t:
         with pytest.raises(TransportError, match="competing consumers"):

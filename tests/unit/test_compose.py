@@ -158,10 +158,17 @@ def test_infrastructure_images_and_healthchecks(stack):
         assert Path(mounts[f"/etc/rabbitmq/{name}"]).resolve() == (ROOT / "broker_config" / name).resolve()
     assert Path(_mounts(redis)["/usr/local/etc/redis/redis.conf"]).resolve() == ROOT / "broker_config/redis.conf"
     assert "/usr/local/etc/redis/redis.conf" in redis["command"]
-    # Redis requires the password dev-certs made (requirepass, included from the secrets volume).
-    include = redis["command"][redis["command"].index("--include") + 1]
-    assert _mounts(redis)[str(Path(include).parent)].endswith("secrets"), redis["command"]
-    assert "redis-auth.conf" in include and "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
+    # Redis loads the ACL users state-users generated into the secrets volume (the default user is off); its
+    # health check logs in as `observer`.
+    aclfile = redis["command"][redis["command"].index("--aclfile") + 1]
+    secrets_at = next(t for t, src in _mounts(redis).items() if src.endswith("secrets"))
+    assert aclfile == f"{secrets_at}/redis/users.acl", redis["command"]
+    probe = " ".join(redis["healthcheck"]["test"])
+    assert "REDISCLI_AUTH" in probe and "--user observer" in probe and "redis/observer.password" in probe, probe
+    gen = stack["services"]["state-users"]
+    out_at = next(t for t, src in _mounts(gen).items() if src.endswith("secrets"))
+    assert f"hfgan_core.state.acl generate --out {out_at}/redis " in " ".join(gen["command"]), gen["command"]
+    assert _depends(redis).get("state-users") == "service_completed_successfully"
     # rabbitmq.conf must load the definitions from where they are mounted.
     conf = (ROOT / "broker_config" / "rabbitmq.conf").read_text()
     assert re.search(r"^load_definitions\s*=\s*/etc/rabbitmq/definitions\.json\s*$", conf, re.M)
@@ -194,9 +201,8 @@ def test_tls_for_clients_and_the_broker(stack):
         cafile = dict(urllib.parse.parse_qsl(url.query))["cafile"]
         ca_mount = _mounts(services[name]).get(str(Path(cafile).parent), "")
         assert ca_mount.endswith("tls-ca"), (name, cafile)
-    # dev-certs makes them before the broker and Redis start.
-    for name in ("rabbitmq", "redis"):
-        assert _depends(services[name]).get("dev-certs") == "service_completed_successfully", name
+    # dev-certs makes them before the broker starts.
+    assert _depends(services["rabbitmq"]).get("dev-certs") == "service_completed_successfully"
 
 
 def test_workers_have_a_heartbeat_health_check(stack):
@@ -237,9 +243,15 @@ def test_shared_environment_and_volumes(stack):
         env, mounts = _env(svc), _mounts(svc)
         assert env["HFGAN_CONFIG"] == "quickstart"
         assert env["HFGAN_RUN_ID"] == "compose"
-        # The state URL, with Redis's password, comes from a file of the secrets volume.
-        state_file = env["HFGAN_STATE_URL_FILE"]
-        assert "HFGAN_STATE_URL" not in env and _mounts(svc)[str(Path(state_file).parent)].endswith("secrets")
+        assert "HFGAN_STATE_URL" not in env
+        if role == "client":
+            # Clients hold no Redis credential: no state URL, no secrets volume.
+            assert "HFGAN_STATE_URL_FILE" not in env and not any(s.endswith("secrets") for s in mounts.values())
+        else:
+            # Each infrastructure role logs in to Redis as its own ACL user, its URL from the secrets volume.
+            state_file = env["HFGAN_STATE_URL_FILE"]
+            secrets_at = next(t for t, src in mounts.items() if src.endswith("secrets"))
+            assert state_file == f"{secrets_at}/redis/{role}.url", (role, state_file)
         assert urllib.parse.urlsplit(env["HFGAN_BROKER_URL"]).hostname == "rabbitmq"
         assert env["HFGAN_DEVICE"] == "cpu"
         # Datasets and the run directory are shared volumes mounted where the environment points.
@@ -324,7 +336,7 @@ def test_dockerfile_installs_cpu_torch_first_and_drops_root():
     assert 'ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"' in lines
     torch_at = next(i for i, ln in enumerate(lines) if "torch==2.13.0" in ln)
     assert "${TORCH_PIP_ARGS}" in lines[torch_at]
-    project_at = next(i for i, ln in enumerate(lines) if re.search(r"pip install (--no-deps )?\.(\s|$)", ln))
+    project_at = next(i for i, ln in enumerate(lines) if re.search(r"pip install (--[\w-]+ )*\.(\s|$)", ln))
     assert torch_at < project_at, "torch (CPU build) must be installed before the project"
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
     assert users and users[-1] not in ("root", "0"), users
@@ -332,3 +344,20 @@ def test_dockerfile_installs_cpu_torch_first_and_drops_root():
     assert lines[-1].startswith("CMD ") and "--help" in lines[-1]
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "runs", "data", ".git"} <= set(ignored)
+
+
+def test_dockerfile_keeps_the_dependency_layers_cached_across_source_changes():
+    """A source change (or an edit of pyproject.toml's tool settings) must not reinstall torch and the dependencies:
+    the stages that install them see only the wheels and the extracted dependency lists."""
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    stages = [i for i, ln in enumerate(lines) if ln.startswith("FROM ")] + [len(lines)]
+    deps = next(lines[a:b] for a, b in zip(stages, stages[1:]) if lines[a].endswith(" AS deps"))
+    copies = [ln for ln in deps if ln.startswith("COPY ")]
+    assert copies and all("pyproject.toml" not in ln and "hfgan_core" not in ln for ln in copies), copies
+    assert any("--from=requirements" in ln and "requirements.txt" in ln for ln in copies), copies
+    final = lines[stages[-2] :]
+    venv_at = next(i for i, ln in enumerate(final) if ln.startswith("COPY --from=deps"))
+    source_at = min(i for i, ln in enumerate(final) if ln.startswith("COPY ") and "--from" not in ln)
+    assert venv_at < source_at, "the venv comes before the source"
+    assert any("--no-build-isolation" in ln for ln in final[source_at:]), "no build environment download per build"

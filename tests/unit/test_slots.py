@@ -8,10 +8,10 @@ import pytest
 
 from hfgan_core.config import DomainConfig, RunConfig, RuntimeConfig, ScenarioConfig, TrainConfig
 from hfgan_core.protocol import ClientHeartbeat, SlotGrant, decode
-from hfgan_core.runtime.client_worker import NoLedger, _fixed_slot
+from hfgan_core.runtime.client_worker import NoLedger, _fixed_slot, client_owner
 from hfgan_core.runtime.coordinator import CoordinatorRole
 from hfgan_core.runtime.host import Reject, RoleContext
-from hfgan_core.runtime.slots import SlotTable
+from hfgan_core.runtime.slots import OWNER, SlotTable
 from hfgan_core.state import MemoryRoundStore, StateError
 from hfgan_core.transport import MemoryTransport
 
@@ -116,6 +116,21 @@ def test_a_client_has_no_ledger_and_its_slot_follows_its_user():
     assert _fixed_slot(url, 4, 2) == 2
     assert _fixed_slot("amqp://client-3:pw@h:5672/%2F", 4, None) == 3
     assert _fixed_slot("amqp://guest:guest@h:5672/%2F", 4, None) is None
+
+
+def test_a_restarted_client_process_is_a_new_slot_owner():
+    """Docker restarts a client container with its hostname and pid 1 again: the same `<hostname>-<pid>`. Were that
+    the owner, the restarted process's request for its old slot would be a silent renewal (no answer: it waited
+    forever); each start is a new owner, refused while the dead holder's slot is fresh and granted after it."""
+    process = "3d694b1506b8-1"
+    first, restarted = client_owner(process), client_owner(process)
+    assert first != restarted and first.startswith(process + "-")
+    assert OWNER.fullmatch(client_owner("h" * 64 + "-1")), "hostnames of any length stay a valid owner"
+    t = SlotTable(2, ttl_s=10.0)
+    assert t.beat(0, first, now=0.0) == "granted"
+    assert t.beat(0, first, now=1.0) == "renewed"  # what the same owner would get: no answer
+    assert t.beat(0, restarted, now=2.0) == "refused"
+    assert t.beat(0, restarted, now=11.0) == "granted"  # the dead holder renewed last at 1: free from 11
 
 
 def test_a_slot_answer_forged_by_a_client_of_a_namespace_is_refused():

@@ -44,6 +44,44 @@ def test_foreach_adam_is_bit_identical_to_the_per_parameter_loop():
         assert torch.equal(a[k], b[k]), k
 
 
+def _plain_g_backward_step(model: UnsplitGAN):
+    """UnsplitGAN.train_step as the reference writes it: the G step's backward also fills D's weight gradients."""
+    import torch.nn.functional as F
+
+    def step(images, labels, z):
+        model.opt_d.zero_grad(set_to_none=True)
+        fake = model.generate(z, labels)
+        out_f = model.discriminate(fake.detach(), labels)
+        F.binary_cross_entropy(out_f, torch.zeros_like(out_f)).backward()
+        out_r = model.discriminate(images, labels)
+        F.binary_cross_entropy(out_r, torch.ones_like(out_r)).backward()
+        model.opt_d.step()
+        model.opt_g.zero_grad(set_to_none=True)
+        out_g = model.discriminate(fake, labels)
+        F.binary_cross_entropy(out_g, torch.ones_like(out_g)).backward()
+        model.opt_g.step()
+
+    return step
+
+
+def test_the_g_step_backward_into_g_only_is_bit_identical_to_the_full_backward():
+    cfg = _cfg()
+    fast, plain = UnsplitGAN(cfg), UnsplitGAN(cfg)
+    plain.train_step = _plain_g_backward_step(plain)
+    a, b = _train(fast, 3), _train(plain, 3)
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # And it did leave D's weight gradients out of the G step (else there is nothing to save): the plain step's G
+    # backward added to the D gradients its D step left; the fast one's are still the D step's alone.
+    grads = [
+        (f.grad, q.grad)
+        for bf, bq in zip(fast.D.values(), plain.D.values())
+        for f, q in zip(bf.parameters(), bq.parameters())
+    ]
+    assert any(not torch.equal(f, q) for f, q in grads)
+
+
 def test_make_adam_uses_the_run_hyperparameters():
     p = torch.nn.Parameter(torch.ones(3))
     opt = make_adam([p], _cfg())

@@ -41,6 +41,22 @@ _FATAL_CONN = (
 )
 _LOST_CONN = (pex.AMQPConnectionError, pex.ConnectionWrongStateError, ConnectionError, OSError)
 
+# pika reads its socket 4 KiB at a time and appends every read to its frame buffer (`bytes +=`), so a 128 KiB body
+# frame costs 32 reads and about 2 MiB of buffer copies: for split traffic (megabytes a message) that was most of
+# the transport's CPU and, through TCP flow control, the broker's too (docs/benchmarks.md). One frame per read (the
+# broker's frame_max, 128 KiB) cuts both; a wakeup may read several frames before the loop turns to writing.
+RECV_BYTES = 128 * 1024
+CONSUME_BYTES_PER_WAKEUP = 1024 * 1024
+
+
+def _tune_reads(conn: Any) -> None:
+    """Raise a BlockingConnection's socket read size (pika's defaults are class attributes of its stream transport;
+    these instance attributes override them for this connection only). Skipped if pika's internals differ."""
+    stream = getattr(getattr(conn, "_impl", None), "_transport", None)
+    if stream is not None and hasattr(stream, "_MAX_RECV_BYTES") and hasattr(stream, "_MAX_CONSUME_BYTES"):
+        stream._MAX_RECV_BYTES = RECV_BYTES
+        stream._MAX_CONSUME_BYTES = max(int(stream._MAX_CONSUME_BYTES), CONSUME_BYTES_PER_WAKEUP)
+
 
 class _ConnectionLost(Exception):
     """Internal: the connection died; the operation is retried after a reconnect."""
@@ -97,6 +113,7 @@ class _Connection:
             raise TransportError(f"broker certificate rejected: {exc.verify_message or exc}") from exc
         except _LOST_CONN as exc:
             raise _ConnectionLost(repr(exc)) from exc
+        _tune_reads(conn)
         self._conn = conn
         self._client_queues.clear()
         try:
