@@ -51,6 +51,8 @@ class AdmissionMixin:
                 self._traffic[c] = dict(msg.traffic)
                 traffic = {k: float(v) for k, v in msg.traffic.items() if k in ("bytes_sent", "messages_sent")}
                 ctx.store.record_metrics(ctx.run, 0, f"traffic.{client_address(c)}", traffic)
+            if msg.info == "exited":
+                self.clients_exited.add(c)
         if outcome == "renewed":
             return
         granted = outcome == "granted"

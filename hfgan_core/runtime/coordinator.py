@@ -127,6 +127,8 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, JobsMixin, Role):
         self._dropped: dict[int, str] = {}
         self.slots = SlotTable(self.expected, slot_ttl_s)  # client processes' slots (admission.py)
         self._traffic: dict[int, dict[str, float]] = {}
+        # Clients whose last heartbeat said they exited: their final traffic numbers are in the ledger.
+        self.clients_exited: set[int] = set()
         self._start_msg: RoundStart | None = None
         self._reset_round_state()
 

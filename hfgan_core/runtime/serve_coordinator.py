@@ -234,6 +234,7 @@ def serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
                 store.set_status(run_id, "stopped")
             log.info("coordinator: stopped in round %d (%s)", role.round, role.phase)
             return EXIT_OK
+        _await_client_farewells(role, transport, settings, stop)
         lease.release()
         close_quietly(transport)
         transport = None
@@ -245,6 +246,18 @@ def serve_coordinator(opts, cfg, run_id, settings, stop) -> int:
         except Exception as exc:  # the lease expires by itself
             log.debug("release_leader: %s", exc)
         close_quietly(transport, store)
+
+
+def _await_client_farewells(role, transport, settings, stop) -> None:
+    """Clients send their final traffic numbers in the heartbeat they send as they exit, after the run's end reached
+    them; the coordinator keeps reading them (bounded by the heartbeat TTL, past which a silent client counts as
+    gone) so that the ledger's traffic, and summary.json's bytes, hold every client's last messages."""
+    until = time.monotonic() + settings.heartbeat_ttl_s
+    while set(role.members) - role.clients_exited and time.monotonic() < until and not stop.requested:
+        transport.process(timeout=settings.poll_s)
+    missing = sorted(set(role.members) - role.clients_exited)
+    if missing:
+        log.info("coordinator: no farewell from client(s) %s; their last traffic report stands", missing)
 
 
 def _finish(cfg: RunConfig, store, run_id: str, recorder, role, data, *, utility: bool) -> None:

@@ -92,6 +92,16 @@ def test_the_coordinator_grants_refuses_with_a_hint_and_records_heartbeats():
     assert b[-1].granted and b[-1].client == 0
 
 
+def test_the_coordinator_notes_the_clients_whose_heartbeat_says_they_exited():
+    """The end of a run waits for these farewells (serve_coordinator): they carry each client's final traffic."""
+    role = _coordinator()
+    _beat(role, 0, "proc-a", info="slot 0 owner proc-a round 1 training step 0")
+    _beat(role, 1, "proc-b", info="exited")
+    assert role.clients_exited == {1}
+    _beat(role, 2, "proc-c", sender="client.2", info="exited")
+    assert role.clients_exited == {1, 2}
+
+
 @pytest.mark.parametrize(
     ("slot", "owner", "sender", "reason"),
     [
