@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from hfgan_core.state import open_store  # noqa: E402
 from hfgan_core.transport import open_transport  # noqa: E402
-from tests.compose.conftest import Stack  # noqa: E402
+from tests.compose.conftest import Stack, free_host_ports  # noqa: E402
 
 IMAGES = ("hfgan:local", "hfgan-local/python:3.11", "hfgan-local/rabbitmq:3.10-management", "hfgan-local/redis:7")
 
@@ -99,8 +99,7 @@ def run_containers(args: argparse.Namespace) -> dict:
             "HFGAN_CONFIG_DIR": str(config_dir),
             "HFGAN_RUN_ID": f"bench-compose-{uuid.uuid4().hex[:6]}",
             "HFGAN_NO_UTILITY": "1",
-            "HFGAN_AMQPS_PORT": "0",
-            "HFGAN_MANAGEMENT_PORT": "0",
+            **free_host_ports(),
         },
     )
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -33,6 +34,13 @@ def compose_files() -> list[str]:
     if os.environ.get("HFGAN_COMPOSE_IMAGES", "local") != "hub":
         files.append("deploy/compose.local.yaml")
     return files
+
+
+def free_host_ports() -> dict[str, str]:
+    """Every host port compose.yaml publishes, set to 0 (any free port). Read from the file, so that a port added
+    later cannot collide with the user's own stack or another test project: CI failed on a fixed 9090 once."""
+    names = set(re.findall(r"\$\{(HFGAN_\w+_PORT)\b", (ROOT / "compose.yaml").read_text()))
+    return {name: "0" for name in sorted(names)}
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
@@ -180,8 +188,7 @@ def stack_factory():
             "HFGAN_RUN_ID": run_id,
             "HFGAN_NO_UTILITY": "1",
             # Any free host ports: tests run next to the user's own stack and other test projects.
-            "HFGAN_AMQPS_PORT": "0",
-            "HFGAN_MANAGEMENT_PORT": "0",
+            **free_host_ports(),
             "HFGAN_HEALTH_INTERVAL": "3s",
             # Slots and the coordinator's lease outlive a worker that a busy host starves for a while (a client
             # that could not beat within 10 s of its claim was seen to lose its slot on a loaded machine).
