@@ -27,7 +27,6 @@ measured pace (runtime/pace.py).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import statistics
 import subprocess
@@ -69,7 +68,7 @@ from hfgan_core.transport import COORDINATOR, SERVER
 from hfgan_core.transport.amqp import AmqpTransport, provision_client_users
 from hfgan_core.transport.amqp.topology import H_CHUNK_COUNT, H_CHUNK_ID, H_CHUNK_INDEX
 from tests.e2e.test_faults import Run
-from tests.integration.conftest import amqp_url, new_namespace, redis_url  # noqa: F401 - fixtures
+from tests.integration.conftest import amqp_url, new_namespace, redis_url, worker_env  # noqa: F401 - fixtures
 from tests.unit.test_roles import sample
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -310,22 +309,19 @@ def shared(tmp_path_factory, amqp_url, redis_url):  # noqa: F811
 def start_run(tmp: Path, amqp: str, redis: str, shared: dict, name: str) -> tuple[Run, str, list[str]]:
     namespace, run_id = new_namespace(), f"adv-{name}-{uuid.uuid4().hex[:8]}"
     config = quickstart_config(tmp / f"{name}.toml", shared["deadline"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HFGAN_")}
-    env.update(
-        HFGAN_CONFIG=str(config),
-        HFGAN_RUN_ID=run_id,
-        HFGAN_BROKER_URL=amqp,
-        HFGAN_STATE_URL=redis,
-        HFGAN_RUN_DIR=str(tmp / name / "run"),
+    env = worker_env(
+        config=config,
+        run_id=run_id,
+        amqp=amqp,
+        namespace=namespace,
+        run_dir=tmp / name / "run",
+        state=redis,
         HFGAN_DATA_DIR=str(tmp / "data"),
-        HFGAN_BROKER_NAMESPACE=namespace,
         HFGAN_CLASSIFIER_DIR=str(shared["classifiers"]),
         HFGAN_NO_UTILITY="1",
         HFGAN_HEARTBEAT_S=str(HEARTBEAT_S),
         HFGAN_HEARTBEAT_TTL_S="4",
         HFGAN_CHUNK_TIMEOUT_S=str(CHUNK_TIMEOUT_S),
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
     )
     run = Run(tmp / name, amqp, redis, namespace, run_id, config, env)
     run.tmp.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ a test fails. Each test uses its own AMQP namespace and run id and deletes them 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -65,7 +64,7 @@ from hfgan_core.protocol.codec import DEFAULT_LIMITS
 from hfgan_core.runtime import ledger
 from hfgan_core.state import open_store
 from hfgan_core.transport.amqp import AmqpTransport, Names
-from tests.integration.conftest import amqp_url, new_namespace, redis_url  # noqa: F401 - fixtures
+from tests.integration.conftest import amqp_url, new_namespace, redis_url, worker_env  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -279,21 +278,18 @@ def make_run(
             extra=extra,
         )
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HFGAN_")}
-    env.update(
-        HFGAN_CONFIG=str(config),
-        HFGAN_RUN_ID=run,
-        HFGAN_BROKER_URL=amqp,
-        HFGAN_STATE_URL=redis,
-        HFGAN_RUN_DIR=str(tmp / "run"),
+    env = worker_env(
+        config=config,
+        run_id=run,
+        amqp=amqp,
+        namespace=namespace,
+        run_dir=tmp / "run",
+        state=redis,
         HFGAN_DATA_DIR=str(tmp / "data"),
-        HFGAN_BROKER_NAMESPACE=namespace,
         HFGAN_CLASSIFIER_DIR=str(classifiers),
         HFGAN_NO_UTILITY="1",
         HFGAN_HEARTBEAT_S="0.5",
         HFGAN_HEARTBEAT_TTL_S="4",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
     )
     return Run(tmp, amqp, redis, namespace, run, config, env)
 

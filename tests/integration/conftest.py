@@ -61,6 +61,28 @@ def new_namespace() -> str:
     return f"hfgant{uuid.uuid4().hex[:10]}"
 
 
+def worker_env(
+    *, config: Path, run_id: str, amqp: str, namespace: str, run_dir: Path, state: str | None = None, **more: str
+) -> dict[str, str]:
+    """The environment of a worker process a test starts: the caller's environment without any HFGAN_* setting of
+    the shell (a developer's own HFGAN_BROKER_URL must not leak into a test run), the run's own settings, one torch
+    thread and unbuffered output (the test reads the logs). `more` adds or overrides variables by full name."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HFGAN_")}
+    env.update(
+        HFGAN_CONFIG=str(config),
+        HFGAN_RUN_ID=run_id,
+        HFGAN_BROKER_URL=amqp,
+        HFGAN_BROKER_NAMESPACE=namespace,
+        HFGAN_RUN_DIR=str(run_dir),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    if state is not None:
+        env["HFGAN_STATE_URL"] = state
+    env.update(more)
+    return env
+
+
 class TcpProxy:
     """A TCP relay in front of RabbitMQ whose connections a test can cut, like a broker restart or a network
     failure would, without touching the shared broker."""

@@ -4,7 +4,6 @@ gets its slot from the coordinator over the real RabbitMQ, joins, and never open
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from hfgan_core.runtime.coordinator import CoordinatorRole
 from hfgan_core.runtime.host import RoleContext, RoleHost
 from hfgan_core.state import MemoryRoundStore
 from hfgan_core.transport import open_transport
-from tests.integration.conftest import new_namespace
+from tests.integration.conftest import new_namespace, worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """
@@ -81,17 +80,15 @@ def test_a_client_gets_its_slot_over_the_broker_and_never_connects_to_redis(amqp
             RoleContext(run=run, cfg=cfg, transport=transport, store=MemoryRoundStore()), slot_ttl_s=30.0
         )
         RoleHost(coordinator).bind()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HFGAN_")}
-        env.update(
-            HFGAN_CONFIG=str(config),
-            HFGAN_RUN_ID=run,
-            HFGAN_BROKER_URL=amqp_url,
-            HFGAN_BROKER_NAMESPACE=ns,
-            HFGAN_STATE_URL=f"redis://127.0.0.1:{sentinel.port}/0",  # handed a URL anyway: it must not use it
-            HFGAN_RUN_DIR=str(tmp_path / "run"),
+        env = worker_env(
+            config=config,
+            run_id=run,
+            amqp=amqp_url,
+            namespace=ns,
+            run_dir=tmp_path / "run",
+            state=f"redis://127.0.0.1:{sentinel.port}/0",  # handed a URL anyway: it must not use it
             HFGAN_HEARTBEAT_S="0.5",
             PYTHONPATH=str(ROOT),
-            OMP_NUM_THREADS="1",
         )
         log = tmp_path / "client.log"
         with open(log, "wb") as out:
