@@ -497,7 +497,9 @@ def account(run: Run, adv: Client1, dead: list) -> str:
                 continue
             if job.run == run.run:
                 refusals[job.cluster] += 1
-    assert refusals and all(n >= MAX_MISSING_REFUSALS for n in refusals.values()), refusals
+    # The round is planned again as soon as one job has been refused MAX_MISSING_REFUSALS times; the other jobs
+    # naming the replayed update may have been refused fewer times by then (CI saw {0: 3, -1: 2}).
+    assert refusals and max(refusals.values()) >= MAX_MISSING_REFUSALS, refusals
     members = ledger.parse_members(run.store.get_docs(run.run, 0).get(ledger.MEMBERS))
     assert members[BAD][1] == 64  # admitted with its shard's cap, not the 2**62 it claimed
     counts = Counter(f"{code}" for (_, code) in by_reason.elements())
