@@ -96,25 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_run_config(args: argparse.Namespace) -> RunConfig:
     cfg = apply_env(load_config(args.config))
-    cfg = cfg.with_overrides(
-        "train",
-        rounds=args.rounds,
-        local_epochs=args.local_epochs,
-        steps_per_epoch=args.steps_per_epoch,
-        seed=args.seed,
-        wire_dtype=args.wire_dtype,
-    )
-    cfg = cfg.with_overrides(
-        "runtime",
-        data_dir=args.data_dir,
-        run_dir=args.run_dir,
-        run_id=args.run_id,
-        broker_url=args.broker,
-        state_url=args.state,
-        device=args.device,
-        server_device=args.server_device,
-        torch_threads=args.threads,
-        tensorboard_dir=args.tensorboard,
+    cfg = cfg.with_fields_from("train", args, ("rounds", "local_epochs", "steps_per_epoch", "seed", "wire_dtype"))
+    cfg = cfg.with_runtime_flags(args).with_overrides(
+        "runtime", server_device=args.server_device, tensorboard_dir=args.tensorboard
     )
     if getattr(args, "synthetic", False):
         import dataclasses

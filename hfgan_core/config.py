@@ -364,6 +364,26 @@ class RunConfig:
             return self
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
 
+    def with_fields_from(self, section: str, source: Any, names: tuple[str, ...]) -> RunConfig:
+        """A copy with the named fields of one section taken from `source`'s attributes of the same names (None
+        values are ignored): how the benches apply their settings to a preset."""
+        return self.with_overrides(section, **{name: getattr(source, name) for name in names})
+
+    def with_runtime_flags(self, flags: Any) -> RunConfig:
+        """The runtime flags that `hfgan train`, `hfgan up` and every worker share, read from an argparse namespace
+        or a `WorkerOptions` (attributes run_id, broker, state, data_dir, run_dir, device, threads; None keeps the
+        file's or the environment's value)."""
+        return self.with_overrides(
+            "runtime",
+            run_id=flags.run_id,
+            broker_url=flags.broker,
+            state_url=flags.state,
+            data_dir=flags.data_dir,
+            run_dir=flags.run_dir,
+            device=flags.device,
+            torch_threads=flags.threads,
+        )
+
     def redacted(self) -> RunConfig:
         """A copy whose URLs carry no password (settings.redact_url): what the files a run writes hold."""
         rt = self.runtime

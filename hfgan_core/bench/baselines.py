@@ -38,10 +38,10 @@ from ..evaluation import (
     GenerateFn,
     MetricsLog,
     derive_seed,
-    generation_score,
+    domain_score,
+    domain_utility,
     plot_scores,
     save_class_grid,
-    utility_metrics,
     write_json_atomic,
 )
 from ..federation.aggregate import weighted_average
@@ -152,31 +152,11 @@ def steps_per_round(cfg: RunConfig, sizes: Sequence[int]) -> int:
 
 
 def score(gen: GenerateFn, domain: str, classifier: nn.Module, settings: EvalSettings) -> float:
-    return generation_score(
-        gen,
-        classifier,
-        settings.score_samples,
-        settings.gen_batch_size,
-        generator=torch.Generator().manual_seed(derive_seed(settings.seed, domain, "score")),
-        num_classes=settings.num_classes,
-        z_dim=settings.z_dim,
-        device=settings.device,
-    )
+    return domain_score(gen, domain, classifier, settings)
 
 
 def utility(gen: GenerateFn, domain: str, test_set: Any, settings: EvalSettings) -> dict[str, Any]:
-    util = utility_metrics(
-        gen,
-        test_set,
-        None,
-        settings.utility_samples,
-        settings.utility_epochs,
-        seed=derive_seed(settings.seed, domain, "utility"),
-        device=settings.device,
-        gen_batch_size=settings.gen_batch_size,
-        num_classes=settings.num_classes,
-        z_dim=settings.z_dim,
-    )
+    util = domain_utility(gen, domain, test_set, settings)
     return {k: util[k] for k in UTILITY_KEYS if k in util}
 
 

@@ -130,17 +130,13 @@ class BenchSettings:
         return self
 
 
+_TRAIN_SETTINGS = (
+    "rounds", "local_epochs", "steps_per_epoch", "score_samples", "utility_samples", "utility_epochs", "seed"
+)  # fmt: skip
+
+
 def with_explicit(cfg: RunConfig, s: BenchSettings) -> RunConfig:
-    return cfg.with_overrides(
-        "train",
-        rounds=s.rounds,
-        local_epochs=s.local_epochs,
-        steps_per_epoch=s.steps_per_epoch,
-        score_samples=s.score_samples,
-        utility_samples=s.utility_samples,
-        utility_epochs=s.utility_epochs,
-        seed=s.seed,
-    )
+    return cfg.with_fields_from("train", s, _TRAIN_SETTINGS)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -88,13 +88,8 @@ def reduced_scenario(paper: RunConfig, clients_per_domain: int, samples_per_clie
 
 
 def with_scale(cfg: RunConfig, scale: Scale) -> RunConfig:
-    return cfg.with_overrides(
-        "train",
-        rounds=scale.rounds,
-        local_epochs=scale.local_epochs,
-        score_samples=scale.score_samples,
-        utility_samples=scale.utility_samples,
-        utility_epochs=scale.utility_epochs,
+    return cfg.with_fields_from(
+        "train", scale, ("rounds", "local_epochs", "score_samples", "utility_samples", "utility_epochs")
     )
 
 

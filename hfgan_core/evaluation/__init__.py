@@ -14,7 +14,15 @@ from .classifiers import (
     read_classifier_record,
     save_classifier,
 )
-from .evaluate import EvalSettings, class_grid_samples, derive_seed, evaluate_generators, save_class_grid
+from .evaluate import (
+    EvalSettings,
+    class_grid_samples,
+    derive_seed,
+    domain_score,
+    domain_utility,
+    evaluate_generators,
+    save_class_grid,
+)
 from .metrics import (
     GenerateFn,
     classification_metrics,
@@ -58,6 +66,8 @@ __all__ = [
     "confusion_matrix",
     "data_digest",
     "derive_seed",
+    "domain_score",
+    "domain_utility",
     "encode_png_gray",
     "evaluate_generators",
     "fit_classifier",

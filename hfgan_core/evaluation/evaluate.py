@@ -95,17 +95,7 @@ def evaluate_generators(
         want_fd = test_sets is not None and domain in test_sets and has_features(classifier)
         feats: list[torch.Tensor] | None = [] if want_fd else None
         with Stopwatch() as sw:
-            score = generation_score(
-                generate,
-                classifier,
-                settings.score_samples,
-                settings.gen_batch_size,
-                generator=torch.Generator().manual_seed(derive_seed(settings.seed, domain, "score")),
-                num_classes=settings.num_classes,
-                z_dim=settings.z_dim,
-                device=settings.device,
-                features=feats,
-            )
+            score = domain_score(generate, domain, classifier, settings, features=feats)
         entry: dict[str, Any] = {"generation_score": score, "score_s": sw.seconds}
         if log is not None:
             log(f"{domain}: generation score {score:.3f} ({settings.score_samples} samples, {sw.seconds:.1f} s)")
@@ -120,18 +110,7 @@ def evaluate_generators(
         if settings.utility:
             if test_sets is None or domain not in test_sets:
                 raise ConfigError(f"no test set for domain {domain!r} (needed for the utility metrics)")
-            util = utility_metrics(
-                generate,
-                test_sets[domain],
-                None,
-                settings.utility_samples,
-                settings.utility_epochs,
-                seed=derive_seed(settings.seed, domain, "utility"),
-                device=settings.device,
-                gen_batch_size=settings.gen_batch_size,
-                num_classes=settings.num_classes,
-                z_dim=settings.z_dim,
-            )
+            util = domain_utility(generate, domain, test_sets[domain], settings)
             entry["utility"] = util
             if log is not None:
                 log(
@@ -140,6 +119,44 @@ def evaluate_generators(
                 )
         results[domain] = entry
     return results
+
+
+def domain_score(
+    generate: GenerateFn,
+    domain: str,
+    classifier: nn.Module,
+    settings: EvalSettings,
+    features: list[torch.Tensor] | None = None,
+) -> float:
+    """The generation score of one domain, from the labels and noise its seed gives: every method and every round
+    is scored on the same draws."""
+    return generation_score(
+        generate,
+        classifier,
+        settings.score_samples,
+        settings.gen_batch_size,
+        generator=torch.Generator().manual_seed(derive_seed(settings.seed, domain, "score")),
+        num_classes=settings.num_classes,
+        z_dim=settings.z_dim,
+        device=settings.device,
+        features=features,
+    )
+
+
+def domain_utility(generate: GenerateFn, domain: str, test_set: Any, settings: EvalSettings) -> dict[str, Any]:
+    """The utility metrics of one domain (a classifier trained on generated samples, tested on real ones)."""
+    return utility_metrics(
+        generate,
+        test_set,
+        None,
+        settings.utility_samples,
+        settings.utility_epochs,
+        seed=derive_seed(settings.seed, domain, "utility"),
+        device=settings.device,
+        gen_batch_size=settings.gen_batch_size,
+        num_classes=settings.num_classes,
+        z_dim=settings.z_dim,
+    )
 
 
 @torch.no_grad()

@@ -23,15 +23,17 @@ SCORING_ARCH = "scoring-cnn-v1"
 UTILITY_ARCH = "utility-cnn-v1"
 
 
-class ScoringClassifier(nn.Module):
-    """p(y|x) for the generation score; input [B, C, S, S] in [-1, 1] (1x28x28 for the MNIST family), output
-    logits [B, num_classes]."""
+class _TwoConvCNN(nn.Module):
+    """conv(C,32) -> ReLU -> pool -> conv(32,64) -> ReLU -> pool -> fc(.,128) -> ReLU -> fc(128,classes), with 3x3
+    convolutions padded by `padding`: the shape both evaluation CNNs share (their layer names are the reference's)."""
 
-    def __init__(self, num_classes: int = 10, channels: int = 1, image_size: int = 28) -> None:
+    def __init__(self, num_classes: int, channels: int, image_size: int, padding: int) -> None:
         super().__init__()
-        side = ((image_size - 2) // 2 - 2) // 2  # two unpadded 3x3 convolutions, each followed by a 2x2 pool: 5 at 28
-        self.conv1 = nn.Conv2d(channels, 32, kernel_size=3)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
+        side = image_size
+        for _ in range(2):  # a 3x3 convolution (it trims 2 - 2 * padding), then a 2x2 pool
+            side = (side - 2 + 2 * padding) // 2
+        self.conv1 = nn.Conv2d(channels, 32, kernel_size=3, stride=1, padding=padding)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, stride=1, padding=padding)
         self.pool = nn.MaxPool2d(2, 2)
         self.fc1 = nn.Linear(64 * side * side, 128)
         self.fc2 = nn.Linear(128, num_classes)
@@ -46,23 +48,20 @@ class ScoringClassifier(nn.Module):
         return self.fc2(self.features(x))
 
 
-class UtilityCNN(nn.Module):
-    """The downstream classifier trained on generated samples (conv32-pool-conv64-pool-fc128-fc10)."""
+class ScoringClassifier(_TwoConvCNN):
+    """p(y|x) for the generation score; input [B, C, S, S] in [-1, 1] (1x28x28 for the MNIST family), output
+    logits [B, num_classes]. Unpadded convolutions: 5x5 features at 28."""
 
     def __init__(self, num_classes: int = 10, channels: int = 1, image_size: int = 28) -> None:
-        super().__init__()
-        side = image_size // 4  # two padded convolutions, each followed by a 2x2 pool: 7 at 28
-        self.conv1 = nn.Conv2d(channels, 32, kernel_size=3, stride=1, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, stride=1, padding=1)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.fc1 = nn.Linear(64 * side * side, 128)
-        self.fc2 = nn.Linear(128, num_classes)
+        super().__init__(num_classes, channels, image_size, padding=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(torch.relu(self.conv1(x)))
-        x = self.pool(torch.relu(self.conv2(x)))
-        x = torch.relu(self.fc1(x.flatten(1)))
-        return self.fc2(x)
+
+class UtilityCNN(_TwoConvCNN):
+    """The downstream classifier trained on generated samples (conv32-pool-conv64-pool-fc128-fc10). Padded
+    convolutions: 7x7 features at 28."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 1, image_size: int = 28) -> None:
+        super().__init__(num_classes, channels, image_size, padding=1)
 
 
 ARCHITECTURES: MappingProxyType[str, type[nn.Module]] = MappingProxyType(

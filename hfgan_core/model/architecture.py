@@ -43,6 +43,29 @@ class CutBits(NamedTuple):
         return "".join(str(b) for b in self)
 
 
+def head_block_indices(roles: tuple[str, ...], head_bit: int) -> list[int]:
+    """For roles that read client*, head*, server+, tail*, client*: the leading client blocks, then the head
+    blocks if the head bit is 1 (what a client runs before the server). The cost model counts the same sets."""
+    out = []
+    for i, role in enumerate(roles):
+        if role == CLIENT or (role == HEAD and head_bit):
+            out.append(i)
+        else:
+            break
+    return out
+
+
+def tail_block_indices(roles: tuple[str, ...], tail_bit: int) -> list[int]:
+    """The trailing counterpart of `head_block_indices`, in forward order."""
+    out = []
+    for i in range(len(roles) - 1, -1, -1):
+        if roles[i] == CLIENT or (roles[i] == TAIL and tail_bit):
+            out.append(i)
+        else:
+            break
+    return out[::-1]
+
+
 @dataclass(frozen=True)
 class NetworkSpec:
     name: str  # "G" or "D"
@@ -69,24 +92,11 @@ class NetworkSpec:
     def client_head(self, head_bit: int) -> list[int]:
         """Indices of the blocks a client runs before the server: the leading client blocks, then the head
         blocks if its head bit is 1."""
-        out = []
-        for i, role in enumerate(self.roles):
-            if role == CLIENT or (role == HEAD and head_bit):
-                out.append(i)
-            else:
-                break
-        return out
+        return head_block_indices(self.roles, head_bit)
 
     def client_tail(self, tail_bit: int) -> list[int]:
         """Indices of the blocks a client runs after the server, in forward order."""
-        out = []
-        for i in range(self.n_blocks - 1, -1, -1):
-            role = self.roles[i]
-            if role == CLIENT or (role == TAIL and tail_bit):
-                out.append(i)
-            else:
-                break
-        return out[::-1]
+        return tail_block_indices(self.roles, tail_bit)
 
     def client_blocks(self, head_bit: int, tail_bit: int) -> list[int]:
         return self.client_head(head_bit) + self.client_tail(tail_bit)

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..config import COST_MODELS, ConfigError, ModelConfig
-from ..model import CLIENT, HEAD, SERVER, TAIL, architecture, build_networks
+from ..model import SERVER, architecture, build_networks
+from ..model.architecture import head_block_indices, tail_block_indices
 
 # Per output element: (forward, backward) FLOPs of element-wise activations and of BatchNorm.
 _ACTIVATIONS: dict[type[nn.Module], tuple[int, int]] = {
@@ -68,23 +69,10 @@ class NetCosts:
 
     # Block index sets, with the semantics of model.NetworkSpec (roles read client*, head*, server+, tail*, client*).
     def head_blocks(self, bit: int) -> list[int]:
-        out = []
-        for i, role in enumerate(self.roles):
-            if role == CLIENT or (role == HEAD and bit):
-                out.append(i)
-            else:
-                break
-        return out
+        return head_block_indices(self.roles, bit)
 
     def tail_blocks(self, bit: int) -> list[int]:
-        out = []
-        for i in range(len(self.roles) - 1, -1, -1):
-            role = self.roles[i]
-            if role == CLIENT or (role == TAIL and bit):
-                out.append(i)
-            else:
-                break
-        return out[::-1]
+        return tail_block_indices(self.roles, bit)
 
     def blocks_with_role(self, role: str) -> list[int]:
         return [i for i, r in enumerate(self.roles) if r == role]

@@ -99,56 +99,41 @@ def latency_terms(costs: CostTable, clients: Sequence[DeviceProfile], server: Se
     def pair(f) -> tuple[np.ndarray, np.ndarray]:
         return (f(0), f(1))
 
+    def client_sends(stage: int, col: int, server_gflop: float, k: int, flops, nbytes) -> Phase:
+        # The client computes, then sends up over its own link (per-client rate r).
+        return Phase(
+            stage,
+            0,
+            col,
+            server_gflop / big_s,
+            pair(lambda b: k * flops(b) / s),
+            pair(lambda b: k * nbytes(b) / r),
+            (0.0, 0.0),
+        )
+
+    def server_sends(stage: int, col: int, server_gflop: float, k: int, flops, nbytes) -> Phase:
+        # The server sends down over its link (rate R), then the client computes.
+        return Phase(
+            stage,
+            1,
+            col,
+            server_gflop / big_s,
+            pair(lambda b: k * flops(b) / s),
+            (zero, zero),
+            (k * nbytes(0) / big_r, k * nbytes(1) / big_r),
+        )
+
     phases = []
     for net, k, stage_f, stage_b, head_col, tail_col in ((g, 1, 0, 2, 0, 1), (d, D_PASSES, 1, 3, 2, 3)):
         head_opt_f, tail_opt_f = net.role_fwd(HEAD), net.role_fwd(TAIL)
         head_opt_b, tail_opt_b = net.role_bwd(HEAD), net.role_bwd(TAIL)
         # Forward: heads compute and send up; the server sends down to the tails, which compute.
-        phases.append(
-            Phase(
-                stage_f,
-                0,
-                head_col,
-                head_opt_f / big_s,
-                pair(lambda b, net=net, k=k: k * net.head_fwd(b) / s),
-                pair(lambda b, net=net, k=k: k * net.head_out_bytes(b) / r),
-                (0.0, 0.0),
-            )
-        )
-        phases.append(
-            Phase(
-                stage_f,
-                1,
-                tail_col,
-                tail_opt_f / big_s,
-                pair(lambda b, net=net, k=k: k * net.tail_fwd(b) / s),
-                (zero, zero),
-                (k * net.tail_in_bytes(0) / big_r, k * net.tail_in_bytes(1) / big_r),
-            )
-        )
+        phases.append(client_sends(stage_f, head_col, head_opt_f, k, net.head_fwd, net.head_out_bytes))
+        phases.append(server_sends(stage_f, tail_col, tail_opt_f, k, net.tail_fwd, net.tail_in_bytes))
         # Backward: tails compute and send their input gradient up; the server sends down to the heads.
-        phases.append(
-            Phase(
-                stage_b,
-                0,
-                tail_col,
-                tail_opt_b / big_s,
-                pair(lambda b, net=net, k=k: k * net.tail_bwd(b) / s),
-                pair(lambda b, net=net, k=k: k * net.tail_in_bytes(b) / r),
-                (0.0, 0.0),
-            )
-        )
-        phases.append(
-            Phase(
-                stage_b,
-                1,
-                head_col,
-                (head_opt_b if corrected else tail_opt_b) / big_s,
-                pair(lambda b, net=net, k=k: k * net.head_bwd(b) / s),
-                (zero, zero),
-                (k * net.head_out_bytes(0) / big_r, k * net.head_out_bytes(1) / big_r),
-            )
-        )
+        phases.append(client_sends(stage_b, tail_col, tail_opt_b, k, net.tail_bwd, net.tail_in_bytes))
+        head_b = head_opt_b if corrected else tail_opt_b
+        phases.append(server_sends(stage_b, head_col, head_b, k, net.head_bwd, net.head_out_bytes))
     server_stage = (
         g.role_fwd(SERVER) * n / big_s,
         d.role_fwd(SERVER) * n / big_s,

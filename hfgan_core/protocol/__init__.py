@@ -33,6 +33,7 @@ from .messages import (
     StepDropped,
     decode,
     expect_shape,
+    from_plain,
     new_msg_id,
 )
 
@@ -70,6 +71,7 @@ __all__ = [
     "StepDropped",
     "WireError",
     "decode",
+    "from_plain",
     "expect_shape",
     "new_msg_id",
 ]

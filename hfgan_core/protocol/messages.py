@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -39,6 +40,7 @@ def new_msg_id() -> str:
 
 
 REGISTRY: dict[str, type[Message]] = {}
+M = TypeVar("M", bound="Message")
 
 
 def register(cls: type[Message]) -> type[Message]:
@@ -78,22 +80,22 @@ class Message:
             "msg_id": self.msg_id,
         }
         for f in _payload_fields(type(self)):
+            value = getattr(self, f.name)
+            if value is not None:
+                spec: Spec = f.metadata["spec"]
+                out[f.name] = _to_wire(value, spec, wdt if spec.compress else None)
+        return pack(out)
+
+    def plain_payload(self) -> dict[str, Any]:
+        """The payload's fields other than tensors as plain, JSON-able data, as they travel (what the round ledger
+        keeps of a message; `from_plain` reads it back with the wire's checks)."""
+        out: dict[str, Any] = {}
+        for f in _payload_fields(type(self)):
             spec: Spec = f.metadata["spec"]
             value = getattr(self, f.name)
-            if value is None:
-                continue
-            narrow = wdt if spec.compress else None
-            if spec.kind == "tensor":
-                out[f.name] = tensor_to_wire(value, narrow)
-            elif spec.kind == "tensors":
-                out[f.name] = {k: tensor_to_wire(v, narrow) for k, v in value.items()}
-            elif spec.kind == "cuts":
-                out[f.name] = [list(map(int, c)) for c in value]
-            elif spec.kind in ("ints", "floats", "strs"):
-                out[f.name] = list(value)
-            else:
-                out[f.name] = value
-        return pack(out)
+            if value is not None and spec.kind not in ("tensor", "tensors"):
+                out[f.name] = _to_wire(value, spec, None)
+        return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this message carries, by field path (used by the privacy checks and byte counters)."""
@@ -112,6 +114,43 @@ class Message:
 
 def _payload_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "spec" in f.metadata]
+
+
+def _to_wire(value: Any, spec: Spec, narrow: torch.dtype | None) -> Any:
+    if spec.kind == "tensor":
+        return tensor_to_wire(value, narrow)
+    if spec.kind == "tensors":
+        return {k: tensor_to_wire(v, narrow) for k, v in value.items()}
+    if spec.kind == "cuts":
+        return [list(map(int, c)) for c in value]
+    if spec.kind in ("ints", "floats", "strs"):
+        return list(value)
+    if spec.kind in ("metrics", "strmap", "intmap", "floatmap"):
+        return dict(value)
+    return value
+
+
+def _payload_kwargs(
+    cls: type[Message], obj: Any, limits: Limits, kwargs: dict[str, Any], keep: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Checks and converts every payload field of `obj` into `kwargs` (fields named in `keep` are given)."""
+    budget = Budget(limits)
+    for f in _payload_fields(cls):
+        if f.name in keep:
+            continue
+        spec: Spec = f.metadata["spec"]
+        if f.name not in obj or obj[f.name] is None:
+            if not spec.optional:
+                raise WireError("malformed", f"{cls.KIND}: missing field {f.name!r}")
+            continue
+        kwargs[f.name] = decode_value(obj[f.name], spec, f"{cls.KIND}.{f.name}", limits, budget)
+    return kwargs
+
+
+def from_plain(cls: type[M], plain: Mapping[str, Any], **given: Any) -> M:
+    """A message from `plain_payload` data and its envelope (`run`, `round`, `sender`, `msg_id`, ...) in `given`,
+    which may also set payload fields; the plain values get the wire's checks (WireError when they fail)."""
+    return cls(**_payload_kwargs(cls, plain, DEFAULT_LIMITS, dict(given), frozenset(given)))
 
 
 _ENVELOPE = {"v": int, "kind": str, "run": str, "round": int, "step": int, "sender": str, "msg_id": str}
@@ -153,16 +192,8 @@ def _decode(body: bytes | bytearray | memoryview, limits: Limits, kinds: tuple[t
     extra = sorted(set(obj) - known)
     if extra:
         raise WireError("malformed", f"{kind}: unknown field(s) {', '.join(extra)}")
-    kwargs: dict[str, Any] = {k: obj[k] for k in ("run", "round", "step", "sender", "msg_id")}
-    budget = Budget(limits)
-    for f in fields:
-        spec: Spec = f.metadata["spec"]
-        if f.name not in obj or obj[f.name] is None:
-            if not spec.optional:
-                raise WireError("malformed", f"{kind}: missing field {f.name!r}")
-            continue
-        kwargs[f.name] = decode_value(obj[f.name], spec, f"{kind}.{f.name}", limits, budget)
-    return cls(**kwargs)
+    envelope = {k: obj[k] for k in ("run", "round", "step", "sender", "msg_id")}
+    return cls(**_payload_kwargs(cls, obj, limits, envelope))
 
 
 def expect_shape(where: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -174,94 +205,97 @@ def expect_shape(where: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
 # ======================================================================================================== split
 
 
+# The per-step split messages come in three payload shapes; each kind below only names itself. The bases are not
+# registered: only a concrete kind travels.
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SplitActivation(Message):
+    PERSISTENT: ClassVar[bool] = False
+    client: int = _f("int")
+    act: torch.Tensor = _f("tensor", compress=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SplitGradient(Message):
+    PERSISTENT: ClassVar[bool] = False
+    client: int = _f("int")
+    grad: torch.Tensor = _f("tensor", compress=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _DPhasePair(Message):
+    """The D traffic of one phase: "d" carries the detached fakes and the reals, "g" the fakes only."""
+
+    PERSISTENT: ClassVar[bool] = False
+    client: int = _f("int")
+    phase: str = _f("str")
+    fake: torch.Tensor = _f("tensor", compress=True)
+    real: torch.Tensor | None = _f("tensor", compress=True, default=None)
+
+
 @register
 @dataclass(frozen=True, kw_only=True)
-class GHeadOut(Message):
+class GHeadOut(_SplitActivation):
     """Client -> server: output of the client's G head (B1, or B1+E1)."""
 
     KIND: ClassVar[str] = "g_head_out"
-    PERSISTENT: ClassVar[bool] = False
-    client: int = _f("int")
-    act: torch.Tensor = _f("tensor", compress=True)
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class GMidOut(Message):
+class GMidOut(_SplitActivation):
     """Server -> client: input of the client's G tail."""
 
     KIND: ClassVar[str] = "g_mid_out"
-    PERSISTENT: ClassVar[bool] = False
-    client: int = _f("int")
-    act: torch.Tensor = _f("tensor", compress=True)
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class DHeadOut(Message):
-    """Client -> server: D head outputs. phase "d": on the detached fakes and on the reals; phase "g": fakes only."""
+class DHeadOut(_DPhasePair):
+    """Client -> server: D head outputs."""
 
     KIND: ClassVar[str] = "d_head_out"
-    PERSISTENT: ClassVar[bool] = False
-    client: int = _f("int")
-    phase: str = _f("str")
-    fake: torch.Tensor = _f("tensor", compress=True)
-    real: torch.Tensor | None = _f("tensor", compress=True, default=None)
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class DMidOut(Message):
+class DMidOut(_DPhasePair):
+    """Server -> client: input of the client's D tail."""
+
     KIND: ClassVar[str] = "d_mid_out"
-    PERSISTENT: ClassVar[bool] = False
-    client: int = _f("int")
-    phase: str = _f("str")
-    fake: torch.Tensor = _f("tensor", compress=True)
-    real: torch.Tensor | None = _f("tensor", compress=True, default=None)
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class DTailGrad(Message):
+class DTailGrad(_DPhasePair):
     """Client -> server: gradient of the client's loss w.r.t. its D tail inputs."""
 
     KIND: ClassVar[str] = "d_tail_grad"
-    PERSISTENT: ClassVar[bool] = False
-    client: int = _f("int")
-    phase: str = _f("str")
-    fake: torch.Tensor = _f("tensor", compress=True)
-    real: torch.Tensor | None = _f("tensor", compress=True, default=None)
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class DMidGrad(Message):
+class DMidGrad(_DPhasePair):
+    """Server -> client: gradient w.r.t. the client's D head outputs."""
+
     KIND: ClassVar[str] = "d_mid_grad"
-    PERSISTENT: ClassVar[bool] = False
-    client: int = _f("int")
-    phase: str = _f("str")
-    fake: torch.Tensor = _f("tensor", compress=True)
-    real: torch.Tensor | None = _f("tensor", compress=True, default=None)
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class GTailGrad(Message):
+class GTailGrad(_SplitGradient):
     """Client -> server: gradient of the generator loss w.r.t. the client's G tail input."""
 
     KIND: ClassVar[str] = "g_tail_grad"
-    PERSISTENT: ClassVar[bool] = False
-    client: int = _f("int")
-    grad: torch.Tensor = _f("tensor", compress=True)
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class GMidGrad(Message):
+class GMidGrad(_SplitGradient):
+    """Server -> client: gradient w.r.t. the client's G head output."""
+
     KIND: ClassVar[str] = "g_mid_grad"
-    PERSISTENT: ClassVar[bool] = False
-    client: int = _f("int")
-    grad: torch.Tensor = _f("tensor", compress=True)
 
 
 @register

@@ -200,7 +200,7 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, JobsMixin, Role):
                 if self.server_done is not None and msg.msg_id == self.server_done.msg_id:
                     return  # redelivered after a restart that had already recorded it
                 raise Reject(f"stale: server report for round {msg.round} in {self.phase} of round {self.round}")
-            self.ctx.store.put_doc(self.ctx.run, self.round, ledger.SERVER_DONE, ledger.server_done_doc(msg))
+            self.ctx.store.put_doc(self.ctx.run, self.round, ledger.SERVER_DONE, ledger.message_doc(msg))
             self.server_done = msg
             self._maybe_close()
         elif isinstance(msg, ClusterResult):
@@ -208,7 +208,7 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, JobsMixin, Role):
                 raise Reject(f"stale: cluster result for round {msg.round} in round {self.round}")
             self._check_cluster_result(msg)
             # Rounds that aggregate as one cluster do not wait for it; a result arriving after is simply noted.
-            self.ctx.store.put_doc(self.ctx.run, self.round, ledger.CLUSTER_RESULT, ledger.cluster_result_doc(msg))
+            self.ctx.store.put_doc(self.ctx.run, self.round, ledger.CLUSTER_RESULT, ledger.message_doc(msg))
             self.cluster_result = msg
             if self.phase in ("training", "closing"):
                 self._maybe_close()
@@ -278,7 +278,7 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, JobsMixin, Role):
             raise Reject(
                 f"late: round_done of client {c} for round {msg.round} (coordinator: round {self.round} {self.phase})"
             )
-        self.ctx.store.put_doc(self.ctx.run, self.round, ledger.done_name(c), ledger.done_doc(msg))
+        self.ctx.store.put_doc(self.ctx.run, self.round, ledger.done_name(c), ledger.message_doc(msg))
         self.done[c] = msg
         self.ctx.store.mark_client(self.ctx.run, self.round, c, "arrived", "", self.ctx.clock())
         self.ctx.store.record_metrics(self.ctx.run, self.round, client_address(c), msg.metrics)

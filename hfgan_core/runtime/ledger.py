@@ -28,7 +28,7 @@ import json
 from typing import Any
 
 from ..config import DeviceProfile
-from ..protocol import AggregateJob, ClusterResult, RoundDone, RoundStart, ServerRoundDone
+from ..protocol import AggregateJob, ClusterResult, Message, RoundDone, RoundStart, ServerRoundDone, from_plain
 from ..state import RoundStore
 from ..transport import client_address
 
@@ -121,109 +121,36 @@ def parse_members(text: str | None) -> dict[int, tuple[int, int, DeviceProfile |
     return out
 
 
+# The round's messages are kept as their plain payload (`Message.plain_payload`) plus their msg_id, and read back
+# with the wire's checks (`from_plain`): a resumed coordinator re-sends the same round_start (same msg_id, so a
+# redelivered copy is recognised as a duplicate) and accounts for what it had already received.
+
+
+def message_doc(msg: Message, **extra: Any) -> str:
+    return _dump({**msg.plain_payload(), **extra, "msg_id": msg.msg_id})
+
+
 def start_doc(msg: RoundStart, started: float) -> str:
-    return _dump(
-        {
-            "participants": list(msg.participants),
-            "steps": msg.steps,
-            "steps_from": msg.steps_from,
-            "deadline": msg.deadline,
-            "started": started,
-            "cuts": [list(c) for c in msg.cuts],
-            "msg_id": msg.msg_id,
-        }
-    )
+    return message_doc(msg, started=started)
 
 
 def round_start_from_doc(run: str, round: int, doc: dict[str, Any]) -> RoundStart:
-    """The round_start the coordinator sent (same msg_id, so a redelivered copy is recognised as a duplicate)."""
-    return RoundStart(
-        run=run,
-        round=round,
-        sender="coordinator",
-        msg_id=doc["msg_id"],
-        participants=tuple(int(c) for c in doc["participants"]),
-        cuts=tuple(tuple(int(b) for b in c) for c in doc["cuts"]),
-        steps=int(doc["steps"]),
-        deadline=float(doc["deadline"]),
-        steps_from=int(doc.get("steps_from", 0)),
-    )
-
-
-def done_doc(msg: RoundDone) -> str:
-    return _dump(
-        {
-            "n_samples": msg.n_samples,
-            "steps_done": msg.steps_done,
-            "update_digest": msg.update_digest,
-            "metrics": dict(msg.metrics),
-            "msg_id": msg.msg_id,
-        }
-    )
+    return from_plain(RoundStart, doc, run=run, round=round, sender="coordinator", msg_id=doc["msg_id"])
 
 
 def round_done_from_doc(run: str, round: int, client: int, doc: dict[str, Any]) -> RoundDone:
-    return RoundDone(
-        run=run,
-        round=round,
-        sender=client_address(client),
-        msg_id=doc["msg_id"],
-        client=client,
-        n_samples=int(doc["n_samples"]),
-        steps_done=int(doc["steps_done"]),
-        update_digest=doc["update_digest"],
-        metrics={k: float(v) for k, v in doc["metrics"].items()},
-    )
-
-
-def server_done_doc(msg: ServerRoundDone) -> str:
-    return _dump(
-        {
-            "steps_done": msg.steps_done,
-            "update_digest": msg.update_digest,
-            "metrics": dict(msg.metrics),
-            "late": dict(msg.late),
-            "msg_id": msg.msg_id,
-        }
+    return from_plain(
+        RoundDone, doc, run=run, round=round, sender=client_address(client), msg_id=doc["msg_id"], client=client
     )
 
 
 def server_done_from_doc(run: str, round: int, doc: dict[str, Any]) -> ServerRoundDone:
-    return ServerRoundDone(
-        run=run,
-        round=round,
-        sender="server",
-        msg_id=doc["msg_id"],
-        steps_done=int(doc["steps_done"]),
-        update_digest=doc["update_digest"],
-        metrics={k: float(v) for k, v in doc["metrics"].items()},
-        late={k: int(v) for k, v in doc.get("late", {}).items()},
-    )
-
-
-def cluster_result_doc(msg: ClusterResult) -> str:
-    return _dump(
-        {
-            "assignment": dict(msg.assignment),
-            "kld_intra": dict(msg.kld_intra),
-            "kld_global": dict(msg.kld_global),
-            "k": msg.k,
-            "msg_id": msg.msg_id,
-        }
-    )
+    return from_plain(ServerRoundDone, doc, run=run, round=round, sender="server", msg_id=doc["msg_id"])
 
 
 def cluster_result_from_doc(run: str, round: int, doc: dict[str, Any]) -> ClusterResult:
-    return ClusterResult(
-        run=run,
-        round=round,
-        sender="clustering",
-        msg_id=doc.get("msg_id") or "restored",
-        assignment={k: int(v) for k, v in doc["assignment"].items()},
-        kld_intra={k: float(v) for k, v in doc["kld_intra"].items()},
-        kld_global={k: float(v) for k, v in doc["kld_global"].items()},
-        k=int(doc["k"]),
-    )
+    msg_id = doc.get("msg_id") or "restored"
+    return from_plain(ClusterResult, doc, run=run, round=round, sender="clustering", msg_id=msg_id)
 
 
 def add_discarded(store: RoundStore, run: str, round: int, updates: dict[str, str]) -> None:
@@ -264,9 +191,7 @@ __all__ = [
     "RoundDocs",
     "agg_doc",
     "agg_name",
-    "cluster_result_doc",
     "cluster_result_from_doc",
-    "done_doc",
     "done_name",
     "job_from_doc",
     "job_name",
@@ -275,7 +200,7 @@ __all__ = [
     "parse_members",
     "round_done_from_doc",
     "round_start_from_doc",
-    "server_done_doc",
+    "message_doc",
     "server_done_from_doc",
     "start_doc",
 ]

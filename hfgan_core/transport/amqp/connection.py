@@ -101,18 +101,8 @@ class _Connection:
             raise TransportError("transport is closed")
 
     def _connect(self) -> None:
-        try:
+        with self._guard():
             conn = pika.BlockingConnection(self._params)
-        except _FATAL_CONN as exc:
-            raise TransportError(f"broker refused the login of {self._username!r}: {exc!r}") from exc
-        except pex.ConnectionClosedByBroker as exc:
-            if exc.reply_code in (403, 530):
-                raise TransportError(f"broker refused the connection: {exc.reply_text}") from exc
-            raise _ConnectionLost(repr(exc)) from exc
-        except ssl.SSLCertVerificationError as exc:  # a wrong CA or host name does not heal by retrying
-            raise TransportError(f"broker certificate rejected: {exc.verify_message or exc}") from exc
-        except _LOST_CONN as exc:
-            raise _ConnectionLost(repr(exc)) from exc
         _tune_reads(conn)
         self._conn = conn
         self._client_queues.clear()
@@ -151,15 +141,18 @@ class _Connection:
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
-        """Translate pika's errors: connection loss -> _ConnectionLost (retried), broker refusals -> TransportError."""
+        """Translate pika's errors, at connect and after: connection loss -> _ConnectionLost (retried), broker
+        refusals (login, access, certificate) -> TransportError."""
         try:
             yield
         except _FATAL_CONN as exc:
-            raise TransportError(f"broker refused {self._username!r}: {exc!r}") from exc
+            raise TransportError(f"broker refused the login of {self._username!r}: {exc!r}") from exc
         except pex.ConnectionClosedByBroker as exc:
             if exc.reply_code in (403, 530):
                 raise TransportError(f"broker closed the connection: {exc.reply_text}") from exc
             raise _ConnectionLost(repr(exc)) from exc
+        except ssl.SSLCertVerificationError as exc:  # at connect: a wrong CA or host name does not heal by retrying
+            raise TransportError(f"broker certificate rejected: {exc.verify_message or exc}") from exc
         except _LOST_CONN as exc:
             raise _ConnectionLost(repr(exc)) from exc
         except pex.ChannelClosedByBroker as exc:  # ACCESS_REFUSED, NOT_FOUND, ...: the operation's channel is gone
