@@ -33,6 +33,7 @@ def train(tree: Path, run_dir: Path, args: argparse.Namespace) -> float:
     cmd = [sys.executable, "-c", _TRAIN, "train", "--config", args.config, "--threads", "1", "--quiet"]
     cmd += ["--rounds", str(args.rounds), "--steps-per-epoch", str(args.steps_per_epoch)]
     cmd += ["--data-dir", str(Path(args.data_dir).resolve()), "--run-dir", str(run_dir)]
+    cmd += ["--run-id", "same-result"]  # every envelope carries it: the same id gives the same bytes on the wire
     t0 = time.perf_counter()
     # cwd = the checkout: `python -c` puts it first on sys.path, ahead of the installed hfgan_core.
     done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r} model digests: " + ", ".join(f"{k}={v[:12]}" for k, v in sorted(d.items())))
     for path in report["different"]:
         print(f"DIFFERENT: {path}")
+    for path in report["one_side"]:
+        print(f"one side only: {path}")
     if args.out:
         doc = {
             "trees": {k: str(v) for k, v in trees.items()},

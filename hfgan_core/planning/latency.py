@@ -99,28 +99,13 @@ def latency_terms(costs: CostTable, clients: Sequence[DeviceProfile], server: Se
     def pair(f) -> tuple[np.ndarray, np.ndarray]:
         return (f(0), f(1))
 
-    def client_sends(stage: int, col: int, server_gflop: float, k: int, flops, nbytes) -> Phase:
-        # The client computes, then sends up over its own link (per-client rate r).
+    def phase(stage: int, col: int, server_gflop: float, k: int, flops, nbytes, up: bool) -> Phase:
+        # up: the client computes, then sends over its own link (rate r); down: the server sends over its link
+        # (rate R), then the client computes.
+        link_up = pair(lambda b: k * nbytes(b) / r) if up else (zero, zero)
+        link_down = (0.0, 0.0) if up else (k * nbytes(0) / big_r, k * nbytes(1) / big_r)
         return Phase(
-            stage,
-            0,
-            col,
-            server_gflop / big_s,
-            pair(lambda b: k * flops(b) / s),
-            pair(lambda b: k * nbytes(b) / r),
-            (0.0, 0.0),
-        )
-
-    def server_sends(stage: int, col: int, server_gflop: float, k: int, flops, nbytes) -> Phase:
-        # The server sends down over its link (rate R), then the client computes.
-        return Phase(
-            stage,
-            1,
-            col,
-            server_gflop / big_s,
-            pair(lambda b: k * flops(b) / s),
-            (zero, zero),
-            (k * nbytes(0) / big_r, k * nbytes(1) / big_r),
+            stage, 0 if up else 1, col, server_gflop / big_s, pair(lambda b: k * flops(b) / s), link_up, link_down
         )
 
     phases = []
@@ -128,12 +113,12 @@ def latency_terms(costs: CostTable, clients: Sequence[DeviceProfile], server: Se
         head_opt_f, tail_opt_f = net.role_fwd(HEAD), net.role_fwd(TAIL)
         head_opt_b, tail_opt_b = net.role_bwd(HEAD), net.role_bwd(TAIL)
         # Forward: heads compute and send up; the server sends down to the tails, which compute.
-        phases.append(client_sends(stage_f, head_col, head_opt_f, k, net.head_fwd, net.head_out_bytes))
-        phases.append(server_sends(stage_f, tail_col, tail_opt_f, k, net.tail_fwd, net.tail_in_bytes))
+        phases.append(phase(stage_f, head_col, head_opt_f, k, net.head_fwd, net.head_out_bytes, up=True))
+        phases.append(phase(stage_f, tail_col, tail_opt_f, k, net.tail_fwd, net.tail_in_bytes, up=False))
         # Backward: tails compute and send their input gradient up; the server sends down to the heads.
-        phases.append(client_sends(stage_b, tail_col, tail_opt_b, k, net.tail_bwd, net.tail_in_bytes))
+        phases.append(phase(stage_b, tail_col, tail_opt_b, k, net.tail_bwd, net.tail_in_bytes, up=True))
         head_b = head_opt_b if corrected else tail_opt_b
-        phases.append(server_sends(stage_b, head_col, head_b, k, net.head_bwd, net.head_out_bytes))
+        phases.append(phase(stage_b, head_col, head_b, k, net.head_bwd, net.head_out_bytes, up=False))
     server_stage = (
         g.role_fwd(SERVER) * n / big_s,
         d.role_fwd(SERVER) * n / big_s,
