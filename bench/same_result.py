@@ -42,6 +42,13 @@ def train(tree: Path, run_dir: Path, args: argparse.Namespace) -> float:
     return time.perf_counter() - t0
 
 
+def _commit(tree: Path) -> str:
+    """The checkout's commit (with "+changes" when its tracked files differ), not its path on this machine."""
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=tree).returncode != 0
+    return (rev or "unknown") + ("+changes" if dirty else "")
+
+
 def load_run(run_dir: Path) -> dict[str, Any]:
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"rounds": rounds, "summary": json.loads((run_dir / "summary.json").read_text())}
@@ -80,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the comparison as JSON here")
     args = p.parse_args(argv)
     trees = {"baseline": Path(args.baseline_tree).resolve(), "this": ROOT}
+    if not (trees["baseline"] / "hfgan_core").is_dir():
+        p.error(f"--baseline-tree {args.baseline_tree}: no hfgan_core/ there (give a checkout, e.g. a git worktree)")
+    if not Path(args.config).is_file():
+        p.error(f"--config {args.config}: no such file (a TOML file, the same for both checkouts)")
     with tempfile.TemporaryDirectory(prefix="same-result-") as tmp:
         results, walls = {}, {}
         for name, tree in trees.items():
@@ -102,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"one side only: {path}")
     if args.out:
         doc = {
-            "trees": {k: str(v) for k, v in trees.items()},
+            "commits": {k: _commit(v) for k, v in trees.items()},
             "config": args.config,
             "rounds": args.rounds,
             "steps_per_epoch": args.steps_per_epoch,
