@@ -1,6 +1,7 @@
 """Embedded runtime against the same model trained unsplit in one process, optionally against another checkout.
 
     python bench/embedded.py [--clients 4] [--steps 24] [--repeats 3] [--wire float32] [--channels-last]
+                             [--bfloat16]
                              [--baseline-tree /path/to/old/checkout] [--out bench/results/embedded.json]
 
 Rows: `UnsplitGAN` on the concatenated batch (clients x 64, one D step and one G step per iteration); the embedded
@@ -65,7 +66,15 @@ class _Timers:
         setattr(owner, attr, wrapped)
 
 
-def _worker_embedded(clients: int, steps: int, wire: str, channels_last: bool) -> dict:
+def _settings(channels_last: bool, compute_dtype: str) -> tuple[dict, dict]:
+    """(runtime, train) config overrides of a variant; empty for the defaults, so an older tree without the
+    setting still builds its config."""
+    rt = {"channels_last": True} if channels_last else {}
+    tr = {"compute_dtype": compute_dtype} if compute_dtype != "float32" else {}
+    return rt, tr
+
+
+def _worker_embedded(clients: int, steps: int, wire: str, channels_last: bool, compute_dtype: str) -> dict:
     import torch
 
     from hfgan_core.config import DomainConfig, RunConfig, RuntimeConfig, ScenarioConfig, TrainConfig
@@ -86,10 +95,10 @@ def _worker_embedded(clients: int, steps: int, wire: str, channels_last: bool) -
         mod = __import__(f"hfgan_core.runtime.{role}", fromlist=["x"])
         cls = {"coordinator": "CoordinatorRole", "aggregator": "AggregatorRole", "clustering": "ClusteringRole"}[role]
         timers.wrap(getattr(mod, cls), "on_message", f"role_{role}")
-    rt = {"channels_last": True} if channels_last else {}
+    rt, tr = _settings(channels_last, compute_dtype)
     cfg = RunConfig(
         scenario=ScenarioConfig(domains=(DomainConfig("synthetic", clients),)),
-        train=TrainConfig(rounds=1, local_epochs=1, steps_per_epoch=steps, cuts=CUTS, wire_dtype=wire),
+        train=TrainConfig(rounds=1, local_epochs=1, steps_per_epoch=steps, cuts=CUTS, wire_dtype=wire, **tr),
         runtime=RuntimeConfig(**rt),
     ).validate()
     datas = [TensorClientData.random(1024, i) for i in range(clients)]
@@ -122,16 +131,18 @@ def _worker_embedded(clients: int, steps: int, wire: str, channels_last: bool) -
     }
 
 
-def _worker_unsplit(clients: int, steps: int, channels_last: bool) -> dict:
+def _worker_unsplit(clients: int, steps: int, channels_last: bool, compute_dtype: str) -> dict:
     import torch
 
-    from hfgan_core.config import DomainConfig, RunConfig, RuntimeConfig, ScenarioConfig
+    from hfgan_core.config import DomainConfig, RunConfig, RuntimeConfig, ScenarioConfig, TrainConfig
     from hfgan_core.data import TensorClientData
     from hfgan_core.runtime.unsplit import UnsplitGAN
 
-    rt = {"channels_last": True} if channels_last else {}
+    rt, tr = _settings(channels_last, compute_dtype)
     cfg = RunConfig(
-        scenario=ScenarioConfig(domains=(DomainConfig("synthetic", 1),)), runtime=RuntimeConfig(**rt)
+        scenario=ScenarioConfig(domains=(DomainConfig("synthetic", 1),)),
+        train=TrainConfig(**tr),
+        runtime=RuntimeConfig(**rt),
     ).validate()
     model = UnsplitGAN(cfg)
     data = TensorClientData.random(1024 * clients, 99)
@@ -163,9 +174,9 @@ def worker(args: argparse.Namespace) -> int:
     sys.path.insert(0, args.tree)
     torch.set_num_threads(args.threads)
     if args.worker == "unsplit":
-        out = _worker_unsplit(args.clients, args.steps, args.channels_last)
+        out = _worker_unsplit(args.clients, args.steps, args.channels_last, args.compute_dtype)
     else:
-        out = _worker_embedded(args.clients, args.steps, args.wire, args.channels_last)
+        out = _worker_embedded(args.clients, args.steps, args.wire, args.channels_last, args.compute_dtype)
     import hfgan_core
 
     out["code"] = str(Path(hfgan_core.__file__).parent)
@@ -174,11 +185,9 @@ def worker(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- the driver
-def run_one(tree: str, kind: str, args: argparse.Namespace, channels_last: bool = False) -> dict:
+def run_one(tree: str, kind: str, args: argparse.Namespace, flags: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--tree", tree, "--clients", str(args.clients)]
-    cmd += ["--steps", str(args.steps), "--wire", args.wire, "--threads", str(args.threads)]
-    if channels_last:
-        cmd.append("--channels-last")
+    cmd += ["--steps", str(args.steps), "--wire", args.wire, "--threads", str(args.threads), *flags]
     env = {**os.environ, "PYTHONPATH": tree}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -281,6 +290,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--wire", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--channels-last", action="store_true", help="also measure this tree with runtime.channels_last")
+    ap.add_argument(
+        "--bfloat16", action="store_true", help="also measure this tree with train.compute_dtype = bfloat16"
+    )
+    ap.add_argument("--compute-dtype", default="float32", help=argparse.SUPPRESS)  # a worker's setting
     ap.add_argument("--baseline-tree", default=None, help="an older checkout to measure in the same window")
     ap.add_argument("--out", default="bench/results/embedded.json")
     ap.add_argument("--worker", choices=("unsplit", "embedded"), help=argparse.SUPPRESS)
@@ -288,16 +301,21 @@ def main() -> int:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    variants = [("this", str(HERE), False)]
+    # (name, tree, worker flags): the settings that change the numerical path are variants of this tree.
+    variants: list[tuple[str, str, tuple[str, ...]]] = [("this", str(HERE), ())]
     if args.channels_last:
-        variants.append(("this+channels_last", str(HERE), True))
+        variants.append(("this+channels_last", str(HERE), ("--channels-last",)))
+    if args.bfloat16:
+        variants.append(("this+bfloat16", str(HERE), ("--compute-dtype", "bfloat16")))
+    if args.bfloat16 and args.channels_last:
+        variants.append(("this+bfloat16+channels_last", str(HERE), ("--compute-dtype", "bfloat16", "--channels-last")))
     if args.baseline_tree:
-        variants.insert(0, ("baseline", str(Path(args.baseline_tree).resolve()), False))
+        variants.insert(0, ("baseline", str(Path(args.baseline_tree).resolve()), ()))
     runs: dict[str, dict[str, list[dict]]] = {name: {"unsplit": [], "embedded": []} for name, _, _ in variants}
     for i in range(args.repeats):
-        for name, tree, cl in variants:
+        for name, tree, flags in variants:
             for kind in ("unsplit", "embedded"):
-                r = run_one(tree, kind, args, cl)
+                r = run_one(tree, kind, args, flags)
                 runs[name][kind].append(r)
                 extra = f" (steps only {r['train_samples_per_s']:.1f})" if kind == "embedded" else ""
                 print(f"repeat {i + 1} {name} {kind}: {r['samples_per_s']:.1f} samples/s{extra}", file=sys.stderr)

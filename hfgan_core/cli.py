@@ -42,6 +42,11 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device of clients, aggregators, evaluation (cpu, cuda, cuda:N)")
     p.add_argument("--server-device", help="torch device of the split server (default: --device)")
     p.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), help="activation/gradient precision")
+    p.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        help="arithmetic of the convolution blocks (bfloat16: autocast, faster, not the paper's float32)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (1: bit-reproducible from the seed)")
     p.add_argument(
         "--tensorboard", metavar="DIR", help="write per-round scalars and sample grids for TensorBoard to DIR"
@@ -96,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_run_config(args: argparse.Namespace) -> RunConfig:
     cfg = apply_env(load_config(args.config))
-    cfg = cfg.with_fields_from("train", args, ("rounds", "local_epochs", "steps_per_epoch", "seed", "wire_dtype"))
+    cfg = cfg.with_fields_from(
+        "train", args, ("rounds", "local_epochs", "steps_per_epoch", "seed", "wire_dtype", "compute_dtype")
+    )
     cfg = cfg.with_runtime_flags(args).with_overrides(
         "runtime", server_device=args.server_device, tensorboard_dir=args.tensorboard
     )

@@ -32,6 +32,8 @@ IMAGE_SIZES = (28, 32, 64)
 _OPTIONAL_DOMAIN_KEYS = ("path", "format", "test_fraction")
 DISTRIBUTIONS = ("iid", "noniid", "highly_noniid")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
+# Arithmetic of the convolution blocks (model/precision.py); float32 is the paper's.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 COST_MODELS = ("paper", "corrected")
 
 
@@ -174,6 +176,10 @@ class TrainConfig:
     # Steps per epoch: None = max_k ceil(n_k / batch_size), the paper's rule.
     steps_per_epoch: int | None = None
     wire_dtype: str = "float32"
+    # "bfloat16": the convolution blocks run under autocast (bfloat16 multiplies, float32 weights, optimiser and
+    # block outputs). Faster on CPUs with AVX-512 BF16 and on GPUs, but a different numerical path from the
+    # paper's float32, so it is a choice of the run, not a default (docs/benchmarks.md, "bfloat16 compute").
+    compute_dtype: str = "float32"
     # Evaluation sizes (docs/ARCHITECTURE.md section 3).
     score_samples: int = 5000
     utility_samples: int = 30000
@@ -221,6 +227,8 @@ class TrainConfig:
             raise ConfigError("train.steps_per_epoch must be positive")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(f"train.wire_dtype must be one of {', '.join(WIRE_DTYPES)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"train.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..model import canonical_state, load_canonical
+from ..model.precision import use_bfloat16
 
 
 class BlockHolder:
@@ -137,10 +138,12 @@ def make_adam(params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Adam:
 def prepare_module(module: nn.Module, cfg: RunConfig, device: torch.device | str) -> nn.Module:
     """Move a block to its device and, where the run asks for it, to the channels-last memory format (faster
     convolutions and BatchNorm on CPU, but a different summation order: results differ in the last bits, so it
-    is off by default; docs/benchmarks.md)."""
+    is off by default; docs/benchmarks.md) and to bfloat16 compute (`train.compute_dtype`, model/precision.py)."""
     module = module.to(device)
     if cfg.runtime.channels_last:
         module = module.to(memory_format=torch.channels_last)
+    if cfg.train.compute_dtype == "bfloat16":
+        module = use_bfloat16(module, device)
     return module
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hfgan_core.cli import main
+from hfgan_core.cli import build_parser, load_run_config, main
 from hfgan_core.config import ENV_OVERRIDES, load_config
 from hfgan_core.runtime.recorder import RUN_MARKER, write_run_marker
 
@@ -81,6 +81,18 @@ def one_domain_toml(extra_scenario: str = "", extra_train: str = "", clients: in
 # ------------------------------------------------------------------------------------------- configuration
 
 
+@pytest.mark.parametrize(("flag", "expected"), [((), "float32"), (("--compute-dtype", "bfloat16"), "bfloat16")])
+def test_compute_dtype_flag_reaches_the_run_config(tmp_path, flag, expected):
+    args = build_parser().parse_args(train_argv(tmp_path, "quickstart", *flag))
+    assert load_run_config(args).train.compute_dtype == expected
+
+
+def test_compute_dtype_flag_rejects_other_dtypes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(train_argv(tmp_path, "quickstart", "--compute-dtype", "float16"))
+    assert exc.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
+
+
 def test_unknown_preset(tmp_path, capsys):
     code, out, err = run_cli(capsys, train_argv(tmp_path, "no_such_preset"))
     assert_usage_error(code, err, "unknown preset 'no_such_preset'", "quickstart")
@@ -126,6 +138,7 @@ def test_unknown_key(tmp_path, capsys, text, needles):
         ("train = 3\n" + one_domain_toml().replace("[train]\nrounds = 1", ""), ("train: expected a table",)),
         (one_domain_toml().replace("rounds = 1", "rounds = 0"), ("train.rounds must be a positive integer",)),
         (one_domain_toml().replace('"synthetic"', '"CIFAR"'), ("unknown dataset 'CIFAR'",)),
+        (one_domain_toml(extra_train='compute_dtype = "float16"'), ("train.compute_dtype must be one of",)),
     ],
 )
 def test_wrong_type_or_value(tmp_path, capsys, text, needles):

@@ -6,7 +6,7 @@ exactly what the same model computes in one process.
   hand (per-client segments, server segments on the concatenated batch, one optimizer per segment).
 
 Compared: the losses, the gradients each optimizer sees right before its step, and the parameters after the step,
-all to a relative error of 1e-5 in float32.
+all to a relative error of 1e-5 in float32 (and with bfloat16 compute on both sides).
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def make_cfg(n_clients: int, cuts: list[tuple[int, int, int, int]], batch: int = 64) -> RunConfig:
+def make_cfg(
+    n_clients: int, cuts: list[tuple[int, int, int, int]], batch: int = 64, compute_dtype: str = "float32"
+) -> RunConfig:
     return RunConfig(
         scenario=ScenarioConfig(domains=(DomainConfig("synthetic", n_clients),)),
-        train=TrainConfig(seed=11, cuts=tuple(cuts), batch_size=batch),
+        train=TrainConfig(seed=11, cuts=tuple(cuts), batch_size=batch, compute_dtype=compute_dtype),
     ).validate()
 
 
@@ -91,9 +93,19 @@ def run_split_step(cfg: RunConfig, datas: list[TensorClientData], steps: int = 1
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", list(itertools.product((0, 1), repeat=4)), ids=lambda b: "".join(map(str, b)))
-def test_one_client_matches_unsplit(bits):
-    cfg = make_cfg(1, [bits])
+# bfloat16 compute (model/precision.py) runs the same autocast region per block on both sides and float32 across
+# every cut, so the split run is still the unsplit model's computation: checked on cut bits that move each
+# optional block to either side.
+@pytest.mark.parametrize(
+    "bits,compute_dtype",
+    [pytest.param(b, "float32", id="".join(map(str, b))) for b in itertools.product((0, 1), repeat=4)]
+    + [
+        pytest.param(b, "bfloat16", id="".join(map(str, b)) + "-bf16")
+        for b in ((0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 0, 1))
+    ],
+)
+def test_one_client_matches_unsplit(bits, compute_dtype):
+    cfg = make_cfg(1, [bits], compute_dtype=compute_dtype)
     data = TensorClientData.random(200, seed=3)
     server, (client,), split_grads = run_split_step(cfg, [data])
 
