@@ -47,3 +47,28 @@ def use_bfloat16(module: nn.Module, device: torch.device | str) -> nn.Module:
         module._hfgan_autocast_device = torch.device(device).type
         module.forward = types.MethodType(_autocast_forward, module)
     return module
+
+
+def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX), from /proc/cpuinfo; None where that
+    cannot be read (not Linux). Without them oneDNN emulates bfloat16 and the setting costs speed instead."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def bfloat16_notice(device: str, cpuinfo: str | None = None) -> str:
+    """The line a run with bfloat16 compute logs at its start: what the setting means, and a warning where the
+    CPU would emulate it."""
+    text = "bfloat16 compute in the convolution blocks (train.compute_dtype): faster, but not the paper's float32"
+    if torch.device(device).type == "cpu" and cpu_has_bfloat16(cpuinfo) is False:
+        text += "; this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16), so it will likely be slower"
+    return text

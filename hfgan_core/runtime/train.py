@@ -11,6 +11,7 @@ import torch
 
 from ..config import ConfigError, RunConfig
 from ..model import CutBits
+from ..model.precision import bfloat16_notice
 from ..settings import check_run_id, redact_url
 from . import checkpoint as ckpt
 from .embedded import EmbeddedResult, EmbeddedRunner, Progress
@@ -86,6 +87,8 @@ def train(
         raise ConfigError(f"run {run_id} already finished its {cfg.train.rounds} rounds")
     for notice in data.notices:
         log(f"NOTICE: {notice}")
+    if cfg.train.compute_dtype == "bfloat16":
+        log(f"NOTICE: {bfloat16_notice(rt.device)}")
     classifiers = ensure_classifiers(
         cfg, data.train_sets, data.test_sets, data.sources, log=log, epochs=classifier_epochs
     )

@@ -203,3 +203,16 @@ def test_wire_bytes_are_a_view_with_the_tensor_bytes():
     assert torch.equal(tensor_from_wire({**wire, "data": bytes(wire["data"])}, Limits(), "t"), t)
     scalar = tensor_to_wire(torch.tensor(2.5))
     assert bytes(scalar["data"]) == torch.tensor(2.5).numpy().tobytes() and scalar["shape"] == []
+
+
+def test_a_bfloat16_run_says_what_it_is_and_warns_where_the_cpu_would_emulate_it():
+    from hfgan_core.model.precision import bfloat16_notice, cpu_has_bfloat16
+
+    with_bf16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
+    without = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
+    assert cpu_has_bfloat16(with_bf16) is True and cpu_has_bfloat16(without) is False
+    assert cpu_has_bfloat16("flags\t: amx_bf16 amx_tile\n") is True
+    assert "not the paper's float32" in bfloat16_notice("cpu", with_bf16)
+    assert "likely be slower" in bfloat16_notice("cpu", without)
+    assert "likely be slower" not in bfloat16_notice("cpu", with_bf16)
+    assert "likely be slower" not in bfloat16_notice("cuda", without)  # a GPU's bfloat16 is its own
