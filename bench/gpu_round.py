@@ -145,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown precision(s) {', '.join(unknown)} (known: {', '.join(PRECISIONS)})")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device here (use --device cpu to check the script)")
-    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
+    name = (
+        torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else (platform.processor() or platform.machine())
+    )
     print(
         f"device {args.device} ({name}), torch {torch.__version__}, {args.clients} clients x batch {BATCH}, "
         f"{args.steps} steps a round",
