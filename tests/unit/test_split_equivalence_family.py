@@ -30,12 +30,14 @@ def _run(bits: tuple[int, ...], size: int, channels: int, monkeypatch) -> None:
     model = ModelConfig(image_size=size, channels=channels)
     made: list[tuple[int, ...]] = []
 
-    def make_cfg(n_clients: int, cuts: list[tuple[int, int, int, int]], batch: int = 64) -> RunConfig:
+    def make_cfg(
+        n_clients: int, cuts: list[tuple[int, int, int, int]], batch: int = 64, compute_dtype: str = "float32"
+    ) -> RunConfig:
         made.append(model.image_shape)
         return RunConfig(
             model=model,
             scenario=ScenarioConfig(domains=(DomainConfig("synthetic-colour", n_clients),)),
-            train=TrainConfig(seed=11, cuts=tuple(cuts), batch_size=batch),
+            train=TrainConfig(seed=11, cuts=tuple(cuts), batch_size=batch, compute_dtype=compute_dtype),
         ).validate()
 
     def random(cls, n: int, seed: int) -> TensorClientData:
@@ -44,7 +46,7 @@ def _run(bits: tuple[int, ...], size: int, channels: int, monkeypatch) -> None:
 
     monkeypatch.setattr(eq, "make_cfg", make_cfg)
     monkeypatch.setattr(TensorClientData, "random", classmethod(random))
-    eq.test_one_client_matches_unsplit(bits)
+    eq.test_one_client_matches_unsplit(bits, "float32")
     assert made == [(channels, size, size)]  # the check ran on this family member
 
 
