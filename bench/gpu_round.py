@@ -111,7 +111,8 @@ def time_embedded(cfg, clients: int, steps: int, device: str) -> dict:
 
     ClientRole._start_step, ServerRole._close_window = first_step, last_window
     try:
-        datas = [TensorClientData.random(BATCH * 47, i) for i in range(clients)]
+        # Scenario 1 shares 60,000 MNIST images among the clients (the cap the coordinator admits).
+        datas = [TensorClientData.random(60000 // clients, i) for i in range(clients)]
         runner = EmbeddedRunner(cfg, datas, [0] * clients, run_id="gpu-round")
         sync(device)
         t0 = time.perf_counter()
