@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, apply_env, load_config
+from .config import COMPUTE_DTYPES, ConfigError, RunConfig, apply_env, load_config
 
 
 class UsageError(ConfigError):
@@ -44,7 +44,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), help="activation/gradient precision")
     p.add_argument(
         "--compute-dtype",
-        choices=("float32", "bfloat16"),
+        choices=COMPUTE_DTYPES,
         help="arithmetic of the convolution blocks (bfloat16: autocast, faster, not the paper's float32)",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (1: bit-reproducible from the seed)")
