@@ -218,7 +218,7 @@ def iter_broker_roles() -> Iterator[RoleSpec]:
 
 # ----------------------------------------------------------------------------------------- the built-in roles
 _SPLIT_UP = ("g_head_out", "d_head_out", "d_tail_grad", "g_tail_grad")  # client -> server, per step
-_SPLIT_DOWN = ("g_mid_out", "d_mid_out", "d_mid_grad", "g_mid_grad", "step_dropped")  # server -> client
+_SPLIT_DOWN = ("g_mid_out", "d_mid_out", "d_mid_grad", "g_mid_grad", "step_dropped", "steps_lost")  # server -> client
 _S = "hfgan_core.runtime.services"
 _E = "hfgan_core.runtime.embedded"
 

@@ -194,7 +194,7 @@ def prepare_out_dir(out: Path, digest: str, force: bool) -> None:
 
 # Messages that travel from the server side to a device: split replies, model assignments, round control.
 TO_DEVICE_KINDS = {
-    "server": ("g_mid_out", "d_mid_out", "d_mid_grad", "g_mid_grad", "step_dropped"),
+    "server": ("g_mid_out", "d_mid_out", "d_mid_grad", "g_mid_grad", "step_dropped", "steps_lost"),
     "aggregator": ("model_assignment",),
     "coordinator": ("round_start", "round_close", "run_end"),
 }

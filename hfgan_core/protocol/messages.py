@@ -309,6 +309,18 @@ class StepDropped(Message):
     reason: str = _f("str")
 
 
+@register
+@dataclass(frozen=True, kw_only=True)
+class StepsLost(Message):
+    """Server -> client: the server restarted in this round and lost every step in flight; abandon yours (its
+    replies will never come) and go on with the next, instead of waiting for the step timeout."""
+
+    KIND: ClassVar[str] = "steps_lost"
+    PERSISTENT: ClassVar[bool] = False
+    client: int = _f("int")
+    reason: str = _f("str")
+
+
 # ==================================================================================================== lifecycle
 
 

@@ -15,7 +15,9 @@ One training step, from the client's side (docs/ARCHITECTURE.md section 3; the s
 Labels, noise, images, targets and losses stay here; only activations and gradients at the cuts leave.
 
 Every wait has a deadline here too: a step that gets no reply for `step_timeout_factor` x the step deadline (its
-window was lost with a server that died) is abandoned as dropped and the next one starts, so a client never hangs.
+window was lost with a server that died) is abandoned as dropped and the next one starts, so a client never hangs;
+a server that restarts says so at once (`steps_lost`): a step past its first reply is abandoned then, and one still
+waiting for it sends its activation again.
 The factor (5) is the longest a reply can legitimately take: a client whose activation missed a window waits for
 that window, whose five phases each end at the step deadline at the latest. The step deadline here follows the
 replies' measured pace as the server's does (pace.py), so a busy host does not time out a live server. The optional
@@ -54,6 +56,7 @@ from ..protocol import (
     RoundStart,
     RunEnd,
     StepDropped,
+    StepsLost,
     expect_shape,
 )
 from ..transport import COORDINATOR, SERVER, client_address
@@ -86,7 +89,18 @@ def client_seed(seed: int, client: int) -> int:
 
 
 class ClientRole(Role):
-    accepts = (RoundStart, RoundClose, GMidOut, DMidOut, DMidGrad, GMidGrad, StepDropped, ModelAssignment, RunEnd)
+    accepts = (
+        RoundStart,
+        RoundClose,
+        GMidOut,
+        DMidOut,
+        DMidGrad,
+        GMidGrad,
+        StepDropped,
+        StepsLost,
+        ModelAssignment,
+        RunEnd,
+    )
     step_timeout_factor = 5.0
 
     def __init__(
@@ -183,8 +197,40 @@ class ClientRole(Role):
                 self._finish_step(dropped=True)
             else:
                 raise Reject(f"stale: step_dropped for round {msg.round} step {msg.step}")
+        elif isinstance(msg, StepsLost):
+            self._on_steps_lost(msg)
         else:
             self._on_split(msg)
+
+    def _on_steps_lost(self, msg: StepsLost) -> None:
+        """The server restarted. The new server sends this before it reads its queue, so it reaches this client
+        before anything the new server computes. A step past its first reply was in the dead server's window: it
+        is lost, and the next step starts at once. A step still waiting for its first reply may have its
+        activation in the server's queue (the new server serves it) or may have lost it with the dead server: the
+        activation is sent once more, and the server takes the second copy of a step it still holds as that
+        step (server.py `_supersede`)."""
+        if not (self.in_round and msg.round == self.round and self.phase not in ("idle", "done")):
+            raise Reject(f"stale: steps_lost for round {msg.round} (client at round {self.round}, {self.phase})")
+        if self.phase == "g_fwd":
+            self.ctx.log.warning(
+                "%s: the server restarted (%s); sending step %d of round %d again",
+                self.name,
+                msg.reason,
+                self.step,
+                msg.round,
+            )
+            head = self._t["g_head"].detach()
+            self.send(SERVER, GHeadOut(**self.envelope(self.round, self.step), client=self.client, act=head))
+            return
+        self.ctx.log.warning(
+            "%s: the server lost step %d of round %d (%s); going on with the next",
+            self.name,
+            self.step,
+            msg.round,
+            msg.reason,
+        )
+        self.steps_dropped += 1
+        self._finish_step(dropped=True)
 
     def _on_round_start(self, msg: RoundStart) -> None:
         if msg.round == self.round and msg.msg_id == self._start_id:

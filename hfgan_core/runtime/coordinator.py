@@ -155,6 +155,7 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, JobsMixin, Role):
         self.participants: list[int] = []
         self.done: dict[int, RoundDone] = {}
         self.server_done: ServerRoundDone | None = None
+        self.server_told_to_close = False
         self.cluster_result: ClusterResult | None = None
         self.cluster_wait_until = math.inf
         self.jobs: dict[int, AggregateJob] = {}
@@ -285,6 +286,16 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, JobsMixin, Role):
         self._event("client_done", client=c, arrived=len(self.done), of=len(self.participants))
         self._maybe_close()
 
+    def _close_the_servers_round_once_everyone_reported(self) -> None:
+        """Every client reported the round, so none sends the server anything more; a server that has not finished
+        the round then waits for steps it never learned were given up (a restarted server lost them and its
+        clients went on, or a client timed its last step out), until the round deadline. It is told to close the
+        round instead. In a round without faults the server finishes before its clients can report, and a close
+        that reaches a server done with the round is ignored."""
+        if self.phase == "training" and len(self.done) == len(self.participants) and not self.server_told_to_close:
+            self.server_told_to_close = True
+            self.send(SERVER, RoundClose(**self.envelope(self.round), reason="every client reported the round"))
+
     def _need_clusters(self) -> bool:
         tr = self.ctx.cfg.train
         if self.round < tr.kld_from_round:
@@ -293,7 +304,10 @@ class CoordinatorRole(AdmissionMixin, ResumeMixin, JobsMixin, Role):
         return tr.kld_weighting or (tr.clustering and tr.n_clusters(self.ctx.cfg.scenario) != 1)
 
     def _maybe_close(self) -> None:
-        if self.phase not in ("training", "closing") or self.server_done is None:
+        if self.phase not in ("training", "closing"):
+            return
+        if self.server_done is None:
+            self._close_the_servers_round_once_everyone_reported()
             return
         if self.phase == "training" and len(self.done) < len(self.participants):
             return

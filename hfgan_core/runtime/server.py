@@ -22,7 +22,12 @@ the clustering summaries, logs its layers and reports to the coordinator.
 
 Restart: a server that dies loses the window in flight and the round's updates so far. `resume_round` puts a new
 server process back into the current round (from the last complete round's checkpoint and the coordinator's
-`start` record): clients whose step was lost abandon it after their own step timeout and go on with the next.
+`start` record) and tells every participant that has not finished the round that its step in flight is lost
+(`steps_lost`), so it goes on at once instead of after its own step timeout (client.py `_on_steps_lost`). A client's
+activation for another step supersedes whatever the server still holds of that client (a pending activation, or its
+place in the open window): a client sends one only after it gave up or finished its previous step, so the old one
+is dead on its side. Once every client reported the round, the coordinator closes a server's round that is still
+open (its clients gave up steps it never learned about).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from ..protocol import (
     ServerRoundDone,
     ServerUpdate,
     StepDropped,
+    StepsLost,
     expect_shape,
 )
 from ..transport import CLUSTERING, COORDINATOR, SERVER, client_address
@@ -168,6 +174,12 @@ class ServerRole(Role):
         (they send nothing more this round)."""
         self._on_round_start(start)
         self.done_clients |= {c for c in finished if c in self.last_step}
+        # The steps the dead server had in flight are gone: tell their clients now rather than leave them waiting
+        # out their step timeout (5 x the step deadline).
+        for c in self.participants:
+            if c not in self.done_clients:
+                lost = StepsLost(**self.envelope(self.round), client=c, reason="the server restarted")
+                self.send(client_address(c), lost)
         self._maybe_finish_round()
 
     def _check_sender(self, msg: Message, client: int) -> None:
@@ -184,20 +196,45 @@ class ServerRole(Role):
     def _on_g_head(self, msg: GHeadOut) -> None:
         c = msg.client
         self._check_sender(msg, c)
-        if c in self.done_clients or msg.step > self.last_step[c] or msg.step < 0:
+        if msg.step > self.last_step[c] or msg.step < 0:
             raise Reject(f"bad_step: client {c} step {msg.step} is outside its round")
-        if c in self.pending or (self.window and c in self.window.members):
-            raise Reject(f"duplicate: client {c} already has a step in flight")
         g = self.arch.generator
         expect_shape("g_head_out.act", msg.act, (msg.act.shape[0], *g.head_output_shape(self.cuts[c].g_head)))
         if not 1 <= msg.act.shape[0] <= self.ctx.cfg.train.batch_size:
             raise Reject(f"bad_shape: batch of {msg.act.shape[0]} outside 1..{self.ctx.cfg.train.batch_size}")
+        self._supersede(c, msg.step)
         if not self.pending:
             self.pending_since = self.ctx.clock()
         self.arrival.observe(self.ctx.clock() - self.round_started)
         self.pending[c] = msg
         self.lagging.discard(c)
         self._maybe_open_window(self.ctx.clock())
+
+    def _supersede(self, c: int, step: int) -> None:
+        """A client sends another step's activation only once it is done with its previous step (finished,
+        dropped, timed out, or restarted from its round's first step), and the queue keeps its messages in order:
+        so a new step means that whatever this server still holds of that client's steps is dead on its side. Its
+        place goes to the new step, so the client is not left waiting for replies to a step it gave up (or, if it
+        finished the round before it restarted, for the end of a round it is running again). The others' steps
+        go on; a client can only give up its own contribution this way. The same step sent again (after a server
+        restart, `steps_lost`) replaces a pending copy and is refused once that step is in a window."""
+        w = self.window
+        if w is not None and c in w.members and w.steps[c] == step:
+            raise Reject(f"duplicate: client {c} step {step} is already in the open window")
+        old = self.pending.pop(c, None)
+        if old is not None:
+            if old.step != step:
+                self.ctx.log.info("server: client %d step %d supersedes its step %d", c, step, old.step)
+        elif w is not None and c in w.members:
+            self.ctx.log.info("server: client %d step %d supersedes its step %d (window)", c, step, w.steps[c])
+            w.members.remove(c)
+            w.inbox.pop(c, None)
+            w.steps.pop(c)
+            if all(m in w.inbox for m in w.members):
+                self._advance()  # the others had all answered this phase already
+        if c in self.done_clients:
+            self.ctx.log.info("server: client %d runs round %d again from step %d", c, self.round, step)
+            self.done_clients.discard(c)
 
     def _on_phase_input(self, msg: Message) -> None:
         c = msg.client
