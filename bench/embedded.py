@@ -91,9 +91,17 @@ def _worker_embedded(clients: int, steps: int, wire: str, channels_last: bool, c
     timers.wrap(torch.optim.Adam, "step", "optimizer")
     timers.wrap(ClientRole, "_start_step", "client_start_step", mark="first_step")
     timers.wrap(ServerRole, "_close_window", "server_close_window", mark="last_window", first=False)
-    for role in ("coordinator", "aggregator", "clustering"):
+    # Each role's handlers, the client's and the server's included: their split is the ceiling of what running
+    # clients concurrently could gain (docs/benchmarks.md).
+    classes = {
+        "coordinator": "CoordinatorRole",
+        "aggregator": "AggregatorRole",
+        "clustering": "ClusteringRole",
+        "client": "ClientRole",
+        "server": "ServerRole",
+    }
+    for role, cls in classes.items():
         mod = __import__(f"hfgan_core.runtime.{role}", fromlist=["x"])
-        cls = {"coordinator": "CoordinatorRole", "aggregator": "AggregatorRole", "clustering": "ClusteringRole"}[role]
         timers.wrap(getattr(mod, cls), "on_message", f"role_{role}")
     rt, tr = _settings(channels_last, compute_dtype)
     cfg = RunConfig(
