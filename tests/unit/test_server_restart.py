@@ -24,6 +24,7 @@ from hfgan_core.protocol import GHeadOut, RoundClose, RoundDone, RoundStart, Ste
 from hfgan_core.runtime.host import Reject, RoleHost
 from hfgan_core.runtime.server import ServerRole
 from hfgan_core.transport import SERVER, client_address
+from tests.unit.test_fault_guards import RUN, _coordinator
 from tests.unit.test_pace import Harness
 
 START = RoundStart(
@@ -145,8 +146,6 @@ def test_steps_lost_outside_the_clients_training_is_rejected_as_stale():
 def test_the_coordinator_closes_the_servers_round_once_every_client_reported():
     # Clients that gave up their last step (their server restarted) finish the round without the server knowing;
     # the coordinator tells the server to close the round instead of leaving both to wait for the round deadline.
-    from tests.unit.test_fault_guards import RUN, _coordinator
-
     role = _coordinator(clients=2)
     sent: list[tuple[str, object]] = []
     role.send = lambda address, msg: sent.append((address, msg))
