@@ -312,8 +312,9 @@ class StepDropped(Message):
 @register
 @dataclass(frozen=True, kw_only=True)
 class StepsLost(Message):
-    """Server -> client: the server restarted in this round and lost every step in flight; abandon yours (its
-    replies will never come) and go on with the next, instead of waiting for the step timeout."""
+    """Server -> client: the server restarted in this round and lost the steps it had in flight. A client past its
+    step's first reply abandons the step and goes on with the next; one still waiting for that reply sends its
+    activation again (client.py `_on_steps_lost`). Either way, at once instead of after its step timeout."""
 
     KIND: ClassVar[str] = "steps_lost"
     PERSISTENT: ClassVar[bool] = False
