@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .. import roles
 from ..config import ConfigError, RunConfig, apply_env, load_config
 from ..evaluation import MetricsLog, save_class_grid, write_json_atomic
 from .methods import (
@@ -192,24 +193,23 @@ def prepare_out_dir(out: Path, digest: str, force: bool) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Split methods (through train())
 
-# Messages that travel from the server side to a device: split replies, model assignments, round control.
-TO_DEVICE_KINDS = {
-    "server": ("g_mid_out", "d_mid_out", "d_mid_grad", "g_mid_grad", "step_dropped", "steps_lost"),
-    "aggregator": ("model_assignment",),
-    "coordinator": ("round_start", "round_close", "run_end"),
-}
-
 
 def device_link_bytes(bytes_by_role: dict[str, dict[str, int]]) -> int:
-    """Bytes over the devices' links: everything the clients send plus what the server side sends to them (the
-    coordinator's round control also goes to the server; it is counted whole, a few hundred bytes per round)."""
+    """Bytes over the devices' links: everything the clients send plus what the other roles send to them (split
+    replies, model assignments, round control), as the role registry's authorization table lists them. The
+    coordinator's round control also goes to the server; it is counted whole, a few hundred bytes per round."""
+    to_client: dict[str, set[str]] = {}
+    for kind, by_sender in roles.table().items():
+        for sender, receivers in by_sender.items():
+            if "client" in receivers:
+                to_client.setdefault(sender, set()).add(kind)
     total = 0
     for name, kinds in bytes_by_role.items():
         role = name.split(".")[0]
         if role == "client":
             total += sum(int(v) for v in kinds.values())
         else:
-            total += sum(int(v) for k, v in kinds.items() if k in TO_DEVICE_KINDS.get(role, ()))
+            total += sum(int(v) for k, v in kinds.items() if k in to_client.get(role, ()))
     return total
 
 

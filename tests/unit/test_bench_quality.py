@@ -398,3 +398,16 @@ def test_cli_estimate_only_and_bad_methods(tmp_path, capsys, bench_env):
     rc = bench_main(["quality", "--config", str(toml), "--methods", "huscf,gan9000", "--out", str(out)])
     assert rc == 2
     assert "gan9000" in capsys.readouterr().err
+
+
+def test_device_link_bytes_count_what_clients_send_and_what_is_sent_to_them():
+    by_role = {
+        "client.0": {"g_head_out": 100, "round_done": 3},
+        "client.1": {"d_head_out": 50},
+        "server": {"g_mid_out": 7, "steps_lost": 2, "activation_summaries": 1000, "server_update": 500},
+        "aggregator.0": {"model_assignment": 20, "server_model": 4000},
+        "coordinator": {"round_start": 5, "aggregate_job": 300, "round_event": 60},
+        "clustering": {"cluster_result": 9},
+    }
+    # 103 + 50 from the clients; 7 + 2 + 20 + 5 sent to them; summaries, updates, jobs and events never reach a device.
+    assert quality.device_link_bytes(by_role) == 103 + 50 + 7 + 2 + 20 + 5
