@@ -22,17 +22,23 @@ from hfgan_core.config import DomainConfig, RunConfig, ScenarioConfig
 from hfgan_core.runtime.unsplit import UnsplitGAN
 
 
-def measure(batch: int, steps: int, compiled: bool) -> dict:
+def unsplit_step_inputs(batch: int) -> tuple[UnsplitGAN, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fresh `UnsplitGAN` of the default model and one fixed synthetic batch (images, labels, noise) for it."""
     cfg = RunConfig(scenario=ScenarioConfig(domains=(DomainConfig("synthetic", 1),))).validate()
     model = UnsplitGAN(cfg)
-    if compiled:
-        for blocks in (model.G, model.D):
-            for i in blocks:
-                blocks[i] = torch.compile(blocks[i], dynamic=False)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, *cfg.model.image_shape, generator=g) * 2 - 1
     y = torch.randint(0, cfg.model.num_classes, (batch,), generator=g)
     z = torch.randn(batch, cfg.model.z_dim, generator=g)
+    return model, x, y, z
+
+
+def measure(batch: int, steps: int, compiled: bool) -> dict:
+    model, x, y, z = unsplit_step_inputs(batch)
+    if compiled:
+        for blocks in (model.G, model.D):
+            for i in blocks:
+                blocks[i] = torch.compile(blocks[i], dynamic=False)
     times = []
     for _ in range(steps + 2):
         t0 = time.perf_counter()

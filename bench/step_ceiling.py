@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hfgan_core.config import DomainConfig, ModelConfig, RunConfig, ScenarioConfig  # noqa: E402
+from bench.compile_step import unsplit_step_inputs  # noqa: E402
+from hfgan_core.config import ModelConfig  # noqa: E402
 from hfgan_core.planning.costs import LayerCost, compute_costs  # noqa: E402
-from hfgan_core.runtime.unsplit import UnsplitGAN  # noqa: E402
 
 WEIGHT_LAYERS = ("Linear", "Conv2d", "ConvTranspose2d")
 # The profiler's names for the kernels counted as "matrix work". Transposed convolutions forward run inside
@@ -86,7 +86,7 @@ def step_flops(model: ModelConfig, batch: int) -> StepFlops:
 
 def _bias_flops(layer: LayerCost) -> int:
     # compute_costs adds one FLOP per output element for the bias (every weight layer of these models has one).
-    return math.prod(layer.out_shape) if layer.kind in WEIGHT_LAYERS else 0
+    return math.prod(layer.out_shape)
 
 
 def gemm_peak(threads: int, sizes: tuple[int, ...] = (2048, 3072), reps: int = 4) -> float:
@@ -107,12 +107,7 @@ def gemm_peak(threads: int, sizes: tuple[int, ...] = (2048, 3072), reps: int = 4
 
 def measure_step(batch: int, steps: int) -> dict:
     """Wall time of `steps` training steps and, from a profiled repeat, the share inside the kernels."""
-    cfg = RunConfig(scenario=ScenarioConfig(domains=(DomainConfig("synthetic", 1),))).validate()
-    model = UnsplitGAN(cfg)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, *cfg.model.image_shape, generator=g) * 2 - 1
-    y = torch.randint(0, cfg.model.num_classes, (batch,), generator=g)
-    z = torch.randn(batch, cfg.model.z_dim, generator=g)
+    model, x, y, z = unsplit_step_inputs(batch)
     model.train_step(x, y, z)  # warm-up: oneDNN primitive creation, Adam state
     t0 = time.perf_counter()
     for _ in range(steps):
